@@ -1,0 +1,103 @@
+"""Construction benchmark: pattern build throughput, peak memory and ``set_weight`` cost.
+
+For each layer it measures, in one run:
+
+- construction throughput: non-zeros per second of ``ConvOperator(...)`` (median of repeats);
+- peak memory during construction relative to the finished matrix (values, column indices,
+  row pointers and tying map), traced with ``tracemalloc`` (numpy reports its buffers there);
+- ``set_weight`` time relative to one forward product at batch 64, and relative to a plain
+  copy of the matrix's value array (the memory-bound floor of a gather).
+
+Run ``python benchmarks/bench_construction.py [--out results/construction.json]``. Targets
+(issue 2, 2 cores): >= 50 M non-zeros/s, peak <= 3x the matrix, set_weight <= 25% of a forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import scipy
+
+import sparseconv as sc
+
+__all__ = ["LAYERS", "measure_layer", "main"]
+
+# (name, out channels, in channels, image size, kernel, padding)
+LAYERS = [
+    ("16->32 3x3 @ 32x32", 32, 16, 32, 3, 1),
+    ("64->64 3x3 @ 56x56", 64, 64, 56, 3, 1),
+]
+
+
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up outside the timed region
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _matrix_bytes(op: sc.ConvOperator) -> int:
+    m = op.matrix
+    tying = op.param_index.nbytes if op._param_index is not None else op.tying.data.nbytes
+    return m.data.nbytes + m.indices.nbytes + m.indptr.nbytes + tying
+
+
+def measure_layer(name: str, f: int, c: int, size: int, k: int, pad: int, *, batch: int = 64,
+                  repeats: int = 3, dtype: str = "float64") -> dict:
+    """Measure one layer; returns a JSON-ready dict."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((f, c, k, k)).astype(dtype)
+    shape = (c, size, size)
+    build_s = _median_time(lambda: sc.ConvOperator(w, shape, padding=pad), repeats)
+
+    tracemalloc.start()
+    op = sc.ConvOperator(w, shape, padding=pad)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    final = _matrix_bytes(op)
+
+    w2 = rng.standard_normal(w.shape).astype(dtype)
+    set_weight_s = _median_time(lambda: op.set_weight(w2), repeats)
+    copy_s = _median_time(lambda: op.matrix.data.copy(), repeats)
+    x = rng.standard_normal((batch, *shape)).astype(dtype)
+    forward_s = _median_time(lambda: op.forward(x), repeats)
+    return {
+        "layer": name, "dtype": dtype, "nnz": op.nnz, "matrix_bytes": final, "batch": batch,
+        "build_s": build_s, "nnz_per_s": op.nnz / build_s, "peak_bytes": peak, "peak_over_matrix": peak / final,
+        "set_weight_s": set_weight_s, "forward_s": forward_s, "set_weight_over_forward": set_weight_s / forward_s,
+        "value_copy_s": copy_s, "set_weight_over_copy": set_weight_s / copy_s,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/construction.json"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    args = parser.parse_args(argv)
+    rows = [measure_layer(*layer, repeats=args.repeats, dtype=args.dtype) for layer in LAYERS]
+    header = f"{'layer':<22}{'nnz':>13}{'Mnnz/s':>9}{'peak/matrix':>13}{'set_w/fwd':>11}{'set_w/copy':>12}"
+    print(header)
+    for r in rows:
+        print(f"{r['layer']:<22}{r['nnz']:>13,}{r['nnz_per_s'] / 1e6:>9.0f}{r['peak_over_matrix']:>13.2f}"
+              f"{r['set_weight_over_forward']:>11.3f}{r['set_weight_over_copy']:>12.2f}")
+    result = {"benchmark": "construction", "numpy": np.__version__, "scipy": scipy.__version__,
+              "python": platform.python_version(), "machine": platform.machine(), "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""``python -m sparseconv``: see :mod:`sparseconv.cli`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

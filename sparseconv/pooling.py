@@ -1,0 +1,310 @@
+"""Pooling (sub-sampling) as sparse matrices.
+
+Average and sum pooling are fixed linear maps: a depthwise convolution whose kernel is all
+ones (sum) or ``1 / prod(kernel)`` (average). Their matrix is built by the same geometry and
+pattern code as every convolution, and their backward pass is the transpose -- the seeds'
+"up-sample" (a Kronecker product with a block of ones, divided by the window size for the
+mean, when the windows tile the input).
+
+Max pooling is not linear: for each sample it is a 0/1 *selection* matrix with one entry per
+output, at the input position that won its window. :class:`MaxPoolOperator` builds that
+matrix for a whole batch at once from the arg-max positions.
+
+Padding is implicit zeros for average/sum pooling (and the zeros count in the average, like
+PyTorch's ``count_include_pad=True``); max pooling never selects a padded position.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import scipy.sparse as sp
+
+from .conv import ConvOperator, SparseLinearOperator
+from .geometry import IntOrTuple, PaddingSpec, check_batch, conv_geometry, normalize_tuple
+from .pattern import spatial_pattern
+
+__all__ = ["PoolOperator", "MaxPoolOperator", "pool_matrix", "pool_geometry"]
+
+POOL_KINDS = ("avg", "sum")
+
+
+def pool_geometry(input_shape: tuple[int, ...], kernel_size: IntOrTuple, *, stride: Optional[IntOrTuple] = None,
+                  padding: PaddingSpec = 0):
+    """The geometry of a pooling window: a depthwise convolution with one filter per channel.
+
+    Parameters
+    ----------
+    input_shape : tuple of int
+        ``(C, *in)`` with 1, 2 or 3 spatial dimensions.
+    kernel_size : int or tuple of int
+    stride : int or tuple of int, optional
+        Defaults to the kernel size (non-overlapping windows).
+    padding : int, tuple or str
+        As for convolutions.
+
+    Returns
+    -------
+    ConvGeometry
+    """
+    if not isinstance(input_shape, (tuple, list)) or len(input_shape) not in (2, 3, 4):
+        raise ValueError(f"input_shape must be (C, *spatial) with 1, 2 or 3 spatial dimensions; got {input_shape!r}")
+    ndim = len(input_shape) - 1
+    kernel = normalize_tuple(kernel_size, ndim, "kernel_size")
+    stride = kernel if stride is None else stride
+    channels = input_shape[0]
+    return conv_geometry((channels, 1, *kernel), input_shape, stride=stride, padding=padding, groups=channels)
+
+
+class PoolOperator:
+    """Average or sum pooling as a fixed sparse matrix.
+
+    Parameters
+    ----------
+    input_shape : tuple of int
+        ``(C, *in)``.
+    kernel_size : int or tuple of int
+    stride : int or tuple of int, optional
+        Defaults to ``kernel_size``; overlapping windows (stride < kernel) are allowed.
+    padding : int, tuple or str, default 0
+    kind : {"avg", "sum"}, default "avg"
+    dtype : {float64, float32}, default float64
+
+    Attributes
+    ----------
+    matrix : scipy.sparse.csr_array of shape (C * prod(out), C * prod(in))
+
+    Notes
+    -----
+    Output size per dimension: ``o = floor((i + p_lo + p_hi - k) / s) + 1``. Each row holds
+    ``1 / prod(k)`` (avg) or 1 (sum) at the input positions of its window.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], kernel_size: IntOrTuple, *,
+                 stride: Optional[IntOrTuple] = None, padding: PaddingSpec = 0, kind: str = "avg",
+                 dtype: type = np.float64):
+        if kind not in POOL_KINDS:
+            raise ValueError(f"kind must be one of {POOL_KINDS}; got {kind!r}")
+        if np.dtype(dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise TypeError(f"dtype must be float32 or float64; got {np.dtype(dtype)}")
+        self.geometry = pool_geometry(input_shape, kernel_size, stride=stride, padding=padding)
+        self.kind = kind
+        window = int(np.prod(self.geometry.kernel_size))
+        value = 1.0 / window if kind == "avg" else 1.0
+        weight = np.full(self.geometry.weight_shape, value, dtype=dtype)
+        conv = ConvOperator(weight, self.geometry.input_shape, stride=self.geometry.stride,
+                            padding=self.geometry.padding, groups=self.geometry.groups)
+        self.matrix: sp.csr_array = conv.matrix
+        self.dtype = conv.dtype
+        self._conv = conv
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.matrix.shape
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.geometry.input_shape
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return self.geometry.output_shape
+
+    @property
+    def nnz(self) -> int:
+        return int(self.matrix.nnz)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Pool a batch.
+
+        Parameters
+        ----------
+        x : ndarray of shape (N, C, *in)
+
+        Returns
+        -------
+        ndarray of shape (N, C, *out)
+        """
+        return self._conv.forward(x)
+
+    def backward_input(self, dy: np.ndarray) -> np.ndarray:
+        """``P.T @ dy``: spread each output's sensitivity over its window (the up-sample).
+
+        Parameters
+        ----------
+        dy : ndarray of shape (N, C, *out)
+
+        Returns
+        -------
+        ndarray of shape (N, C, *in)
+        """
+        return self._conv.backward_input(dy)
+
+    def as_linear_operator(self) -> SparseLinearOperator:
+        """A ``scipy.sparse.linalg.LinearOperator`` on flattened samples."""
+        return SparseLinearOperator(self.matrix)
+
+    def __repr__(self) -> str:
+        g = self.geometry
+        return (f"PoolOperator(kind={self.kind!r}, input_shape={g.input_shape}, kernel_size={g.kernel_size}, "
+                f"stride={g.stride}, out_shape={self.out_shape}, nnz={self.nnz})")
+
+
+def pool_matrix(input_shape: tuple[int, ...], kernel_size: IntOrTuple, *, stride: Optional[IntOrTuple] = None,
+                padding: PaddingSpec = 0, kind: str = "avg", dtype: type = np.float64) -> sp.csr_array:
+    """The fixed sparse matrix of average or sum pooling.
+
+    Parameters
+    ----------
+    input_shape : tuple of int
+        ``(C, *in)`` with 1, 2 or 3 spatial dimensions.
+    kernel_size : int or tuple of int
+    stride : int or tuple of int, optional
+        Defaults to the kernel size.
+    padding : int, tuple or str, default 0
+    kind : {"avg", "sum"}
+    dtype : {float64, float32}
+
+    Returns
+    -------
+    scipy.sparse.csr_array of shape (C * prod(out), C * prod(in))
+
+    Examples
+    --------
+    >>> import sparseconv as sc
+    >>> P = sc.pool_matrix((1, 4, 4), 2)
+    >>> P.shape, P.nnz, P.data[0]
+    ((4, 16), 16, 0.25)
+    """
+    return PoolOperator(input_shape, kernel_size, stride=stride, padding=padding, kind=kind, dtype=dtype).matrix
+
+
+class MaxPoolOperator:
+    """Max pooling through a data-dependent 0/1 selection matrix.
+
+    Parameters
+    ----------
+    input_shape : tuple of int
+        ``(C, *in)``.
+    kernel_size : int or tuple of int
+    stride : int or tuple of int, optional
+        Defaults to ``kernel_size``.
+    padding : int, tuple or str, default 0
+        Padded positions never win (they act as ``-inf``).
+    dtype : {float64, float32}
+
+    Notes
+    -----
+    Ties: when several positions of a window hold the maximum, the *first* in the window's
+    C-order scan (smallest kernel offset, row-major) wins and receives the whole sensitivity.
+    NaN propagates: a window containing NaN selects its first NaN.
+
+    :meth:`forward` records the winners; :meth:`selection_matrix` returns them as a
+    ``(N * C * prod(out), N * C * prod(in))`` matrix ``S`` with one 1 per row, so that
+    ``S @ x.ravel()`` is the pooled batch and :meth:`backward_input` is ``S.T @ dy.ravel()``.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], kernel_size: IntOrTuple, *,
+                 stride: Optional[IntOrTuple] = None, padding: PaddingSpec = 0, dtype: type = np.float64):
+        if np.dtype(dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise TypeError(f"dtype must be float32 or float64; got {np.dtype(dtype)}")
+        self.geometry = pool_geometry(input_shape, kernel_size, stride=stride, padding=padding)
+        self.dtype = np.dtype(dtype)
+        spat = spatial_pattern(self.geometry)
+        n_in_sp = int(np.prod(self.geometry.in_size))
+        n_taps = int(np.prod(self.geometry.kernel_size))
+        # (positions, taps) table of input positions; padded taps point at a sentinel column
+        # appended after the last input position, which holds -inf.
+        windows = np.full((int(np.prod(self.geometry.out_size)), n_taps), n_in_sp, dtype=np.int64)
+        windows[spat.out_pos, spat.tap] = spat.in_pos
+        self._windows = windows
+        self._winners: Optional[np.ndarray] = None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.geometry.input_shape
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return self.geometry.output_shape
+
+    def winners(self, x: np.ndarray) -> np.ndarray:
+        """Flat spatial input position that wins each window.
+
+        Parameters
+        ----------
+        x : ndarray of shape (N, C, *in)
+
+        Returns
+        -------
+        ndarray of shape (N, C, prod(out)), int64
+        """
+        x = check_batch(x, self.input_shape, self.dtype, "x")
+        n, c = x.shape[:2]
+        flat = np.empty((n, c, int(np.prod(self.geometry.in_size)) + 1), dtype=self.dtype)
+        flat[..., :-1] = x.reshape(n, c, -1)
+        flat[..., -1] = -np.inf
+        taps = np.argmax(flat[..., self._windows], axis=-1)
+        return np.take_along_axis(np.broadcast_to(self._windows, (n, c) + self._windows.shape),
+                                  taps[..., None], axis=-1)[..., 0]
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Pool a batch and remember the winners for :meth:`backward_input`.
+
+        Parameters
+        ----------
+        x : ndarray of shape (N, C, *in)
+
+        Returns
+        -------
+        ndarray of shape (N, C, *out)
+        """
+        win = self.winners(x)
+        self._winners = win
+        n, c = win.shape[:2]
+        return np.take_along_axis(x.reshape(n, c, -1), win, axis=-1).reshape((n, *self.out_shape))
+
+    def selection_matrix(self, x: Optional[np.ndarray] = None) -> sp.csr_array:
+        """The 0/1 selection matrix of a batch (of the last forward batch when ``x`` is None).
+
+        Returns
+        -------
+        scipy.sparse.csr_array of shape (N * C * prod(out), N * C * prod(in))
+            Block diagonal over samples and channels; row ``(n, c, o)`` has its single 1 at
+            column ``(n, c, winner)``.
+        """
+        win = self._winners if x is None else self.winners(x)
+        if win is None:
+            raise ValueError("selection_matrix() needs a batch: pass x or call forward(x) first")
+        n, c, n_out_sp = win.shape
+        n_in_sp = int(np.prod(self.geometry.in_size))
+        cols = (win + (np.arange(n * c) * n_in_sp).reshape(n, c, 1)).ravel()
+        rows = cols.size
+        return sp.csr_array((np.ones(rows, dtype=self.dtype), cols, np.arange(rows + 1)),
+                            shape=(rows, n * c * n_in_sp))
+
+    def backward_input(self, dy: np.ndarray) -> np.ndarray:
+        """Route each sensitivity to the position that won its window in the last forward.
+
+        Parameters
+        ----------
+        dy : ndarray of shape (N, C, *out)
+
+        Returns
+        -------
+        ndarray of shape (N, C, *in)
+            Overlapping windows that share a winner add their sensitivities.
+        """
+        if self._winners is None:
+            raise ValueError("backward_input() needs the winners of a forward pass: call forward(x) first")
+        dy = check_batch(dy, self.out_shape, self.dtype, "dy")
+        n, c = self._winners.shape[:2]
+        if dy.shape[0] != n:
+            raise ValueError(f"dy must have the batch size of the last forward, {n}; got {dy.shape[0]}")
+        return (self.selection_matrix().T @ dy.ravel()).reshape((n, *self.input_shape))
+
+    def __repr__(self) -> str:
+        g = self.geometry
+        return (f"MaxPoolOperator(input_shape={g.input_shape}, kernel_size={g.kernel_size}, stride={g.stride}, "
+                f"out_shape={self.out_shape})")
