@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from typing import Optional, Sequence
 
 import numpy as np
@@ -46,8 +47,7 @@ def format_tied_matrix(op) -> str:
 
 def _print_array(title: str, arr: np.ndarray) -> None:
     print(title)
-    print(np.array2string(np.asarray(arr), precision=4, suppress_small=True, prefix="  ").replace("\n", "\n  ")
-          .join(["  ", ""]))
+    print(textwrap.indent(np.array2string(np.asarray(arr), precision=4, suppress_small=True), "      "))
 
 
 def demo() -> None:

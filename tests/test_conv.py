@@ -15,6 +15,8 @@ from sparseconv import reference as ref
 from sparseconv.geometry import conv_geometry
 from sparseconv.testing import assert_allclose, dottest, gradcheck, numerical_gradient
 
+from magnitudes import magnitudes
+
 
 @dataclass(frozen=True)
 class Case:
@@ -104,25 +106,32 @@ def test_matches_references(case: Case):
     op = sc.ConvOperator(w, (case.c, *case.in_size), bias=b, **case.opts)
     dy = np.random.default_rng(1).standard_normal((case.n, *op.out_shape)).astype(case.dtype)
     y_ref, dx_ref, dw_ref, db_ref = _reference_outputs(case, w, b, x, dy)
+    sy, sdx, sdw = magnitudes(x, w, dy, case.opts)
+    sy += float(np.abs(b).max())
 
     y = op.forward(x)
     assert y.dtype == np.dtype(case.dtype)
-    assert_allclose(y, y_ref)
-    assert_allclose(y, ref.conv_im2col(x, w, b, **case.opts))
+    assert_allclose(y, y_ref, scale=sy)
+    assert_allclose(y, ref.conv_im2col(x, w, b, **case.opts), scale=sy)
     dense = ref.dense_matrix(w, (case.c, *case.in_size), **case.opts)
     assert_allclose(op.matrix.toarray(), dense)
+    assert_allclose((op.matrix @ x.reshape(case.n, -1).T).T, ref.conv_dense(x, w, **case.opts).reshape(case.n, -1),
+                    scale=sy)
 
     dx = op.backward_input(dy)
     assert dx.dtype == np.dtype(case.dtype)
-    assert_allclose(dx, dx_ref)
+    assert_allclose(dx, dx_ref, scale=sdx)
     dx_i, dw_i, db_i = ref.conv_im2col_backward(x, w, dy, **case.opts)
-    assert_allclose(dx, dx_i)
+    assert_allclose(dx, dx_i, scale=sdx)
+    dx_d, dw_d, _ = ref.conv_dense_backward(x, w, dy, **case.opts)
+    assert_allclose(dx, dx_d, scale=sdx)
     for method in ("taps", "entries"):
         dw = op.weight_grad(x, dy, method=method)
         assert dw.dtype == np.dtype(case.dtype) and dw.shape == w.shape
-        assert_allclose(dw, dw_ref)
-        assert_allclose(dw, dw_i)
-    assert_allclose(op.bias_grad(dy), db_ref)
+        assert_allclose(dw, dw_ref, scale=sdw)
+        assert_allclose(dw, dw_i, scale=sdw)
+        assert_allclose(dw, dw_d, scale=sdw)
+    assert_allclose(op.bias_grad(dy), db_ref, scale=float(np.abs(dy).sum(axis=(0, *range(2, dy.ndim))).max()))
     dottest(op)
 
 
@@ -158,7 +167,7 @@ def test_elementwise_numerical_gradient_small():
     w, b, x = case.arrays(4)
     op = sc.ConvOperator(w, (case.c, 4, 5), bias=b, **case.opts)
     dy = np.random.default_rng(5).standard_normal((case.n, *op.out_shape))
-    assert_allclose(op.backward_input(dy), numerical_gradient(op.forward, x, dy))
+    assert_allclose(op.backward_input(dy), numerical_gradient(op.forward, x, dy), finite_differences=True)
 
 
 # ---------------------------------------------------------------------- worked examples
