@@ -28,12 +28,14 @@ C3_TABLE = np.array([
 ], dtype=bool)
 
 # Layer name -> (trainable parameters, connections) from the paper; connections include the
-# bias links, so in the sparse formulation they equal nnz(W) + biased outputs.
+# bias links, so in the sparse formulation they equal nnz(W) + biased outputs. S4 has 16 maps
+# with one beta and one bias each: 32 parameters, as the paper says (NOTES.md's table has 12,
+# S2's count, by mistake).
 LENET5_TABLE = {
     "C1": (156, 122_304),
     "S2": (12, 5_880),
     "C3": (1_516, 151_600),
-    "S4": (12, 2_000),
+    "S4": (32, 2_000),
     "C5": (48_120, 48_120),
     "F6": (10_164, 10_164),
 }

@@ -191,7 +191,7 @@ class MaxPoolOperator:
     stride : int or tuple of int, optional
         Defaults to ``kernel_size``.
     padding : int, tuple or str, default 0
-        Padded positions never win (they act as ``-inf``).
+        Padded positions never win; every window must contain at least one input position.
     dtype : {float64, float32}
 
     Notes
@@ -212,11 +212,17 @@ class MaxPoolOperator:
         self.geometry = pool_geometry(input_shape, kernel_size, stride=stride, padding=padding)
         self.dtype = np.dtype(dtype)
         spat = spatial_pattern(self.geometry)
-        n_in_sp = int(np.prod(self.geometry.in_size))
+        if np.any(spat.counts == 0):
+            raise ValueError(
+                f"padding={padding!r} leaves pooling windows with no input position (kernel "
+                f"{self.geometry.kernel_size}, input {self.geometry.in_size}); max pooling needs at least one "
+                f"real value per window, so keep the padding below the kernel size")
         n_taps = int(np.prod(self.geometry.kernel_size))
-        # (positions, taps) table of input positions; padded taps point at a sentinel column
-        # appended after the last input position, which holds -inf.
-        windows = np.full((int(np.prod(self.geometry.out_size)), n_taps), n_in_sp, dtype=np.int64)
+        # (positions, taps) table of input positions. A padded tap repeats the first real
+        # position of its window: it can then never beat a real value, and since that
+        # position also appears at its own tap, the first-maximum tie rule is unchanged.
+        first = spat.in_pos[np.cumsum(spat.counts) - spat.counts]
+        windows = np.repeat(first[:, None], n_taps, axis=1)
         windows[spat.out_pos, spat.tap] = spat.in_pos
         self._windows = windows
         self._winners: Optional[np.ndarray] = None
@@ -240,14 +246,12 @@ class MaxPoolOperator:
         -------
         ndarray of shape (N, C, prod(out)), int64
         """
-        x = check_batch(x, self.input_shape, self.dtype, "x")
+        return self._winners_of(check_batch(x, self.input_shape, self.dtype, "x"))
+
+    def _winners_of(self, x: np.ndarray) -> np.ndarray:
         n, c = x.shape[:2]
-        flat = np.empty((n, c, int(np.prod(self.geometry.in_size)) + 1), dtype=self.dtype)
-        flat[..., :-1] = x.reshape(n, c, -1)
-        flat[..., -1] = -np.inf
-        taps = np.argmax(flat[..., self._windows], axis=-1)
-        return np.take_along_axis(np.broadcast_to(self._windows, (n, c) + self._windows.shape),
-                                  taps[..., None], axis=-1)[..., 0]
+        taps = np.argmax(x.reshape(n, c, -1)[..., self._windows], axis=-1)
+        return self._windows[np.arange(self._windows.shape[0]), taps]
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Pool a batch and remember the winners for :meth:`backward_input`.
@@ -260,7 +264,8 @@ class MaxPoolOperator:
         -------
         ndarray of shape (N, C, *out)
         """
-        win = self.winners(x)
+        x = check_batch(x, self.input_shape, self.dtype, "x")
+        win = self._winners_of(x)
         self._winners = win
         n, c = win.shape[:2]
         return np.take_along_axis(x.reshape(n, c, -1), win, axis=-1).reshape((n, *self.out_shape))

@@ -126,8 +126,11 @@ class Module:
         ``path``, so an interrupted save leaves the previous checkpoint intact.
         """
         path = Path(path)
+        # mkstemp creates the file 0600; keep the old checkpoint's mode, or the usual 0644.
+        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
+            os.fchmod(fd, mode)
             with os.fdopen(fd, "wb") as fh:
                 np.savez(fh, **self.state_dict())
                 fh.flush()
