@@ -62,15 +62,19 @@ def plot_matrix(op, path: PathLike, *, max_rows: Optional[int] = 400, max_cols: 
         label = "value"
     rows = matrix.shape[0] if max_rows is None else min(max_rows, matrix.shape[0])
     cols = matrix.shape[1] if max_cols is None else min(max_cols, matrix.shape[1])
-    fig, ax = plt.subplots(figsize=(7, 7 * rows / max(cols, 1) + 0.8))
-    sc = ax.scatter(matrix.col[keep], matrix.row[keep], c=colour[keep], s=max(1.0, 2000.0 / max(rows, cols)),
+    fig, ax = plt.subplots(figsize=(7.5, max(2.5, 6.5 * rows / max(cols, 1)) + 1.0))
+    # One square marker per entry, sized so neighbouring entries just touch.
+    side_points = 6.5 * 72 / max(rows, cols)
+    sc = ax.scatter(matrix.col[keep], matrix.row[keep], c=colour[keep], s=side_points ** 2 * 0.8,
                     marker="s", cmap="viridis", linewidths=0)
+    ax.set_aspect("equal")
     ax.set_xlim(-0.5, cols - 0.5)
     ax.set_ylim(rows - 0.5, -0.5)
     ax.set_xlabel("column (input c, *in)")
     ax.set_ylabel("row (output f, *out)")
     shown = "" if (rows, cols) == matrix.shape else f" (top-left {rows}x{cols} shown)"
-    ax.set_title(title or f"{matrix.shape[0]}x{matrix.shape[1]} matrix, nnz={matrix.nnz}{shown}")
+    ax.set_title(title or f"{matrix.shape[0]}x{matrix.shape[1]} matrix, nnz={matrix.nnz}{shown}", fontsize=10,
+                 wrap=True)
     fig.colorbar(sc, ax=ax, label=label, fraction=0.046, pad=0.04)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,0 +1,152 @@
+"""Training loop, command line and plots: smoke runs, failure behaviour, outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import sparseconv as sc
+from sparseconv.cli import lenet_table, main
+from sparseconv.data import Dataset
+from sparseconv.models import LENET5_TABLE, lenet5
+from sparseconv.nn import Conv2d, Flatten, Linear, Sequential, Tanh
+from sparseconv.train import TrainingDiverged, evaluate, train
+
+
+def _toy_data(n: int = 48, seed: int = 0, dtype=np.float64) -> Dataset:
+    """Two classes told apart by which half of an 8x8 image is bright."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, size=n)
+    x = rng.normal(0, 0.1, size=(n, 1, 8, 8))
+    x[y == 0, :, :4] += 1
+    x[y == 1, :, 4:] += 1
+    x = x.astype(dtype)
+    return Dataset(x_train=x[: n * 3 // 4], y_train=y[: n * 3 // 4].astype(np.int64), x_test=x[n * 3 // 4:],
+                   y_test=y[n * 3 // 4:].astype(np.int64), name="toy", classes=2)
+
+
+def _toy_net(dtype=np.float64) -> Sequential:
+    return Sequential(Conv2d(1, 2, 3, rng=0, dtype=dtype), Tanh(), Flatten(), Linear(72, 2, rng=1, dtype=dtype))
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_training_smoke_loss_decreases(loss):
+    data = _toy_data()
+    net = _toy_net()
+    history = train(net, data, epochs=4, batch_size=8, lr=0.1, loss=loss, progress=False, log=None)
+    assert history.train_loss[-1] < history.train_loss[0]
+    assert history.test_accuracy[-1] == evaluate(net, data.x_test, data.y_test)
+    assert len(history.seconds) == 4 and all(s > 0 for s in history.samples_per_second)
+
+
+def test_training_is_reproducible_with_a_seed():
+    runs = [train(_toy_net(), _toy_data(), epochs=2, batch_size=8, progress=False, log=None, seed=3).train_loss
+            for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_float32_training_stays_float32():
+    data = _toy_data(dtype=np.float32)
+    net = _toy_net(np.float32)
+    train(net, data, epochs=1, batch_size=8, progress=False, log=None)
+    assert all(p.data.dtype == np.float32 and p.grad.dtype == np.float32 for p in net.parameters())
+
+
+def test_nan_loss_names_epoch_and_step():
+    data = _toy_data()
+    bad = data.x_train.copy()
+    bad[:] = np.nan
+    data = Dataset(bad, data.y_train, data.x_test, data.y_test, "nan", 2)
+    with pytest.raises(TrainingDiverged, match=r"at epoch 1, step 1 .*lower learning rate"):
+        train(_toy_net(), data, epochs=2, batch_size=8, progress=False, log=None)
+
+
+def test_divergence_from_a_huge_learning_rate():
+    data = _toy_data()
+    net = Sequential(Flatten(), Linear(64, 2, rng=0))
+    with pytest.raises(TrainingDiverged, match=r"the loss became (nan|inf) at epoch \d+, step \d+ \(lr=1e\+30\)"):
+        train(net, data, epochs=5, batch_size=8, lr=1e30, momentum=0.0, loss="mse", schedule="constant",
+              progress=False, log=None)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(epochs=0), "epochs must be a positive int; got 0"),
+    (dict(batch_size=0), "batch_size must be a positive int; got 0"),
+    (dict(loss="hinge"), r"loss must be one of \['cross_entropy', 'mse'\]; got 'hinge'"),
+    (dict(schedule="step"), "schedule must be 'cosine' or 'constant'; got 'step'"),
+    (dict(shift=-1), "shift must be a non-negative int; got -1"),
+])
+def test_train_argument_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        train(_toy_net(), _toy_data(), progress=False, log=None, **kwargs)
+
+
+def test_labels_out_of_range_name_the_loss():
+    data = _toy_data()
+    data = Dataset(data.x_train, data.y_train + 5, data.x_test, data.y_test, "bad", 2)
+    with pytest.raises(ValueError, match=r"CrossEntropyLoss: labels must be in \[0, 2\)"):
+        train(_toy_net(), data, epochs=1, progress=False, log=None)
+
+
+def test_wrong_input_shape_names_the_layer():
+    net = lenet5()
+    with pytest.raises(sc.nn.LayerInputError, match=r"layer 0 \(Conv2d\(1, 6"):
+        net.forward(np.zeros((2, 3, 32, 32)))
+
+
+def test_demo_prints_the_seed_examples(capsys):
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "w0  w1   .  w2  w3   .   .   .   ." in out
+    assert "nnz = 16, distinct parameters = 4, a fully connected 9 -> 4 layer would need 36" in out
+    assert out.count("max |difference| = 0.0e+00") == 2
+
+
+def test_demo_lenet_table(capsys):
+    rows = {r["layer"]: r for r in lenet_table()}
+    for name, (params, connections) in LENET5_TABLE.items():
+        assert (rows[name]["params"], rows[name]["connections"]) == (params, connections), name
+    assert rows["C1"]["shape"] == (6 * 28 * 28, 32 * 32) and rows["C1"]["nnz"] == 117_600
+    assert rows["C3"]["dense_params"] == 1600 * 1176 + 1600
+    main(["demo", "--lenet"])
+    out = capsys.readouterr().out
+    assert "C3     Conv2d           1600x1176    150,000   1,516      151,600" in out
+
+
+def test_cli_train_on_digits_saves_checkpoint_and_plot(tmp_path, capsys):
+    pytest.importorskip("sklearn", reason="the bundled digits need scikit-learn (pip install 'sparseconv[data]')")
+    pytest.importorskip("matplotlib", reason="the training-curve plot needs matplotlib")
+    ckpt, png = tmp_path / "lenet.npz", tmp_path / "curves.png"
+    assert main(["train", "--epochs", "1", "--no-progress", "--save", str(ckpt), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "epoch   1/1" in out and "final test accuracy" in out
+    net = lenet5(dtype=np.float32, seed=123)
+    net.load(ckpt)
+    with np.load(ckpt, allow_pickle=False) as saved:
+        np.testing.assert_array_equal(net.state_dict()["0.weight"], saved["0.weight"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_matrix_writes_png(tmp_path):
+    pytest.importorskip("matplotlib", reason="plot_matrix needs matplotlib")
+    op = sc.ConvOperator(np.random.default_rng(0).standard_normal((2, 2, 3, 3)), (2, 6, 6), padding=1)
+    path = sc.plot_matrix(op, tmp_path / "c.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pool = sc.PoolOperator((2, 4, 4), 2)
+    assert sc.plot_matrix(pool, tmp_path / "p.png", max_rows=None, max_cols=None).exists()
+
+
+def test_plotting_without_matplotlib_says_how_to_install(monkeypatch, tmp_path):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("no matplotlib here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    op = sc.ConvOperator(np.ones((1, 1, 2, 2)), (1, 3, 3))
+    with pytest.raises(ImportError, match=r"pip install 'sparseconv\[plot\]'"):
+        sc.plot_matrix(op, tmp_path / "x.png")
