@@ -25,6 +25,8 @@ import numpy as np
 __all__ = [
     "PADDING_MODES",
     "PADDING_STRINGS",
+    "IntOrTuple",
+    "PaddingSpec",
     "ConvGeometry",
     "conv_geometry",
     "output_size",

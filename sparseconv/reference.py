@@ -66,7 +66,7 @@ __all__ = [
 # How each padding mode is spelled for np.pad.
 _NP_PAD_MODES = {"zeros": "constant", "circular": "wrap", "reflect": "reflect", "replicate": "edge"}
 
-Grads = tuple[np.ndarray, np.ndarray, np.ndarray]
+_Grads = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 # ---------------------------------------------------------------------- padding
@@ -285,7 +285,7 @@ def conv_direct(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = 
 
 def conv_direct_backward(x: np.ndarray, weight: np.ndarray, dy: np.ndarray, *, stride: IntOrTuple = 1,
                          padding: PaddingSpec = 0, dilation: IntOrTuple = 1, groups: int = 1,
-                         padding_mode: str = "zeros", flip: bool = False) -> Grads:
+                         padding_mode: str = "zeros", flip: bool = False) -> _Grads:
     """Gradients of :func:`conv_direct` by the textbook rules.
 
     Parameters
@@ -479,7 +479,7 @@ def conv_im2col(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = 
 
 def conv_im2col_backward(x: np.ndarray, weight: np.ndarray, dy: np.ndarray, *, stride: IntOrTuple = 1,
                          padding: PaddingSpec = 0, dilation: IntOrTuple = 1, groups: int = 1,
-                         padding_mode: str = "zeros", flip: bool = False) -> Grads:
+                         padding_mode: str = "zeros", flip: bool = False) -> _Grads:
     """Gradients of :func:`conv_im2col`: ``dW = dY @ cols.T`` and ``dx = col2im(W.T @ dY)`` per group.
 
     Parameters
@@ -573,7 +573,7 @@ def conv_dense(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = N
 
 def conv_dense_backward(x: np.ndarray, weight: np.ndarray, dy: np.ndarray, *, stride: IntOrTuple = 1,
                         padding: PaddingSpec = 0, dilation: IntOrTuple = 1, groups: int = 1,
-                        padding_mode: str = "zeros", flip: bool = False) -> Grads:
+                        padding_mode: str = "zeros", flip: bool = False) -> _Grads:
     """Gradients of :func:`conv_dense` through the dense matrix and its derivative in each weight.
 
     Parameters
