@@ -150,3 +150,36 @@ def test_plotting_without_matplotlib_says_how_to_install(monkeypatch, tmp_path):
     op = sc.ConvOperator(np.ones((1, 1, 2, 2)), (1, 3, 3))
     with pytest.raises(ImportError, match=r"pip install 'sparseconv\[plot\]'"):
         sc.plot_matrix(op, tmp_path / "x.png")
+
+
+def test_spectrum_command_cross_checks_fft(capsys):
+    assert main(["spectrum"]) == 0
+    out = capsys.readouterr().out
+    for name in ("C1", "S2", "C3", "S4", "C5", "F6"):
+        assert f"\n{name} " in out
+    diffs = [float(part.split("rel. diff ")[1].rstrip(")")) for part in out.splitlines() if "rel. diff" in part]
+    assert len(diffs) == 3 and max(diffs) < 1e-8
+    assert "bound / exact" in out
+
+
+def test_spectrum_with_a_mismatched_checkpoint_names_the_parameter(tmp_path, capsys):
+    bad = tmp_path / "bad.npz"
+    state = lenet5().state_dict()
+    state["4.weight"] = state["4.weight"][:, :, :3, :3].copy()
+    np.savez(bad, **state)
+    assert main(["spectrum", "--weights", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "parameter '4.weight' has shape (16, 6, 5, 5) in the network but (16, 6, 3, 3) in the checkpoint" in err
+    missing = tmp_path / "missing.npz"
+    del state["4.weight"]
+    np.savez(missing, **state)
+    assert main(["spectrum", "--weights", str(missing)]) == 2
+    assert "missing parameters ['4.weight']" in capsys.readouterr().err
+
+
+def test_spectrum_with_a_trained_style_checkpoint(tmp_path, capsys):
+    net = lenet5(seed=5)
+    path = tmp_path / "w.npz"
+    net.save(path)
+    assert main(["spectrum", "--weights", str(path)]) == 0
+    assert f"LeNet-5 weights from {path}" in capsys.readouterr().out
