@@ -12,8 +12,8 @@ from typing import Optional
 
 import numpy as np
 
-from .nn import (AvgPool2d, Conv1d, Conv2d, Conv3d, Flatten, Linear, MaxPool2d, Module, ReLU, Sequential, Sigmoid,
-                 Tanh)
+from .nn import (AvgPool2d, Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d, Flatten,
+                 Linear, MaxPool2d, Module, ReLU, Sequential, Sigmoid, Tanh)
 
 __all__ = ["from_torch"]
 
@@ -44,6 +44,22 @@ def _convert_conv(module, input_shape: tuple[int, ...], dtype: np.dtype) -> Modu
     return layer
 
 
+def _convert_conv_transpose(module, input_shape: tuple[int, ...], dtype: np.dtype) -> Module:
+    if module.padding_mode != "zeros":
+        raise TypeError(f"{type(module).__name__} with padding_mode={module.padding_mode!r} is not supported "
+                        "(PyTorch itself only implements 'zeros' for transposed convolutions)")
+    ndim = len(module.kernel_size)
+    cls = {1: ConvTranspose1d, 2: ConvTranspose2d, 3: ConvTranspose3d}[ndim]
+    layer = cls(module.in_channels, module.out_channels, tuple(module.kernel_size), stride=tuple(module.stride),
+                padding=tuple(module.padding), output_padding=tuple(module.output_padding),
+                dilation=tuple(module.dilation), groups=module.groups, bias=module.bias is not None, dtype=dtype)
+    layer.params["weight"].data[...] = _array(module.weight, dtype)
+    if module.bias is not None:
+        layer.params["bias"].data[...] = _array(module.bias, dtype)
+    layer.build(input_shape)
+    return layer
+
+
 def _pool_args(module, name: str) -> tuple:
     if getattr(module, "ceil_mode", False):
         raise TypeError(f"{name} with ceil_mode=True is not supported (output sizes use floor)")
@@ -65,6 +81,8 @@ def _convert(module, input_shape: tuple[int, ...], dtype: np.dtype, torch) -> Mo
         return Sequential(*layers)
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return _convert_conv(module, input_shape, dtype)
+    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        return _convert_conv_transpose(module, input_shape, dtype)
     if isinstance(module, nn.Linear):
         layer = Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype)
         layer.params["weight"].data[...] = _array(module.weight, dtype)
@@ -95,7 +113,8 @@ def _convert(module, input_shape: tuple[int, ...], dtype: np.dtype, torch) -> Mo
     for torch_cls, ours in simple.items():
         if isinstance(module, torch_cls):
             return ours()
-    raise TypeError(f"unsupported torch module {name}: from_torch converts Conv1d/2d/3d, Linear, AvgPool2d, "
+    raise TypeError(f"unsupported torch module {name}: from_torch converts Conv1d/2d/3d, ConvTranspose1d/2d/3d, "
+                    "Linear, AvgPool2d, "
                     "MaxPool2d, ReLU, Tanh, Sigmoid, Flatten and Sequential containers of them")
 
 
@@ -105,7 +124,8 @@ def from_torch(module, input_shape: tuple[int, ...], *, dtype: Optional[object] 
     Parameters
     ----------
     module : torch.nn.Module
-        ``Conv1d``/``Conv2d``/``Conv3d`` (every option, padding modes included), ``Linear``,
+        ``Conv1d``/``Conv2d``/``Conv3d`` (every option, padding modes included),
+        ``ConvTranspose1d``/``2d``/``3d``, ``Linear``,
         ``AvgPool2d`` (``count_include_pad=True``), ``MaxPool2d``, ``ReLU``, ``Tanh``,
         ``Sigmoid``, ``Flatten`` or a ``Sequential`` of these.
     input_shape : tuple of int

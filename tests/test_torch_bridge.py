@@ -22,6 +22,10 @@ CONVS = [
      (3, 6, 6)),
     ("conv2d-same-even-kernel", lambda: nn.Conv2d(2, 3, (4, 2), padding="same"), (2, 7, 6)),
     ("conv2d-valid-nobias", lambda: nn.Conv2d(2, 3, 3, padding="valid", bias=False), (2, 5, 6)),
+    ("convT1d-s2-op1", lambda: nn.ConvTranspose1d(3, 2, 3, stride=2, padding=1, output_padding=1), (3, 5)),
+    ("convT2d-s2-d2-g2", lambda: nn.ConvTranspose2d(4, 6, (3, 2), stride=(2, 1), dilation=(1, 2), groups=2,
+                                                   padding=(1, 0)), (4, 4, 5)),
+    ("convT3d-s2", lambda: nn.ConvTranspose3d(2, 3, 2, stride=2, bias=False), (2, 3, 2, 3)),
     ("conv3d-s2-circular", lambda: nn.Conv3d(2, 3, 3, stride=(2, 1, 2), padding=1, padding_mode="circular"),
      (2, 5, 4, 6)),
 ]

@@ -1,0 +1,140 @@
+"""Transposed-convolution layers: the transpose of a convolution's sparse matrix, trainable."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..geometry import IntOrTuple, check_batch, normalize_tuple
+from ..transpose import ConvTransposeOperator
+from .module import Module, Parameter
+
+__all__ = ["ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"]
+
+
+class _ConvTransposeNd(Module):
+    """Shared implementation of :class:`ConvTranspose1d`, :class:`ConvTranspose2d` and :class:`ConvTranspose3d`."""
+
+    ndim = 0
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrTuple, *, stride: IntOrTuple = 1,
+                 padding: Union[int, Sequence] = 0, output_padding: IntOrTuple = 0, dilation: IntOrTuple = 1,
+                 groups: int = 1, bias: bool = True, input_size: Optional[Sequence[int]] = None,
+                 dtype: object = np.float64, rng: Union[None, int, np.random.Generator] = None):
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        if not isinstance(groups, (int, np.integer)) or groups < 1 or in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups must be a positive int dividing in_channels={in_channels} and "
+                             f"out_channels={out_channels}; got {groups!r}")
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise TypeError(f"dtype must be float32 or float64; got {self.dtype}")
+        kernel = normalize_tuple(kernel_size, self.ndim, "kernel_size")
+        self.options = dict(stride=stride, padding=padding, output_padding=output_padding, dilation=dilation,
+                            groups=groups)
+        shape = (in_channels, out_channels // groups, *kernel)
+        # PyTorch's default range: fan-in of the transposed layer is out_channels/groups * prod(k).
+        bound = 1.0 / np.sqrt(int(np.prod(shape[1:])))
+        gen = np.random.default_rng(rng)
+        self.params["weight"] = Parameter(gen.uniform(-bound, bound, shape).astype(self.dtype))
+        if bias:
+            self.params["bias"] = Parameter(gen.uniform(-bound, bound, out_channels).astype(self.dtype))
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel
+        self.op: Optional[ConvTransposeOperator] = None
+        self._x: Optional[np.ndarray] = None
+        if input_size is not None:
+            self.build((in_channels, *normalize_tuple(input_size, self.ndim, "input_size")))
+
+    def build(self, input_shape: tuple[int, ...]) -> ConvTransposeOperator:
+        """The sparse operator for one sample's input shape ``(C_in, *in)``, built once per shape."""
+        input_shape = tuple(input_shape)
+        weight = self.params["weight"].data
+        if self.op is None or self.op.input_shape != input_shape:
+            if len(input_shape) != self.ndim + 1 or input_shape[0] != self.in_channels:
+                raise ValueError(f"expected input of shape (N, {self.in_channels}, " +
+                                 ", ".join(["*"] * self.ndim) + f") ({self.ndim} spatial dims); "
+                                 f"got a sample of shape {input_shape}")
+            self.op = ConvTransposeOperator(weight, input_shape, **self.options)
+        elif not np.array_equal(self.op.weight, weight):
+            # The optimiser changed the weights in place: refresh the values, keep the pattern.
+            self.op.set_weight(weight)
+        return self.op
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return self.build(input_shape).out_shape
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        op = self.build(x.shape[1:])
+        self._x = check_batch(x, op.input_shape, self.dtype, "x")
+        y = op.forward(self._x)
+        if "bias" in self.params:
+            y += self.params["bias"].data.reshape((-1,) + (1,) * self.ndim)
+        return y
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        if self._x is None:
+            raise ValueError(f"{self!r}: backward() called before forward()")
+        self.params["weight"].grad += self.op.weight_grad(self._x, dy)
+        if "bias" in self.params:
+            self.params["bias"].grad += self.op.bias_grad(dy)
+        return self.op.backward_input(dy)
+
+    def export(self, input_shape: tuple[int, ...]) -> tuple[sp.csr_array, Optional[np.ndarray]]:
+        """The layer as ``(matrix, bias)`` on flattened samples (bias repeated per position)."""
+        op = self.build(input_shape)
+        bias = None
+        if "bias" in self.params:
+            bias = np.repeat(self.params["bias"].data, int(np.prod(op.out_shape[1:])))
+        return op.matrix.copy(), bias
+
+    def connections(self, input_shape: tuple[int, ...]) -> int:
+        """``nnz`` of the matrix plus the biased outputs."""
+        op = self.build(input_shape)
+        return op.nnz + (int(np.prod(op.out_shape)) if "bias" in self.params else 0)
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items() if v not in (0, 1))
+        return (f"{type(self).__name__}({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
+                f"{', ' + opts if opts else ''}{'' if 'bias' in self.params else ', bias=False'})")
+
+
+class ConvTranspose1d(_ConvTransposeNd):
+    """1-D transposed convolution, ``x : (N, C_in, L) -> (N, C_out, Lo)``.
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+    kernel_size : int or tuple of int
+    stride, padding, output_padding, dilation, groups
+        As for :class:`sparseconv.transpose.ConvTransposeOperator` (PyTorch's conventions);
+        weight of shape ``(C_in, C_out // groups, *kernel)``.
+    bias : bool, default True
+    input_size : tuple of int, optional
+        Build the matrix now instead of at the first forward.
+    dtype : {float64, float32}
+    rng : int or numpy Generator, optional
+
+    Notes
+    -----
+    ``Lo = (L - 1) s - 2 p + d (k - 1) + output_padding + 1``; forward is ``W.T @ x`` for the
+    matrix ``W`` of the matching forward convolution.
+    """
+
+    ndim = 1
+
+
+class ConvTranspose2d(_ConvTransposeNd):
+    """2-D transposed convolution, ``x : (N, C_in, H, W) -> (N, C_out, Ho, Wo)``; see :class:`ConvTranspose1d`."""
+
+    ndim = 2
+
+
+class ConvTranspose3d(_ConvTransposeNd):
+    """3-D transposed convolution, ``x : (N, C_in, D, H, W) -> (N, C_out, Do, Ho, Wo)``; see :class:`ConvTranspose1d`."""
+
+    ndim = 3
