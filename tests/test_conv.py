@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -15,51 +14,8 @@ from sparseconv import reference as ref
 from sparseconv.geometry import conv_geometry
 from sparseconv.testing import assert_allclose, dottest, gradcheck, numerical_gradient
 
+from cases import Case
 from magnitudes import magnitudes
-
-
-@dataclass(frozen=True)
-class Case:
-    in_size: tuple
-    kernel: tuple
-    n: int = 2
-    c: int = 2
-    f: int = 3
-    stride: object = 1
-    padding: object = 0
-    dilation: object = 1
-    groups: int = 1
-    padding_mode: str = "zeros"
-    flip: bool = False
-    dtype: str = "float64"
-    opts: dict = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self):
-        object.__setattr__(self, "opts", dict(stride=self.stride, padding=self.padding, dilation=self.dilation,
-                                              groups=self.groups, padding_mode=self.padding_mode, flip=self.flip))
-
-    @property
-    def id(self) -> str:
-        def t(v):
-            return "x".join(map(str, v)) if isinstance(v, tuple) else str(v)
-        pad = self.padding if isinstance(self.padding, (int, str)) else str(self.padding).replace(" ", "")
-        return (f"d{len(self.in_size)}-N{self.n}-C{self.c}-F{self.f}-{t(self.in_size)}-k{t(self.kernel)}"
-                f"-s{t(self.stride)}-p{pad}-d{t(self.dilation)}-g{self.groups}-{self.padding_mode}"
-                f"{'-flip' if self.flip else ''}-{self.dtype[5:]}")
-
-    def valid(self) -> bool:
-        try:
-            conv_geometry((self.f, self.c // self.groups, *self.kernel), (self.c, *self.in_size), **self.opts)
-        except ValueError:
-            return False
-        return True
-
-    def arrays(self, seed: int = 0):
-        rng = np.random.default_rng(seed)
-        w = rng.standard_normal((self.f, self.c // self.groups, *self.kernel)).astype(self.dtype)
-        b = rng.standard_normal(self.f).astype(self.dtype)
-        x = rng.standard_normal((self.n, self.c, *self.in_size)).astype(self.dtype)
-        return w, b, x
 
 
 def _grid() -> list[Case]:
@@ -102,9 +58,8 @@ def _reference_outputs(case: Case, w, b, x, dy):
 
 @pytest.mark.parametrize("case", GRID, ids=[c.id for c in GRID])
 def test_matches_references(case: Case):
-    w, b, x = case.arrays()
+    x, w, b, dy = case.arrays()
     op = sc.ConvOperator(w, (case.c, *case.in_size), bias=b, **case.opts)
-    dy = np.random.default_rng(1).standard_normal((case.n, *op.out_shape)).astype(case.dtype)
     y_ref, dx_ref, dw_ref, db_ref = _reference_outputs(case, w, b, x, dy)
     sy, sdx, sdw = magnitudes(x, w, dy, case.opts)
     sy += float(np.abs(b).max())
@@ -138,9 +93,8 @@ def test_matches_references(case: Case):
 @pytest.mark.parametrize("case", [c for c in GRID if c.dtype == "float64"][::4],
                          ids=[c.id for c in GRID if c.dtype == "float64"][::4])
 def test_finite_differences(case: Case):
-    w, b, x = case.arrays(2)
+    x, w, b, dy = case.arrays(2)
     op = sc.ConvOperator(w, (case.c, *case.in_size), bias=b, **case.opts)
-    dy = np.random.default_rng(3).standard_normal((case.n, *op.out_shape))
 
     def loss_x(xv):
         return float(np.sum(dy * op.forward(xv)))
@@ -164,9 +118,8 @@ def test_finite_differences(case: Case):
 
 def test_elementwise_numerical_gradient_small():
     case = Case((4, 5), (2, 3), padding=1, padding_mode="reflect", stride=(2, 1))
-    w, b, x = case.arrays(4)
+    x, w, b, dy = case.arrays(4)
     op = sc.ConvOperator(w, (case.c, 4, 5), bias=b, **case.opts)
-    dy = np.random.default_rng(5).standard_normal((case.n, *op.out_shape))
     assert_allclose(op.backward_input(dy), numerical_gradient(op.forward, x, dy), finite_differences=True)
 
 
