@@ -1,0 +1,257 @@
+"""Correctness of the fast code paths: threaded products, the tap-gather kernel gradient,
+chunk boundaries and dtype preservation. No timing here (see ``benchmarks/bench_speed.py``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import sparseconv as sc
+from sparseconv import conv as conv_module
+from sparseconv import parallel
+from sparseconv import reference as ref
+from sparseconv.models import lenet5
+from sparseconv.nn import SGD, CrossEntropyLoss
+from sparseconv.testing import assert_allclose
+
+from magnitudes import magnitudes
+
+DTYPES = ["float32", "float64"]
+THREADS = [1, 2, 3, 7]
+
+# (N, C, F, size, kernel, options): odd sizes, strides, groups, dilation, repeating padding.
+LAYERS = {
+    "N3-C2-F3-9x7-k3-p1": (3, 2, 3, (9, 7), (3, 3), dict(padding=1)),
+    "N2-C4-F6-11x11-k3-s2-g2": (2, 4, 6, (11, 11), (3, 3), dict(stride=2, padding=1, groups=2)),
+    "N1-C3-F2-13x10-k2x3-d2": (1, 3, 2, (13, 10), (2, 3), dict(dilation=2)),
+    "N4-C2-F2-5x5-k5-circular": (4, 2, 2, (5, 5), (5, 5), dict(padding=4, padding_mode="circular")),
+    "N5-C1-F4-17-k4-s3-1d": (5, 1, 4, (17,), (4,), dict(stride=3, padding=((2, 1),))),
+    "N2-C2-F2-5x6x4-k3-3d-flip": (2, 2, 2, (5, 6, 4), (3, 3, 3), dict(padding="same", flip=True)),
+}
+
+
+def _case(key: str, dtype: str, seed: int = 0):
+    n, c, f, size, kernel, opts = LAYERS[key]
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((f, c // opts.get("groups", 1), *kernel)).astype(dtype)
+    x = rng.standard_normal((n, c, *size)).astype(dtype)
+    op = sc.ConvOperator(w, (c, *size), **opts)
+    dy = rng.standard_normal((n, *op.out_shape)).astype(dtype)
+    return op, w, x, dy, opts
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Split even tiny products into many row blocks, so the threaded paths really run."""
+    monkeypatch.setattr(parallel, "_MIN_BLOCK_WORK", 1)
+
+
+# ---------------------------------------------------------------------- parallel module
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threads", THREADS, ids=lambda t: f"t{t}")
+@pytest.mark.parametrize("shape", [(1, 1), (37, 23), (200, 150)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("n_vecs", [1, 5], ids=lambda n: f"n{n}")
+def test_csr_products_match_scipy(small_blocks, dtype, threads, shape, n_vecs):
+    a = sp.random_array(shape, density=0.2, format="csr", rng=1, dtype=dtype)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((shape[1], n_vecs)).astype(dtype)
+    y = rng.standard_normal((shape[0], n_vecs)).astype(dtype)
+    # Forward rows are summed by one thread in storage order: bit-identical.
+    out = parallel.csr_matmat(a, x, threads=threads)
+    assert out.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(out, a @ x)
+    back = parallel.csr_rmatmat(a, y, threads=threads)
+    assert back.dtype == np.dtype(dtype)
+    # The scatter's partial sums are added in block order: equal up to rounding.
+    assert_allclose(back, a.T @ y, scale=float((abs(a).T @ np.abs(y)).max()) or 1.0)
+    if threads == 1:
+        np.testing.assert_array_equal(back, a.T @ y)
+
+
+def test_csr_products_vector_and_out(small_blocks):
+    a = sp.random_array((40, 30), density=0.3, format="csr", rng=0)
+    x, y = np.arange(30.0), np.arange(40.0)
+    assert parallel.csr_matmat(a, x, threads=2).shape == (40,)
+    np.testing.assert_allclose(parallel.csr_rmatmat(a, y, threads=2), a.T @ y)
+    out = np.full((40, 1), np.nan)
+    assert parallel.csr_matmat(a, x[:, None], out=out, threads=2) is out
+    np.testing.assert_allclose(out[:, 0], a @ x)
+    with pytest.raises(ValueError, match="out must be a C-contiguous float64 array of shape"):
+        parallel.csr_matmat(a, x[:, None], out=np.zeros((40, 2)))
+
+
+def test_empty_rows_and_matrix(small_blocks):
+    a = sp.csr_array((np.ones(2), [0, 4], [0, 0, 0, 1, 2, 2]), shape=(5, 6))
+    x = np.ones((6, 3))
+    for t in THREADS:
+        np.testing.assert_array_equal(parallel.csr_matmat(a, x, threads=t), a @ x)
+        np.testing.assert_array_equal(parallel.csr_rmatmat(a, np.ones((5, 3)), threads=t), a.T @ np.ones((5, 3)))
+    empty = sp.csr_array((4, 3))
+    np.testing.assert_array_equal(parallel.csr_matmat(empty, np.ones((3, 2)), threads=2), np.zeros((4, 2)))
+
+
+def test_row_blocks_balance_nnz():
+    indptr = np.array([0, 10, 10, 11, 12, 30, 31])
+    bounds = parallel.row_blocks(indptr, 3)
+    assert bounds[0] == 0 and bounds[-1] == 6 and np.all(np.diff(bounds) > 0)
+    assert parallel.row_blocks(indptr, 1).tolist() == [0, 6]
+    assert parallel.row_blocks(np.array([0]), 4).tolist() == [0, 0]
+
+
+def test_threads_context_is_scoped():
+    default = parallel.get_threads()
+    assert default == parallel.available_cores()
+    with parallel.threads(3) as n:
+        assert n == 3 and parallel.get_threads() == 3
+        with parallel.threads(1):
+            assert parallel.get_threads() == 1
+        assert parallel.get_threads() == 3
+        assert parallel.get_threads(2) == 2
+    assert parallel.get_threads() == default
+    with pytest.raises(RuntimeError):
+        with parallel.threads(2):
+            raise RuntimeError("boom")
+    assert parallel.get_threads() == default
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_threads_rejects_bad_counts(bad):
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        with parallel.threads(bad):
+            pass
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        parallel.get_threads(bad)
+
+
+def test_block_errors_propagate(small_blocks):
+    def fail(lo, hi):
+        if lo > 0:
+            raise ZeroDivisionError("block failed")
+
+    with pytest.raises(ZeroDivisionError, match="block failed"):
+        parallel.run_blocks(fail, [0, 1, 2, 3], 2)
+
+
+# ---------------------------------------------------------------------- the operator
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("key", list(LAYERS))
+def test_operator_threads_agree(small_blocks, key, dtype):
+    op, w, x, dy, opts = _case(key, dtype)
+    x64, w64, dy64 = (a.astype(np.float64) for a in (x, w, dy))
+    sy, sdx, sdw = magnitudes(x64, w64, dy64, opts)
+    y1 = op.forward(x, threads=1)
+    dx1 = op.backward_input(dy, threads=1)
+    dw1 = op.weight_grad(x, dy, threads=1)
+    assert_allclose(y1, ref.conv_im2col(x64, w64, **opts), dtype=dtype, scale=sy)
+    for t in THREADS[1:]:
+        y, dx, dw = op.forward(x, threads=t), op.backward_input(dy, threads=t), op.weight_grad(x, dy, threads=t)
+        assert y.dtype == dx.dtype == dw.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(y, y1)
+        assert_allclose(dx, dx1, dtype=dtype, scale=sdx)
+        assert_allclose(dw, dw1, dtype=dtype, scale=sdw)
+    with parallel.threads(2):
+        np.testing.assert_array_equal(op.forward(x), y1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("key", list(LAYERS))
+def test_weight_grad_taps_matches_entries_and_reference(key, dtype):
+    op, w, x, dy, opts = _case(key, dtype, seed=3)
+    x64, w64, dy64 = (a.astype(np.float64) for a in (x, w, dy))
+    _, _, sdw = magnitudes(x64, w64, dy64, opts)
+    _, dw_ref, _ = ref.conv_im2col_backward(x64, w64, dy64, **opts)
+    taps = op.weight_grad(x, dy, method="taps")
+    assert taps.dtype == np.dtype(dtype)
+    assert_allclose(taps, dw_ref, dtype=dtype, scale=sdw)
+    assert_allclose(op.weight_grad(x, dy, method="entries"), dw_ref, dtype=dtype, scale=sdw)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 50, 400], ids=lambda c: f"chunk{c}")
+@pytest.mark.parametrize("key", ["N3-C2-F3-9x7-k3-p1", "N2-C4-F6-11x11-k3-s2-g2", "N4-C2-F2-5x5-k5-circular"])
+def test_weight_grad_chunk_boundaries(monkeypatch, key, chunk):
+    """Scratch chunks smaller than one sample, than one tap, and not dividing the batch."""
+    op, w, x, dy, opts = _case(key, "float64", seed=5)
+    full = {m: op.weight_grad(x, dy, method=m) for m in ("taps", "entries")}
+    monkeypatch.setattr(conv_module, "_GRAD_CHUNK_ELEMENTS", chunk)
+    for m in ("taps", "entries"):
+        assert_allclose(op.weight_grad(x, dy, method=m), full[m])
+
+
+def test_weight_grad_masked_and_after_set_weight(small_blocks):
+    rng = np.random.default_rng(4)
+    mask = rng.random((4, 3, 3, 3)) > 0.4
+    w = rng.standard_normal(mask.shape) * mask
+    op = sc.ConvOperator(w, (3, 8, 8), padding=1, weight_mask=mask)
+    x = rng.standard_normal((3, 3, 8, 8))
+    dy = rng.standard_normal((3, *op.out_shape))
+    _, dw_ref, _ = ref.conv_im2col_backward(x, w, dy, padding=1)
+    assert_allclose(op.weight_grad(x, dy, threads=2), dw_ref * mask)
+    w2 = rng.standard_normal(mask.shape) * mask
+    op.set_weight(w2)
+    assert_allclose(op.forward(x, threads=2), ref.conv_im2col(x, w2, padding=1))
+    assert_allclose(op.backward_input(dy, threads=2), ref.conv_im2col_backward(x, w2, dy, padding=1)[0])
+
+
+def test_pooling_threads(small_blocks):
+    x = np.random.default_rng(0).standard_normal((3, 2, 9, 9)).astype(np.float32)
+    pool = sc.PoolOperator((2, 9, 9), 3, stride=2, dtype=np.float32)
+    with parallel.threads(1):
+        y1, dx1 = pool.forward(x), pool.backward_input(np.ones((3, *pool.out_shape), np.float32))
+    with parallel.threads(4):
+        y4, dx4 = pool.forward(x), pool.backward_input(np.ones((3, *pool.out_shape), np.float32))
+    assert y4.dtype == dx4.dtype == np.float32
+    np.testing.assert_array_equal(y4, y1)
+    np.testing.assert_array_equal(dx4, dx1)
+
+
+# ---------------------------------------------------------------------- float32 end to end
+def test_lenet5_float32_never_upcasts(small_blocks):
+    """Every activation, gradient, parameter and optimiser state stays float32 in training."""
+    net = lenet5(dtype=np.float32, seed=0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 1, 32, 32)).astype(np.float32)
+    labels = rng.integers(0, 10, 5)
+    opt = SGD(net.parameters(), 0.01, momentum=0.9, weight_decay=1e-3)
+    loss = CrossEntropyLoss()
+    for _ in range(2):
+        opt.zero_grad()
+        h = x
+        for layer in net:
+            h = layer.forward(h)
+            assert h.dtype == np.float32, layer
+        loss(h, labels)
+        g = loss.backward()
+        assert g.dtype == np.float32
+        for layer in reversed(net.layers):
+            g = layer.backward(g)
+            assert g.dtype == np.float32, layer
+        opt.step()
+    for p in net.parameters():
+        assert p.data.dtype == p.grad.dtype == np.float32
+    assert all(v.dtype == np.float32 for v in opt._velocity)
+    for layer in net:
+        op = getattr(layer, "op", None)
+        if isinstance(op, sc.ConvOperator):
+            assert op.matrix.dtype == np.float32 and op.weight.dtype == np.float32
+
+
+def test_float32_operator_rejects_float64_batches():
+    op = sc.ConvOperator(np.ones((2, 1, 3, 3), np.float32), (1, 6, 6))
+    with pytest.raises(TypeError):
+        op.forward(np.ones((1, 1, 6, 6)), threads=2)
+    with pytest.raises(TypeError):
+        op.weight_grad(np.ones((1, 1, 6, 6), np.float32), np.ones((1, 2, 4, 4)), threads=2)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_public_scipy_fallback_without_private_kernels(monkeypatch, n_threads):
+    """Without scipy's private CSR kernels the blocks go through public sparse products."""
+    monkeypatch.setattr(parallel, "_csr_matvecs", None)
+    monkeypatch.setattr(parallel, "_csc_matvecs", None)
+    rng = np.random.default_rng(0)
+    a = sp.random_array((700, 300), density=0.05, format="csr", rng=rng)
+    x = rng.standard_normal((300, 9))
+    y = rng.standard_normal((700, 9))
+    assert_allclose(parallel.csr_matmat(a, x, threads=n_threads), a @ x)
+    assert_allclose(parallel.csr_rmatmat(a, y, threads=n_threads), a.T @ y)
