@@ -9,14 +9,18 @@ uses it for forward products, adjoints and gradients, checked against independen
 from . import models, nn, reference, testing
 from .conv import ConvOperator, SparseLinearOperator, conv_matrix
 from .export import MLP, Stage, to_mlp
-from .geometry import ConvGeometry, conv_geometry, output_size
+from .geometry import ConvGeometry, conv_geometry, conv_transpose_output_size, output_size
 from .pattern import MemoryBudgetError
 from .plotting import plot_history, plot_matrix
 from .pooling import MaxPoolOperator, PoolOperator, pool_matrix
+from .spectral import composed_norm, fft_singular_values, network_lipschitz_bound, singular_values, spectral_norm
+from .torch_bridge import from_torch
+from .transpose import ConvTransposeOperator, conv_transpose_matrix
 
 __all__ = [
     "ConvGeometry",
     "ConvOperator",
+    "ConvTransposeOperator",
     "MLP",
     "MaxPoolOperator",
     "MemoryBudgetError",
@@ -24,14 +28,22 @@ __all__ = [
     "SparseLinearOperator",
     "Stage",
     "conv_geometry",
+    "composed_norm",
     "conv_matrix",
+    "conv_transpose_matrix",
+    "conv_transpose_output_size",
+    "fft_singular_values",
+    "from_torch",
     "models",
+    "network_lipschitz_bound",
     "nn",
     "output_size",
     "plot_history",
     "plot_matrix",
     "pool_matrix",
     "reference",
+    "singular_values",
+    "spectral_norm",
     "testing",
     "to_mlp",
 ]

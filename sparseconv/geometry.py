@@ -30,6 +30,7 @@ __all__ = [
     "ConvGeometry",
     "conv_geometry",
     "output_size",
+    "conv_transpose_output_size",
     "normalize_tuple",
     "normalize_padding",
     "resolve_dtype",
@@ -61,6 +62,24 @@ def output_size(in_size: int, kernel: int, stride: int = 1, pad_lo: int = 0,
         It is below 1 when the dilated kernel does not fit in the padded input.
     """
     return (in_size + pad_lo + pad_hi - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def conv_transpose_output_size(in_size: int, kernel: int, stride: int = 1, pad_lo: int = 0, pad_hi: int = 0,
+                               dilation: int = 1, output_padding: int = 0) -> int:
+    """Output length of a transposed convolution along one spatial dimension.
+
+    Parameters
+    ----------
+    in_size, kernel, stride, pad_lo, pad_hi, dilation, output_padding : int
+
+    Returns
+    -------
+    int
+        ``(in_size - 1) * stride - pad_lo - pad_hi + dilation * (kernel - 1) + output_padding + 1``
+        (PyTorch's formula, with ``2 * padding`` split into its two sides). It is below 1
+        when the padding crops away more than the layer produces.
+    """
+    return (in_size - 1) * stride - pad_lo - pad_hi + dilation * (kernel - 1) + output_padding + 1
 
 
 def _is_int(value: object) -> bool:
