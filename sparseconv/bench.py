@@ -11,7 +11,8 @@ Methods
 -------
 sparse
     :class:`sparseconv.ConvOperator`: CSR products ``W @ x``, ``W.T @ dy`` and the tap-grouped
-    weight gradient. The pattern is built once (its construction is timed separately).
+    weight gradient (``weight_grad(method="taps")``, the default). The pattern is built once
+    (its construction is timed separately).
 dense
     The same matrix stored dense: one GEMM per pass; the weight gradient is the dense
     ``dy.T @ x`` reduced through the tying map, as a fully connected layer would do it.
@@ -23,11 +24,14 @@ im2col
 direct
     ``scipy.signal.correlate`` / ``convolve`` with ``method="direct"``, one call per (filter,
     channel) pair with the batch as a leading axis. scipy has no stride or dilation: every
-    position is computed and then subsampled, the kernel is dilated with zeros.
+    position is computed and then subsampled, the kernel is dilated with zeros. This N-d
+    path is slower per multiply-add than ``correlate2d`` on single images, which would need
+    ``N`` times more Python calls; either way it is a reference point, not a contender.
 fft
     ``scipy.fft.rfft2`` of the padded input and the kernel, a complex GEMM over channels at
-    every frequency, ``irfft2``; the kernel spectrum is cached like the sparse matrix's values
-    (its cost is the ``refresh_s`` column), ``workers`` follows the thread setting.
+    every frequency, ``irfft2``; the weight gradient evaluates its inverse transform at the
+    ``k * k`` taps only (one GEMM with an inverse-DFT basis). The kernel spectrum is cached like
+    the sparse matrix's values (its cost is ``refresh_s``); ``workers`` follows the threads.
 torch
     ``torch.nn.functional.conv2d`` under ``torch.no_grad()`` for the forward pass and
     ``torch.autograd.grad`` on a recorded graph for each gradient (optional).
@@ -72,6 +76,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 from . import reference as ref
 from .conv import ConvOperator
 from .geometry import default_memory_budget, output_size
+from .parallel import get_threads as sparse_threads_in_force
+from .parallel import threads as sparse_threads
 from .pattern import MemoryBudgetError
 
 __all__ = [
@@ -80,6 +86,7 @@ __all__ = [
     "SUITES",
     "TOLERANCES",
     "DEFAULT_MEMORY_BUDGET",
+    "NOISY_SPREAD",
     "Layer",
     "Case",
     "Prepared",
@@ -89,9 +96,12 @@ __all__ = [
     "prepare_method",
     "verify",
     "measure",
+    "measure_interleaved",
     "thread_limits",
     "environment_info",
     "run_suite",
+    "format_table",
+    "format_markdown",
     "parse_threads",
     "parse_dtypes",
     "parse_bytes",
@@ -115,10 +125,12 @@ DEFAULT_MAX_SECONDS = 3.0
 # call overhead do not dominate microsecond-scale passes.
 _MIN_REPEAT_SECONDS = 0.005
 _MAX_NUMBER = 10_000
+# A pass whose median is this many times its minimum was disturbed by other work while it ran;
+# the summary counts such measurements so that an unreliable configuration says so.
+NOISY_SPREAD = 1.5
 # The float64 reference uses the window-by-window direct convolution unless its Python loop
 # would run more than this many (position, group) iterations; im2col in float64 then.
 _DIRECT_REFERENCE_MAX_ITERATIONS = 200_000
-_PASS_LABELS = {"forward": "fwd", "input_grad": "dx", "weight_grad": "dw"}
 
 PathLike = Union[str, os.PathLike]
 
@@ -438,7 +450,7 @@ def _format_bytes(n: Optional[float]) -> str:
     raise AssertionError("unreachable")
 
 
-def _check_budget(method: str, need: int, what: str, budget: int) -> None:
+def _check_budget(need: int, what: str, budget: int) -> None:
     if need > budget:
         raise MethodSkipped(f"{what} would need {_format_bytes(need)}, over the memory budget of "
                             f"{_format_bytes(budget)} (--memory-budget)")
@@ -485,7 +497,7 @@ def _prepare_sparse(case: Case, *, threads: int, budget: int, repeats: int, max_
                 "weight_grad": lambda: op.weight_grad(x, dy)},
         buffer_name="sparse matrix (values, indices, indptr, param_index)", buffer_bytes=_matrix_bytes(op),
         build_s=build["median_s"], refresh=lambda: op.set_weight(w),
-        info={"matrix_shape": list(op.shape), "nnz": op.nnz,
+        info={"matrix_shape": list(op.shape), "nnz": op.nnz, "weight_grad_method": "taps",
               "density": op.nnz / (op.shape[0] * op.shape[1])})
 
 
@@ -495,7 +507,7 @@ def _prepare_dense(case: Case, *, threads: int, budget: int, repeats: int, max_s
     rows = int(np.prod(layer.y_shape[1:]))
     cols = int(np.prod(layer.input_shape))
     # The matrix itself plus the dense (rows x cols) weight-gradient product.
-    _check_budget("dense", 2 * rows * cols * case.dtype.itemsize,
+    _check_budget(2 * rows * cols * case.dtype.itemsize,
                   f"the dense {rows}x{cols} {case.dtype.name} matrix and its gradient", budget)
 
     def build() -> tuple[ConvOperator, np.ndarray]:
@@ -540,7 +552,7 @@ def _prepare_im2col(case: Case, *, threads: int, budget: int, repeats: int, max_
     extent = d * (k - 1) + 1
     kg = cg * k * k
     cols_bytes = n * o * o * c * k * k * case.dtype.itemsize
-    _check_budget("im2col", cols_bytes, f"the im2col buffer ({n * o * o} x {c * k * k})", budget)
+    _check_budget(cols_bytes, f"the im2col buffer ({n * o * o} x {c * k * k})", budget)
     wmat = case.w.reshape(g, fg, kg)
     x, dy = case.x, case.dy
 
@@ -659,21 +671,23 @@ def _prepare_fft(case: Case, *, threads: int, budget: int, repeats: int, max_sec
     n_freq = size * (size // 2 + 1)
     complex_dtype = np.result_type(case.dtype, np.complex64)
     spectra = (n * c + f * cg + n * f) * n_freq * complex_dtype.itemsize
-    _check_budget("fft", spectra, "the input, kernel and output spectra", budget)
+    _check_budget(spectra, "the input, kernel and output spectra", budget)
     x, w, dy = case.x, case.w, case.dy
     state: dict[str, np.ndarray] = {}
 
     def to_freq_major(a: np.ndarray, groups: int, per_group: int) -> np.ndarray:
-        # (B, groups * per_group, size, size//2+1) -> (freq, groups, B, per_group), contiguous so
-        # that each frequency's small matrix product goes to BLAS.
+        # (B, groups * per_group, S, S//2+1) -> (freq, groups, B, per_group), contiguous so that
+        # each frequency's small matrix product goes to BLAS.
         return np.ascontiguousarray(a.reshape(a.shape[0], groups, per_group, n_freq).transpose(3, 1, 0, 2))
 
     def from_freq_major(a: np.ndarray, batch: int, channels: int) -> np.ndarray:
+        # (freq, G, B, per_group) -> (B, channels, S, S//2+1)
         return np.ascontiguousarray(a.transpose(2, 1, 3, 0)).reshape(batch, channels, size, size // 2 + 1)
 
-    def refresh() -> None:
-        spec = sfft.rfft2(_dilated_kernel(w, d), s=shape2, workers=threads)  # (F, Cg, size, size//2+1)
-        state["w"] = to_freq_major(spec, g, fg)  # (freq, G, Fg... ) laid out as (freq, G, F... )
+    def weight_spectrum() -> None:
+        spec = sfft.rfft2(_dilated_kernel(w, d), s=shape2, workers=threads)  # (F, Cg, S, S//2+1)
+        state["w"] = np.ascontiguousarray(spec.reshape(g, fg, cg, n_freq).transpose(3, 0, 2, 1))  # (freq, G, Cg, Fg)
+        state["w_conj"] = state["w"].conj()
 
     def input_spectrum() -> np.ndarray:
         return to_freq_major(sfft.rfft2(_pad(x, p), s=shape2, workers=threads), g, cg)  # (freq, G, N, Cg)
@@ -683,37 +697,42 @@ def _prepare_fft(case: Case, *, threads: int, budget: int, repeats: int, max_sec
         dyd[:, :, ::s, ::s] = dy
         return to_freq_major(sfft.rfft2(dyd, s=shape2, workers=threads), g, fg)  # (freq, G, N, Fg)
 
-    def kernel_spectrum() -> np.ndarray:
-        # state["w"] is (freq, G, Cg, Fg) after the transpose in refresh: see weight_layout.
-        return state["w"]
-
     def forward() -> np.ndarray:
-        y = np.matmul(input_spectrum(), kernel_spectrum().conj())  # (freq, G, N, Fg): correlation
+        # Correlation: the product with the conjugate kernel spectrum.
+        y = np.matmul(input_spectrum(), state["w_conj"])  # (freq, G, N, Fg)
         y = sfft.irfft2(from_freq_major(y, n, f), s=shape2, workers=threads)
         return np.ascontiguousarray(y[:, :, :valid:s, :valid:s])
 
     def input_grad() -> np.ndarray:
-        dx = np.matmul(dy_spectrum(), kernel_spectrum().transpose(0, 1, 3, 2))  # (freq, G, N, Cg)
+        # The adjoint is the full convolution: the product with the kernel spectrum itself.
+        dx = np.matmul(dy_spectrum(), state["w"].transpose(0, 1, 3, 2))  # (freq, G, N, Cg)
         dx = sfft.irfft2(from_freq_major(dx, n, c), s=shape2, workers=threads)
         return np.ascontiguousarray(dx[:, :, p:p + h, p:p + h])
 
+    # Only the k x k taps of each (filter, channel) correlation are needed, so the weight
+    # gradient's inverse transform is evaluated at those points alone: one GEMM with this
+    # (k*k, freq) inverse-DFT basis instead of F*C/G full inverse FFTs (which cost ~10x more).
+    # Half-spectrum columns other than 0 and S/2 stand for their conjugate twin too, hence 2.
+    u = np.arange(size)[:, None]
+    v = np.arange(size // 2 + 1)
+    v_weight = np.where((v == 0) | (2 * v == size), 1.0, 2.0)
+    taps = np.arange(k) * d
+    rows = np.exp(2j * np.pi * u * taps[None, :] / size)  # (S, k): e^{2 pi i u a / S}
+    cols = v_weight[:, None] * np.exp(2j * np.pi * v[:, None] * taps[None, :] / size)  # (S//2+1, k)
+    basis = (np.einsum("ua,vb->abuv", rows, cols) / size ** 2).reshape(k * k, n_freq).astype(complex_dtype)
+
     def weight_grad() -> np.ndarray:
+        # Correlation of the padded input with the dilated dy, summed over the batch by the GEMM.
         gw = np.matmul(dy_spectrum().conj().transpose(0, 1, 3, 2), input_spectrum())  # (freq, G, Fg, Cg)
-        gw = np.ascontiguousarray(gw.transpose(1, 2, 3, 0)).reshape(f, cg, size, size // 2 + 1)
-        gw = sfft.irfft2(gw, s=shape2, workers=threads)
-        return np.ascontiguousarray(gw[:, :, :extent:d, :extent:d])
+        gw = (basis @ gw.reshape(n_freq, f * cg)).real  # (k*k, F*Cg)
+        return np.ascontiguousarray(gw.reshape(k, k, f, cg).transpose(2, 3, 0, 1))
 
-    def weight_layout() -> None:
-        # Kernel spectrum as (freq, G, Cg, Fg): the right operand of the forward product.
-        refresh()
-        state["w"] = np.ascontiguousarray(state["w"].transpose(0, 1, 3, 2))
-
-    weight_layout()
-    timing = measure(weight_layout, repeats=min(repeats, 3), max_seconds=max_seconds, warmup=False)
+    weight_spectrum()
+    timing = measure(weight_spectrum, repeats=min(repeats, 3), max_seconds=max_seconds, warmup=False)
     return Prepared(method="fft", passes={"forward": forward, "input_grad": input_grad,
                                           "weight_grad": weight_grad},
                     buffer_name="input, kernel and output spectra", buffer_bytes=int(spectra),
-                    build_s=timing["median_s"], refresh=weight_layout,
+                    build_s=timing["median_s"], refresh=weight_spectrum,
                     info={"fft_size": [size, size], "workers": threads})
 
 
@@ -751,6 +770,7 @@ def _prepare_torch(case: Case, *, threads: int, budget: int, repeats: int, max_s
               "mkldnn": bool(torch.backends.mkldnn.is_available())})
 
 
+# Every preparer takes the same keywords and uses those it needs.
 _PREPARERS = {"sparse": _prepare_sparse, "dense": _prepare_dense, "im2col": _prepare_im2col,
               "direct": _prepare_direct, "fft": _prepare_fft, "torch": _prepare_torch}
 
@@ -857,53 +877,97 @@ def _traced_call(fn: Callable[[], Any], traced: bool) -> tuple[Optional[int], fl
     return int(peak), elapsed, out
 
 
+def _calibrate(fn: Callable[[], Any], warmup: bool) -> tuple[int, float, list[float]]:
+    """Warm ``fn`` up and choose its calls per repeat: ``(number, seconds per call, times so far)``."""
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    if not warmup:
+        return 1, first, [first]
+    # Size the loop from the fastest of up to three warm-up calls: one call stalled by another
+    # process must not turn a microsecond pass into a single-call measurement.
+    spent = first
+    for _ in range(2):
+        if spent > _MIN_REPEAT_SECONDS * 4:
+            break
+        t0 = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - t0
+        first, spent = min(first, elapsed), spent + elapsed
+    return max(1, min(_MAX_NUMBER, int(_MIN_REPEAT_SECONDS / max(first, 1e-9)))), first, []
+
+
+def measure_interleaved(fns: dict[str, Callable[[], Any]], *, repeats: int = 5,
+                        max_seconds: float = DEFAULT_MAX_SECONDS, warmup: bool = True) -> dict[str, dict]:
+    """Median and minimum wall time of several callables, their repeats taken in turn.
+
+    Each callable is warmed up (outside the timed region) and its loop sized: a call shorter
+    than a few milliseconds is repeated ``number`` times per timed repeat, as ``timeit`` does,
+    and a slow call gets fewer repeats so that its measurement stays within ``max_seconds``
+    (at least one). The repeats are then taken round-robin -- one repeat of each callable,
+    then the next round -- so that a burst of load from other processes lands on every
+    callable alike instead of on whichever happened to be running: ratios between them stay
+    meaningful on a shared machine.
+
+    Parameters
+    ----------
+    fns : dict of str to callable
+    repeats : int, default 5
+    max_seconds : float
+    warmup : bool, default True
+        False for one-off work such as construction: every call, the first included, is a
+        timed repeat of one call.
+
+    Returns
+    -------
+    dict of str to dict
+        Per key: ``median_s``, ``min_s``, ``times_s`` (seconds per call, one per repeat),
+        ``repeats`` (as run), ``number`` (calls per repeat).
+    """
+    plan = {}
+    for key, fn in fns.items():
+        number, per_call, times = _calibrate(fn, warmup)
+        plan[key] = (number, max(1, min(repeats, int(max_seconds / max(per_call * number, 1e-9)))), times)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # as timeit does: a collection inside one repeat is noise
+    try:
+        for _ in range(max(n for _, n, _ in plan.values())):
+            for key, fn in fns.items():
+                number, n_repeats, times = plan[key]
+                if len(times) >= n_repeats:
+                    continue
+                t0 = time.perf_counter()
+                for _ in range(number):
+                    fn()
+                times.append((time.perf_counter() - t0) / number)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {key: {"median_s": float(np.median(times)), "min_s": float(np.min(times)), "times_s": times,
+                  "repeats": len(times), "number": number} for key, (number, _, times) in plan.items()}
+
+
 def measure(fn: Callable[[], Any], *, repeats: int = 5, max_seconds: float = DEFAULT_MAX_SECONDS,
             warmup: bool = True) -> dict:
-    """Median and minimum wall time of ``fn()``.
-
-    A warm-up call (outside the timed region) also sizes the loop: a call shorter than a few
-    milliseconds is repeated ``number`` times per timed repeat, and a slow call gets fewer
-    repeats so that the measurement stays within ``max_seconds`` (at least one).
+    """Median and minimum wall time of ``fn()``: :func:`measure_interleaved` of one callable.
 
     Parameters
     ----------
     fn : callable
-    repeats : int, default 5
-    max_seconds : float
-    warmup : bool, default True
-        False when the caller already ran ``fn`` (its time is then taken from one extra call
-        that is also timed).
+    repeats, max_seconds, warmup
+        As for :func:`measure_interleaved`.
 
     Returns
     -------
     dict
-        ``median_s``, ``min_s``, ``times_s`` (seconds per call, one per repeat), ``repeats``
-        (as run), ``number`` (calls per repeat).
+        ``median_s``, ``min_s``, ``times_s``, ``repeats``, ``number``.
     """
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    number = max(1, min(_MAX_NUMBER, int(_MIN_REPEAT_SECONDS / max(first, 1e-9))))
-    n_repeats = max(1, min(repeats, int(max_seconds / max(first * number, 1e-9))))
-    times = [] if warmup else [first]
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # as timeit does: a collection inside one repeat is noise
-    try:
-        for _ in range(n_repeats - (0 if warmup else 1)):
-            t0 = time.perf_counter()
-            for _ in range(number):
-                fn()
-            times.append((time.perf_counter() - t0) / number)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return {"median_s": float(np.median(times)), "min_s": float(np.min(times)), "times_s": times,
-            "repeats": len(times), "number": number if warmup else 1}
+    return measure_interleaved({"fn": fn}, repeats=repeats, max_seconds=max_seconds, warmup=warmup)["fn"]
 
 
 @contextlib.contextmanager
 def thread_limits(threads: int, *, use_torch: bool = True) -> Iterator[dict]:
-    """Limit BLAS / OpenMP pools (threadpoolctl) and torch to ``threads`` inside the block.
+    """Run sparseconv, BLAS / OpenMP pools (threadpoolctl) and torch on ``threads`` inside the block.
 
     Parameters
     ----------
@@ -914,11 +978,26 @@ def thread_limits(threads: int, *, use_torch: bool = True) -> Iterator[dict]:
     Yields
     ------
     dict
-        What was in force: ``threads``, ``pools`` (threadpoolctl's view of each loaded
-        library) or ``pools_note`` when threadpoolctl is missing, ``torch_threads``.
+        What was in force: ``threads``, ``sparseconv_threads`` (its own pool for sparse
+        products), ``pools`` (threadpoolctl's view of each loaded library) or ``pools_note``
+        when threadpoolctl is missing, ``torch_threads``.
     """
-    state: dict[str, Any] = {"threads": threads}
+    state: dict[str, Any] = {"threads": threads, "torch_threads": None}
     with contextlib.ExitStack() as stack:
+        stack.enter_context(sparse_threads(threads))
+        state["sparseconv_threads"] = sparse_threads_in_force()
+        if use_torch:
+            # Imported first: threadpoolctl only limits the libraries loaded when it is entered,
+            # and torch brings its own OpenMP runtime.
+            try:
+                import torch
+            except ImportError:
+                pass
+            else:
+                previous = torch.get_num_threads()
+                torch.set_num_threads(threads)
+                stack.callback(torch.set_num_threads, previous)
+                state["torch_threads"] = torch.get_num_threads()
         try:
             import threadpoolctl
         except ImportError as err:
@@ -930,17 +1009,6 @@ def thread_limits(threads: int, *, use_torch: bool = True) -> Iterator[dict]:
             state["pools"] = [{k: info.get(k) for k in ("user_api", "internal_api", "prefix", "version",
                                                          "num_threads", "threading_layer")}
                               for info in threadpoolctl.threadpool_info()]
-        state["torch_threads"] = None
-        if use_torch:
-            try:
-                import torch
-            except ImportError:
-                pass
-            else:
-                previous = torch.get_num_threads()
-                torch.set_num_threads(threads)
-                stack.callback(torch.set_num_threads, previous)
-                state["torch_threads"] = torch.get_num_threads()
         yield state
 
 
@@ -963,8 +1031,27 @@ def _version(dist: str) -> Optional[str]:
         return None
 
 
+def _load_average() -> Optional[list[float]]:
+    """1, 5 and 15 minute load averages: how busy the machine was with other work."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def _source_digest() -> str:
+    """SHA-256 of the package's Python sources: ties a result to the code that produced it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(path.relative_to(Path(__file__).parent).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def environment_info() -> dict:
-    """Library versions, CPU, core counts and threading environment, for the JSON."""
+    """Library versions, CPU, core counts, load and threading environment, for the JSON."""
     import scipy
 
     from . import __version__
@@ -980,19 +1067,24 @@ def environment_info() -> dict:
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpus_available": affinity,
+        "load_average": _load_average(),
+        "sparseconv_source_sha256": _source_digest(),
         "versions": {"sparseconv": __version__, "numpy": np.__version__, "scipy": scipy.__version__,
                      **{name: _version(name) for name in ("torch", "threadpoolctl", "matplotlib", "tqdm")}},
         "thread_env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                                       "MKL_NUM_THREADS", "SPARSECONV_MEMORY_BUDGET")},
-        "scipy_threading": ("scipy.sparse products run on one thread (no BLAS, no OpenMP) whatever the "
-                            "thread setting; it changes BLAS (dense, im2col, sparse weight gradient's "
-                            "per-tap GEMMs), scipy.fft workers and torch"),
+        "scipy_threading": ("scipy.sparse's own kernels are single-threaded; sparseconv splits the "
+                            "sparse products into row blocks on its own thread pool (sparseconv.parallel), "
+                            "which the thread setting sizes, as it does BLAS and OpenMP pools "
+                            "(threadpoolctl: dense, im2col, the GEMMs of the sparse weight gradient), "
+                            "scipy.fft workers and torch"),
     }
 
 
 # ---------------------------------------------------------------------- one suite
-def _run_method(method: str, case: Case, *, threads: int, budget: int, repeats: int, max_seconds: float,
-                max_direct_macs: int) -> dict:
+def _prepare_row(method: str, case: Case, *, threads: int, budget: int, repeats: int, max_seconds: float,
+                 max_direct_macs: int) -> tuple[dict, Optional[Prepared]]:
+    """Set a method up and verify it: its result row, and the prepared method if it may be timed."""
     layer = case.layer
     row: dict[str, Any] = {
         "layer": layer.name, "layer_id": layer.describe(), "method": method, "dtype": case.dtype.name,
@@ -1006,7 +1098,7 @@ def _run_method(method: str, case: Case, *, threads: int, budget: int, repeats: 
                                   max_seconds=max_seconds, max_direct_macs=max_direct_macs)
     except MethodSkipped as err:
         row["reason"] = str(err)
-        return row
+        return row, None
     row.update(buffer_name=prepared.buffer_name, buffer_bytes=prepared.buffer_bytes, build_s=prepared.build_s,
                info=prepared.info)
     check = verify(prepared, case)
@@ -1018,25 +1110,44 @@ def _run_method(method: str, case: Case, *, threads: int, budget: int, repeats: 
             f"{name}: " + (check[name].get("error") or
                            f"relative error {check[name]['rel_err']:.2e} > tolerance {check[name]['tol']:.0e}")
             for name in failed) + " (not timed: a fast wrong answer is not a result)"
-        return row
+        return row, None
     if prepared.refresh is not None:
         row["refresh_s"] = measure(prepared.refresh, repeats=min(repeats, 3), max_seconds=max_seconds)["median_s"]
-    timing = {}
+    return row, prepared
+
+
+def _run_group(case: Case, methods: Sequence[str], *, threads: int, budget: int, repeats: int,
+               max_seconds: float, max_direct_macs: int) -> list[dict]:
+    """Every method on one case at one thread count: verify each, then time them interleaved."""
+    rows, timed = [], {}
+    for method in methods:
+        row, prepared = _prepare_row(method, case, threads=threads, budget=budget, repeats=repeats,
+                                     max_seconds=max_seconds, max_direct_macs=max_direct_macs)
+        rows.append(row)
+        if prepared is not None:
+            timed[method] = (row, prepared)
+    timings: dict[str, dict] = {method: {} for method in timed}
     for name in PASSES:
-        # The verification call was the first call; measure() adds its own warm-up.
-        result = measure(prepared.passes[name], repeats=repeats, max_seconds=max_seconds)
-        result["gflops"] = 2 * layer.macs / result["median_s"] / 1e9
-        timing[name] = result
-    total = sum(timing[name]["median_s"] for name in PASSES)
-    timing["total"] = {"median_s": total, "min_s": sum(timing[name]["min_s"] for name in PASSES),
-                       "gflops": 3 * 2 * layer.macs / total / 1e9}
-    row["timing"] = timing
-    row["status"] = "ok"
-    return row
+        results = measure_interleaved({m: prepared.passes[name] for m, (_, prepared) in timed.items()},
+                                      repeats=repeats, max_seconds=max_seconds)
+        for method, result in results.items():
+            result["gflops"] = 2 * case.layer.macs / result["median_s"] / 1e9
+            result["spread"] = result["median_s"] / result["min_s"]
+            timings[method][name] = result
+    for method, (row, _) in timed.items():
+        timing = timings[method]
+        total = sum(timing[name]["median_s"] for name in PASSES)
+        timing["total"] = {"median_s": total, "min_s": sum(timing[name]["min_s"] for name in PASSES),
+                           "gflops": 3 * 2 * case.layer.macs / total / 1e9}
+        row.update(timing=timing, status="ok")
+    return rows
 
 
 def _add_ratios(rows: list[dict]) -> None:
-    """Ratio of every timed row to im2col (and to torch) of the same layer, dtype and threads."""
+    """Ratio of every timed row to im2col (and to torch) of the same layer, dtype and threads.
+
+    ``ratio_to_X`` divides medians, ``ratio_to_X_min`` minima (the less noise-sensitive one).
+    """
     by_key = {(r["layer"], r["dtype"], r["threads"], r["method"]): r for r in rows}
     for r in rows:
         if r["status"] != "ok":
@@ -1045,8 +1156,11 @@ def _add_ratios(rows: list[dict]) -> None:
             base = by_key.get((r["layer"], r["dtype"], r["threads"], other))
             ok = base is not None and base["status"] == "ok"
             for name in (*PASSES, "total"):
+                mine = r["timing"][name]
                 r["timing"][name][f"ratio_to_{other}"] = (
-                    r["timing"][name]["median_s"] / base["timing"][name]["median_s"] if ok else None)
+                    mine["median_s"] / base["timing"][name]["median_s"] if ok else None)
+                r["timing"][name][f"ratio_to_{other}_min"] = (
+                    mine["min_s"] / base["timing"][name]["min_s"] if ok else None)
 
 
 def _geomean(values: Sequence[float]) -> Optional[float]:
@@ -1055,8 +1169,10 @@ def _geomean(values: Sequence[float]) -> Optional[float]:
 
 
 def _summarise(rows: list[dict], dtypes: Sequence[str], threads: Sequence[int]) -> dict:
+    """Per (dtype, threads): sparse's ratios to im2col and torch, per layer and as geometric means."""
     configs = []
     layers = list(dict.fromkeys(r["layer"] for r in rows))
+    keys = [f"sparse_over_{other}{suffix}" for other in ("im2col", "torch") for suffix in ("", "_min")]
     for dt in dtypes:
         for t in threads:
             per_layer = []
@@ -1065,22 +1181,31 @@ def _summarise(rows: list[dict], dtypes: Sequence[str], threads: Sequence[int]) 
                          and r["threads"] == t}
                 timed = {m: r["timing"]["total"]["median_s"] for m, r in group.items() if r["status"] == "ok"}
                 sparse = group.get("sparse")
-                ratios = sparse["timing"]["total"] if sparse and sparse["status"] == "ok" else {}
-                per_layer.append({
-                    "layer": name, "total_s": timed, "fastest": min(timed, key=timed.get) if timed else None,
-                    "sparse_over_im2col": ratios.get("ratio_to_im2col"),
-                    "sparse_over_torch": ratios.get("ratio_to_torch"),
-                    "sparse_over_im2col_by_pass": {
-                        p: sparse["timing"][p]["ratio_to_im2col"] for p in PASSES} if ratios else None,
-                })
-            im2col = [e["sparse_over_im2col"] for e in per_layer if e["sparse_over_im2col"] is not None]
-            torch_r = [e["sparse_over_torch"] for e in per_layer if e["sparse_over_torch"] is not None]
-            configs.append({
-                "dtype": dt, "threads": t, "layers": per_layer,
-                "geomean_sparse_over_im2col": _geomean(im2col), "geomean_sparse_over_torch": _geomean(torch_r),
-                "sparse_faster_than_im2col": sum(v < 1 for v in im2col), "compared_with_im2col": len(im2col),
-                "sparse_faster_than_torch": sum(v < 1 for v in torch_r), "compared_with_torch": len(torch_r),
-            })
+                timing = sparse["timing"] if sparse and sparse["status"] == "ok" else None
+                entry = {"layer": name, "total_s": timed, "fastest": min(timed, key=timed.get) if timed else None}
+                for other in ("im2col", "torch"):
+                    for suffix in ("", "_min"):
+                        entry[f"sparse_over_{other}{suffix}"] = (
+                            timing["total"][f"ratio_to_{other}{suffix}"] if timing else None)
+                    entry[f"sparse_over_{other}_by_pass"] = (
+                        {p: timing[p][f"ratio_to_{other}"] for p in PASSES} if timing else None)
+                per_layer.append(entry)
+            spreads = [r["timing"][p]["spread"] for r in rows if r["dtype"] == dt and r["threads"] == t
+                       and r["status"] == "ok" for p in PASSES]
+            config: dict[str, Any] = {"dtype": dt, "threads": t, "layers": per_layer,
+                                      "noisy_measurements": sum(v > NOISY_SPREAD for v in spreads),
+                                      "measurements": len(spreads)}
+            for key in keys:
+                config[f"geomean_{key}"] = _geomean([e[key] for e in per_layer])
+            for other in ("im2col", "torch"):
+                values = [e[f"sparse_over_{other}"] for e in per_layer if e[f"sparse_over_{other}"] is not None]
+                config[f"sparse_faster_than_{other}"] = sum(v < 1 for v in values)
+                config[f"compared_with_{other}"] = len(values)
+                by_pass = [e[f"sparse_over_{other}_by_pass"] for e in per_layer
+                           if e[f"sparse_over_{other}_by_pass"] and None not in e[f"sparse_over_{other}_by_pass"].values()]
+                config[f"geomean_sparse_over_{other}_by_pass"] = {
+                    p: _geomean([b[p] for b in by_pass]) for p in PASSES}
+            configs.append(config)
     return {"configs": configs}
 
 
@@ -1179,6 +1304,7 @@ def run_suite(name: str, *, dtypes: Sequence[str] = ("float32", "float64"), thre
         note(reason)
     rows: list[dict] = []
     thread_configs: dict[str, dict] = {}
+    environment = environment_info()  # before the run: its load average is the starting load
     started = time.perf_counter()
     try:
         for layer in layers:
@@ -1189,9 +1315,8 @@ def run_suite(name: str, *, dtypes: Sequence[str] = ("float32", "float64"), thre
                         bar.set_postfix_str(f"{layer.name} {dt} t={t}")
                     with thread_limits(t, use_torch="torch" in methods) as state:
                         thread_configs.setdefault(str(t), state)
-                        for method in methods:
-                            rows.append(_run_method(method, case, threads=t, budget=budget, repeats=repeats,
-                                                    max_seconds=max_seconds, max_direct_macs=max_direct_macs))
+                        rows += _run_group(case, methods, threads=t, budget=budget, repeats=repeats,
+                                           max_seconds=max_seconds, max_direct_macs=max_direct_macs)
                     if bar is not None:
                         bar.update(1)
     finally:
@@ -1200,22 +1325,20 @@ def run_suite(name: str, *, dtypes: Sequence[str] = ("float32", "float64"), thre
     for state in thread_configs.values():
         if state.get("pools_note") and state["pools_note"] not in notes:
             note(state["pools_note"])
-    for method in methods:
-        reasons = {r["reason"] for r in rows if r["method"] == method and r["status"] == "skipped"}
-        for text in sorted(reasons):
-            if method in ("torch",):
-                note(f"{method} skipped: {text}")
+    for text in sorted({r["reason"] for r in rows if r["method"] == "torch" and r["status"] == "skipped"}):
+        note(f"torch skipped: {text}")
     _add_ratios(rows)
     result = {
         "schema": "sparseconv.bench/1",
         "suite": name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "wall_s": time.perf_counter() - started,
+        "load_average_end": _load_average(),
         "settings": {"dtypes": dtypes, "threads": threads, "repeats": repeats, "methods": methods,
                      "passes": list(PASSES), "memory_budget": budget, "max_seconds": max_seconds,
                      "max_direct_macs": max_direct_macs, "tolerances": TOLERANCES,
                      "min_repeat_seconds": _MIN_REPEAT_SECONDS},
-        "environment": environment_info(),
+        "environment": environment,
         "thread_configs": thread_configs,
         "layers": [{**asdict(layer), "id": layer.describe(), "macs": layer.macs, "out_size": layer.out_size}
                    for layer in layers],
@@ -1265,8 +1388,27 @@ def format_table(result: dict) -> str:
         lines.append(f"-- geometric mean of sparse/im2col (fwd+dx+dw): {_ratio(g['geomean_sparse_over_im2col'])}"
                      f" ({g['sparse_faster_than_im2col']}/{g['compared_with_im2col']} layers faster); "
                      f"sparse/torch: {_ratio(g['geomean_sparse_over_torch'])}"
-                     f" ({g['sparse_faster_than_torch']}/{g['compared_with_torch']} faster)")
+                     f" ({g['sparse_faster_than_torch']}/{g['compared_with_torch']} faster); "
+                     f"noisy measurements: {g['noisy_measurements']}/{g['measurements']}")
     return "\n".join(lines)
+
+
+def _load_text(load: Optional[list[float]]) -> str:
+    return "unknown" if load is None else " / ".join(f"{v:.1f}" for v in load) + " (1 / 5 / 15 min)"
+
+
+def _command(result: dict) -> str:
+    """The command line that reruns a suite with the same settings."""
+    st = result["settings"]
+    parts = ["python -m sparseconv bench", f"--suite {result['suite']}", f"--dtype {','.join(st['dtypes'])}",
+             f"--threads {','.join(map(str, st['threads']))}", f"--repeats {st['repeats']}"]
+    if set(st["methods"]) != set(METHODS):
+        parts.append(f"--methods {','.join(st['methods'])}")
+    if st["memory_budget"] != DEFAULT_MEMORY_BUDGET:
+        parts.append(f"--memory-budget {st['memory_budget']}")
+    if result["files"].get("json"):
+        parts.append(f"--out {Path(result['files']['json']).parent}")
+    return " ".join(parts)
 
 
 def format_markdown(result: dict) -> str:
@@ -1277,27 +1419,39 @@ def format_markdown(result: dict) -> str:
     missing = [k for k, v in env["versions"].items() if v is None]
     out = [
         f"# sparseconv benchmark: `{result['suite']}`", "",
-        f"Generated {result['created']} in {result['wall_s']:.0f} s by "
-        f"`python -m sparseconv bench --suite {result['suite']}`.", "",
+        f"Generated {result['created']} in {result['wall_s']:.0f} s; regenerate with", "",
+        f"    {_command(result)}", "",
         f"- CPU: {env['cpu']} ({env['cpus_available']} of {env['cpu_count']} cores available), {env['platform']}",
         f"- Versions: {versions}" + (f"; not installed: {', '.join(missing)}" if missing else ""),
         f"- dtypes {', '.join(settings['dtypes'])}; threads {', '.join(map(str, settings['threads']))}; "
         f"{settings['repeats']} repeats (median reported); memory budget {_format_bytes(settings['memory_budget'])}",
         f"- Threading: {env['scipy_threading']}.",
-        "- Every result was checked against a float64 reference before it was timed "
-        f"(relative tolerance {settings['tolerances']}).",
-        "- Noise: timings come from a shared machine while other jobs run; differences under about "
-        "20% are not meaningful, and the minimum column in the JSON is the less noisy statistic.",
-        "", "## Key ratios (fwd + dx + dw, time of sparse / time of the other; < 1 means sparse is faster)", "",
-        "| dtype | threads | sparse/im2col (geomean) | sparse faster than im2col | sparse/torch (geomean) "
-        "| sparse faster than torch |",
-        "|---|---|---|---|---|---|",
+        "- Every result was checked against a float64 reference before it was timed (relative "
+        "tolerance " + ", ".join(f"{k} {v:.0e}" for k, v in settings["tolerances"].items()) + ").",
+        "- Noise: the machine is shared (load average "
+        f"{_load_text(env['load_average'])} at the start, {_load_text(result['load_average_end'])} at the end, "
+        f"on {env['cpu_count']} cores). Repeats of all methods are interleaved so that load hits them "
+        "alike, but differences under about 20% are not meaningful, and runs with as many threads as "
+        "cores suffer most (spinning BLAS / OpenMP threads are descheduled by other work).",
+        "", "## Key ratios", "",
+        "Time of sparse divided by time of the other method for fwd + dx + dw, geometric mean over the "
+        "layers (< 1: sparse is faster); \"median\" divides median times, \"min\" minimum times (less "
+        "sensitive to other processes). Per pass: fwd / dx / dw, medians. Noisy: measurements whose "
+        f"median exceeds {NOISY_SPREAD}x their minimum (disturbed while running); a configuration with "
+        "many of them is not to be trusted.", "",
+        "| dtype | threads | sparse/im2col median | min | faster on | per pass | sparse/torch median | min "
+        "| faster on | per pass | noisy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in result["summary"]["configs"]:
-        out.append(f"| {c['dtype']} | {c['threads']} | {_ratio(c['geomean_sparse_over_im2col'])} | "
-                   f"{c['sparse_faster_than_im2col']}/{c['compared_with_im2col']} | "
-                   f"{_ratio(c['geomean_sparse_over_torch'])} | "
-                   f"{c['sparse_faster_than_torch']}/{c['compared_with_torch']} |")
+        cells = []
+        for other in ("im2col", "torch"):
+            by_pass = c[f"geomean_sparse_over_{other}_by_pass"]
+            cells += [_ratio(c[f"geomean_sparse_over_{other}"]), _ratio(c[f"geomean_sparse_over_{other}_min"]),
+                      f"{c[f'sparse_faster_than_{other}']}/{c[f'compared_with_{other}']}",
+                      " / ".join(_ratio(by_pass[p]) for p in PASSES)]
+        cells.append(f"{c['noisy_measurements']}/{c['measurements']}")
+        out.append(f"| {c['dtype']} | {c['threads']} | " + " | ".join(cells) + " |")
     methods = settings["methods"]
     for c in result["summary"]["configs"]:
         out += ["", f"## {c['dtype']}, {c['threads']} thread(s): total ms (ratio to im2col)", "",
@@ -1360,6 +1514,12 @@ def _write_outputs(result: dict, out_dir: Path, *, plots: bool, verbose: bool) -
         print(f"wrote {files['json']}, {files['markdown']}" + "".join(f", {p}" for p in files["plots"]))
 
 
+def _differ_only_in_pruning(layers: list[dict]) -> bool:
+    def shape(layer: dict) -> tuple:
+        return tuple(v for k, v in sorted(layer.items()) if k not in ("name", "prune", "id"))
+    return len(layers) > 1 and len({shape(layer) for layer in layers}) == 1
+
+
 def _plot(result: dict, out_dir: Path) -> list[str]:
     """One PNG per (dtype, threads): crossover lines for sweeps, else ratio bars per layer."""
     from matplotlib.figure import Figure  # without pyplot: no backend or global state touched
@@ -1383,12 +1543,13 @@ def _plot(result: dict, out_dir: Path) -> list[str]:
                     if pts:
                         ax.plot(*zip(*pts), marker="o", label=m)
                 ax.set(xscale="log", yscale="log", xlabel=sweep, ylabel="fwd+dx+dw time (s)")
+                ax.minorticks_off()  # log-axis minor labels would overprint the swept values
                 ax.set_xticks([layers[name]["sweep"][1] for name in members],
                               [str(layers[name]["sweep"][1]) for name in members])
-            axes[0].legend(fontsize="small")
+            axes[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
             fig.suptitle(f"{result['suite']}: where the curves cross ({dt}, {t} thread(s))")
             tag = f"{result['suite']}_crossover_{dt}_t{t}"
-        elif any(layer["prune"] for layer in layers.values()):
+        elif _differ_only_in_pruning(list(layers.values())):
             fig = Figure(figsize=(6, 4), layout="constrained")
             ax = fig.subplots()
             for m in methods:
@@ -1488,7 +1649,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--suite", default="lenet", choices=[*SUITES, "all"],
                         help="which layers to run (default: lenet; 'all' runs every suite but smoke)")
     parser.add_argument("--out", type=Path, default=Path("results"),
-                        help="directory for <suite>.json, <suite>.md and PNG plots (default: results)")
+                        help="directory for <suite>.json, <suite>.md and PNG plots (default: %(default)s)")
     parser.add_argument("--dtype", type=_arg_type(parse_dtypes), default=["float32", "float64"],
                         help="comma-separated dtypes (default: float32,float64)")
     parser.add_argument("--threads", type=_arg_type(parse_threads), default=parse_threads("1,all"),

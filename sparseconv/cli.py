@@ -8,6 +8,9 @@ demo [--lenet]
     full convolution. ``--lenet`` adds LeNet-5's layers as sparse matrices.
 train
     Train LeNet-5 on the bundled digits (or MNIST IDX files) through sparse matrices.
+bench --suite NAME [--out DIR]
+    Benchmark sparse against dense, im2col, direct, FFT and PyTorch (table, JSON, Markdown,
+    plots); see :mod:`sparseconv.bench`.
 spectrum [--weights FILE.npz]
     Per-layer spectral norms of LeNet-5 from the explicit matrices, the product bound on the
     network's Lipschitz constant and the exact norm of the composed linear maps.
@@ -210,6 +213,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--save", help="write a checkpoint (.npz) here")
     p_train.add_argument("--plot", help="write the training curves (PNG) here; needs matplotlib")
     p_train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from . import bench
+    bench.add_arguments(sub.add_parser(
+        "bench", help="benchmark sparse vs dense, im2col, direct, FFT and PyTorch (table, JSON, Markdown, plots)"))
     p_spec = sub.add_parser("spectrum", help="spectral norms of LeNet-5's layers from their sparse matrices")
     p_spec.add_argument("--weights", help="a checkpoint written by 'train --save' (default: fresh initialisation)")
     p_spec.add_argument("--rtol", type=float, default=1e-6, help="relative accuracy of each norm")
@@ -230,6 +236,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _train(args)
         elif args.command == "spectrum":
             _spectrum(args)
+        elif args.command == "bench":
+            from . import bench
+            return bench.run_from_args(args)
     except (ValueError, TypeError, ImportError, OSError) as err:
         # A user-facing mistake (bad file, missing extra, bad option value): one clear line.
         print(f"{parser.prog} {args.command}: error: {err}", file=sys.stderr)

@@ -38,10 +38,12 @@ try:
     # The kernels behind ``csr_array @ ndarray`` and ``csr_array.T @ ndarray``, called on row
     # blocks directly so that no sparse object is built per block and outputs are written
     # in place.
+    from scipy.sparse._sparsetools import csc_matvec as _csc_matvec
     from scipy.sparse._sparsetools import csc_matvecs as _csc_matvecs
+    from scipy.sparse._sparsetools import csr_matvec as _csr_matvec
     from scipy.sparse._sparsetools import csr_matvecs as _csr_matvecs
 except ImportError:  # pragma: no cover - depends on scipy's private layout
-    _csr_matvecs = _csc_matvecs = None
+    _csr_matvecs = _csc_matvecs = _csr_matvec = _csc_matvec = None
 
 __all__ = ["available_cores", "get_threads", "threads", "row_blocks", "run_blocks", "csr_matmat", "csr_rmatmat"]
 
@@ -199,7 +201,10 @@ def csr_matmat(matrix: sp.csr_array, x: np.ndarray, *, out: Optional[np.ndarray]
         if e0 == e1:
             return
         ptr = indptr[r0:r1 + 1] - indptr[r0] if r0 else indptr[:r1 + 1]
-        if _csr_matvecs is not None:
+        if _csr_matvecs is not None and n_vecs == 1:
+            # The multi-vector kernel's inner loop over vectors costs ~6x on a single one.
+            _csr_matvec(r1 - r0, k, ptr, indices[e0:e1], data[e0:e1], x_flat, out[r0:r1].reshape(-1))
+        elif _csr_matvecs is not None:
             _csr_matvecs(r1 - r0, k, n_vecs, ptr, indices[e0:e1], data[e0:e1], x_flat,
                          out[r0:r1].reshape(-1))
         else:
@@ -260,8 +265,10 @@ def csr_rmatmat(matrix: sp.csr_array, y: np.ndarray, *, out: Optional[np.ndarray
             return
         ptr = indptr[r0:r1 + 1] - indptr[r0] if r0 else indptr[:r1 + 1]
         dest = partial[starts[r0]]
-        if _csc_matvecs is not None:
+        if _csc_matvecs is not None and n_vecs == 1:
             # A row block of a CSR matrix is a column block of its transpose in CSC form.
+            _csc_matvec(k, r1 - r0, ptr, indices[e0:e1], data[e0:e1], y2[r0:r1].reshape(-1), dest.reshape(-1))
+        elif _csc_matvecs is not None:
             _csc_matvecs(k, r1 - r0, n_vecs, ptr, indices[e0:e1], data[e0:e1], y2[r0:r1].reshape(-1),
                          dest.reshape(-1))
         else:

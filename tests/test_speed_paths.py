@@ -247,11 +247,24 @@ def test_float32_operator_rejects_float64_batches():
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_public_scipy_fallback_without_private_kernels(monkeypatch, n_threads):
     """Without scipy's private CSR kernels the blocks go through public sparse products."""
-    monkeypatch.setattr(parallel, "_csr_matvecs", None)
-    monkeypatch.setattr(parallel, "_csc_matvecs", None)
+    for name in ("_csr_matvecs", "_csc_matvecs", "_csr_matvec", "_csc_matvec"):
+        monkeypatch.setattr(parallel, name, None)
     rng = np.random.default_rng(0)
     a = sp.random_array((700, 300), density=0.05, format="csr", rng=rng)
     x = rng.standard_normal((300, 9))
     y = rng.standard_normal((700, 9))
     assert_allclose(parallel.csr_matmat(a, x, threads=n_threads), a @ x)
     assert_allclose(parallel.csr_rmatmat(a, y, threads=n_threads), a.T @ y)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_single_right_hand_side(n_threads, dtype):
+    """One vector takes scipy's single-vector kernels; same results as scipy."""
+    rng = np.random.default_rng(1)
+    a = sp.random_array((900, 400), density=0.05, format="csr", rng=rng, dtype=dtype)
+    x = rng.standard_normal(400).astype(dtype)
+    y = rng.standard_normal(900).astype(dtype)
+    for shape_x, shape_y in (((400,), (900,)), ((400, 1), (900, 1))):
+        assert_allclose(parallel.csr_matmat(a, x.reshape(shape_x), threads=n_threads), a @ x.reshape(shape_x))
+        assert_allclose(parallel.csr_rmatmat(a, y.reshape(shape_y), threads=n_threads), a.T @ y.reshape(shape_y))
