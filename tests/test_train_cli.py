@@ -61,6 +61,8 @@ def test_nan_loss_names_epoch_and_step():
         train(_toy_net(), data, epochs=2, batch_size=8, progress=False, log=None)
 
 
+# The point of this test is an overflowing loss, so numpy's overflow warning is expected.
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_divergence_from_a_huge_learning_rate():
     data = _toy_data()
     net = Sequential(Flatten(), Linear(64, 2, rng=0))
