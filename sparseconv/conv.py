@@ -20,7 +20,7 @@ from .geometry import (ConvGeometry, IntOrTuple, PaddingSpec, check_array_dtype,
 from .parallel import csr_matmat, csr_rmatmat, get_threads, run_blocks
 from .pattern import build_pattern
 
-__all__ = ["ConvOperator", "SparseLinearOperator", "conv_matrix"]
+__all__ = ["ConvOperator", "MatrixOperator", "SparseLinearOperator", "conv_matrix"]
 
 # Elements of the kernel gradient's scratch: (entries x batch) for "entries", (taps x
 # positions x batch x channels) for "taps". A few MB whatever the layer: small enough for the
@@ -65,7 +65,57 @@ class SparseLinearOperator(LinearOperator):
         return f"<{self.shape[0]}x{self.shape[1]} SparseLinearOperator with dtype={self.dtype}, nnz={self.matrix.nnz}>"
 
 
-class ConvOperator:
+class MatrixOperator:
+    """What every operator owning a sparse matrix shares (convolution, pooling, transposed).
+
+    Subclasses set ``matrix`` (a ``csr_array``), ``dtype`` and ``geometry`` (or override
+    :attr:`input_shape` and :attr:`out_shape`).
+    """
+
+    matrix: sp.csr_array
+    dtype: np.dtype
+    geometry: ConvGeometry
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(prod(out_shape), prod(input_shape))``."""
+        return self.matrix.shape
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One sample's input shape, ``(C, *in)``."""
+        return self.geometry.input_shape
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        """One sample's output shape, ``(F, *out)``."""
+        return self.geometry.output_shape
+
+    @property
+    def nnz(self) -> int:
+        """Stored entries of the matrix (the layer's multiply-accumulates per sample)."""
+        return int(self.matrix.nnz)
+
+    def bias_grad(self, dy: np.ndarray) -> np.ndarray:
+        """``dJ/db[f]``: ``dy`` summed over the batch and every position of output channel ``f``.
+
+        Parameters
+        ----------
+        dy : ndarray of shape (N, F, *out)
+
+        Returns
+        -------
+        ndarray of shape (F,)
+        """
+        dy = check_batch(dy, self.out_shape, self.dtype, "dy")
+        return dy.sum(axis=(0, *range(2, dy.ndim)))
+
+    def as_linear_operator(self) -> SparseLinearOperator:
+        """A ``scipy.sparse.linalg.LinearOperator`` on flattened samples (no bias)."""
+        return SparseLinearOperator(self.matrix)
+
+
+class ConvOperator(MatrixOperator):
     """An N-d convolution lowered to a tied-parameter ``scipy.sparse`` matrix.
 
     Parameters
@@ -151,26 +201,6 @@ class ConvOperator:
             self.set_bias(bias)
 
     # ------------------------------------------------------------------ structure
-    @property
-    def shape(self) -> tuple[int, int]:
-        """``(F * prod(out), C * prod(in))``."""
-        return self.matrix.shape
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        """``(C, *in)``."""
-        return self.geometry.input_shape
-
-    @property
-    def out_shape(self) -> tuple[int, ...]:
-        """``(F, *out)``."""
-        return self.geometry.output_shape
-
-    @property
-    def nnz(self) -> int:
-        """Stored entries of the matrix (the layer's multiply-accumulates per sample)."""
-        return int(self.matrix.nnz)
-
     @property
     def n_params(self) -> int:
         """Number of kernel weights (masked ones included)."""
@@ -410,24 +440,6 @@ class ConvOperator:
                 grad += self._tying[e0:e1].T @ g
             r0 = r1
         return grad
-
-    def bias_grad(self, dy: np.ndarray) -> np.ndarray:
-        """``dJ/db[f]``: ``dy`` summed over the batch and every position of map ``f``.
-
-        Parameters
-        ----------
-        dy : ndarray of shape (N, F, *out)
-
-        Returns
-        -------
-        ndarray of shape (F,)
-        """
-        dy = check_batch(dy, self.out_shape, self.dtype, "dy")
-        return dy.sum(axis=(0, *range(2, dy.ndim)))
-
-    def as_linear_operator(self) -> SparseLinearOperator:
-        """A ``scipy.sparse.linalg.LinearOperator`` on flattened samples (no bias)."""
-        return SparseLinearOperator(self.matrix)
 
     def to_dense(self) -> np.ndarray:
         """The matrix as a dense ndarray (small layers only)."""

@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 import scipy.sparse as sp
 
-from .conv import ConvOperator, SparseLinearOperator
+from .conv import ConvOperator, MatrixOperator
 from .geometry import IntOrTuple, PaddingSpec, check_batch, conv_geometry, normalize_tuple
 from .pattern import spatial_pattern
 
@@ -57,7 +57,7 @@ def pool_geometry(input_shape: tuple[int, ...], kernel_size: IntOrTuple, *, stri
     return conv_geometry((channels, 1, *kernel), input_shape, stride=stride, padding=padding, groups=channels)
 
 
-class PoolOperator:
+class PoolOperator(MatrixOperator):
     """Average or sum pooling as a fixed sparse matrix.
 
     Parameters
@@ -99,22 +99,6 @@ class PoolOperator:
         self.dtype = conv.dtype
         self._conv = conv
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.matrix.shape
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return self.geometry.input_shape
-
-    @property
-    def out_shape(self) -> tuple[int, ...]:
-        return self.geometry.output_shape
-
-    @property
-    def nnz(self) -> int:
-        return int(self.matrix.nnz)
-
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Pool a batch.
 
@@ -140,10 +124,6 @@ class PoolOperator:
         ndarray of shape (N, C, *in)
         """
         return self._conv.backward_input(dy)
-
-    def as_linear_operator(self) -> SparseLinearOperator:
-        """A ``scipy.sparse.linalg.LinearOperator`` on flattened samples."""
-        return SparseLinearOperator(self.matrix)
 
     def __repr__(self) -> str:
         g = self.geometry

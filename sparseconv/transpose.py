@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 import scipy.sparse as sp
 
-from .conv import ConvOperator, SparseLinearOperator
+from .conv import ConvOperator, MatrixOperator
 from .geometry import (IntOrTuple, PaddingSpec, check_array_dtype, check_batch, conv_transpose_output_size,
                        normalize_padding, normalize_tuple, resolve_dtype)
 
@@ -68,7 +68,7 @@ def _transposed_geometry(weight_shape: tuple[int, ...], input_shape: tuple[int, 
     return stride_t, pads, extra, dilation_t, tuple(out)
 
 
-class ConvTransposeOperator:
+class ConvTransposeOperator(MatrixOperator):
     """An N-d transposed convolution as the transpose of a forward convolution's sparse matrix.
 
     Parameters
@@ -181,11 +181,6 @@ class ConvTransposeOperator:
 
     # ------------------------------------------------------------------ structure
     @property
-    def shape(self) -> tuple[int, int]:
-        """``(C_out * prod(out), C_in * prod(in))``."""
-        return self.matrix.shape
-
-    @property
     def input_shape(self) -> tuple[int, ...]:
         """``(C_in, *in)``."""
         return self._input_shape
@@ -194,11 +189,6 @@ class ConvTransposeOperator:
     def out_shape(self) -> tuple[int, ...]:
         """``(C_out, *out)``."""
         return self.conv.input_shape
-
-    @property
-    def nnz(self) -> int:
-        """Stored entries of the matrix."""
-        return int(self.matrix.nnz)
 
     @property
     def weight(self) -> np.ndarray:
@@ -274,24 +264,6 @@ class ConvTransposeOperator:
         ndarray of shape (C_in, C_out // groups, *kernel)
         """
         return self.conv.weight_grad(dy, self._as_conv_output(x, "x"))
-
-    def bias_grad(self, dy: np.ndarray) -> np.ndarray:
-        """``dJ/db[c]``: ``dy`` summed over the batch and every position of channel ``c``.
-
-        Parameters
-        ----------
-        dy : ndarray of shape (N, C_out, *out)
-
-        Returns
-        -------
-        ndarray of shape (C_out,)
-        """
-        dy = check_batch(dy, self.out_shape, self.dtype, "dy")
-        return dy.sum(axis=(0, *range(2, dy.ndim)))
-
-    def as_linear_operator(self) -> SparseLinearOperator:
-        """A ``scipy.sparse.linalg.LinearOperator`` on flattened samples (no bias)."""
-        return SparseLinearOperator(self.matrix)
 
     def __repr__(self) -> str:
         def dims(t: tuple[int, ...]) -> str:

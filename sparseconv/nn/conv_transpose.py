@@ -9,6 +9,7 @@ import scipy.sparse as sp
 
 from ..geometry import IntOrTuple, check_batch, normalize_tuple
 from ..transpose import ConvTransposeOperator
+from .layers import check_sample_shape
 from .module import Module, Parameter
 
 __all__ = ["ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"]
@@ -54,10 +55,7 @@ class _ConvTransposeNd(Module):
         input_shape = tuple(input_shape)
         weight = self.params["weight"].data
         if self.op is None or self.op.input_shape != input_shape:
-            if len(input_shape) != self.ndim + 1 or input_shape[0] != self.in_channels:
-                raise ValueError(f"expected input of shape (N, {self.in_channels}, " +
-                                 ", ".join(["*"] * self.ndim) + f") ({self.ndim} spatial dims); "
-                                 f"got a sample of shape {input_shape}")
+            check_sample_shape(input_shape, self.ndim, self.in_channels)
             self.op = ConvTransposeOperator(weight, input_shape, **self.options)
         elif not np.array_equal(self.op.weight, weight):
             # The optimiser changed the weights in place: refresh the values, keep the pattern.

@@ -24,6 +24,7 @@ from .module import Module, Parameter
 
 __all__ = [
     "ACTIVATIONS",
+    "check_sample_shape",
     "Activation",
     "AvgPool2d",
     "Conv1d",
@@ -51,6 +52,14 @@ def _float_dtype(dtype: object) -> np.dtype:
 
 def _uniform(rng: Seed, bound: float, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return np.random.default_rng(rng).uniform(-bound, bound, size=shape).astype(dtype)
+
+
+def check_sample_shape(input_shape: tuple[int, ...], ndim: int, channels: Optional[int] = None) -> None:
+    """Reject a sample shape that is not ``(channels, *spatial)`` with ``ndim`` spatial dims."""
+    if len(input_shape) != ndim + 1 or (channels is not None and input_shape[0] != channels):
+        expected = ", ".join([str(channels) if channels is not None else "C"] + ["*"] * ndim)
+        raise ValueError(f"expected input of shape (N, {expected}) ({ndim} spatial dims); "
+                         f"got a sample of shape {tuple(input_shape)}")
 
 
 def _require_forward(cache: object, layer: Module) -> None:
@@ -119,10 +128,7 @@ class _ConvNd(Module):
         """The sparse operator for one sample's input shape ``(C, *in)``, built once per shape."""
         input_shape = tuple(input_shape)
         if self.op is None or self.op.input_shape != input_shape:
-            if len(input_shape) != self.ndim + 1 or input_shape[0] != self.in_channels:
-                raise ValueError(f"expected input of shape (N, {self.in_channels}, " +
-                                 ", ".join(["*"] * self.ndim) + f") ({self.ndim} spatial dims); "
-                                 f"got a sample of shape {input_shape}")
+            check_sample_shape(input_shape, self.ndim, self.in_channels)
             self.op = ConvOperator(self.weight.data, input_shape, weight_mask=self.weight.mask, **self.options)
         elif not np.array_equal(self.op.weight, self.weight.data):
             # The optimiser changed the weights in place: refresh the values, keep the pattern.
@@ -302,8 +308,7 @@ class _Pool2d(Module):
     def build(self, input_shape: tuple[int, ...]) -> PoolOperator:
         input_shape = tuple(input_shape)
         if self.op is None or self.op.input_shape != input_shape:
-            if len(input_shape) != 3:
-                raise ValueError(f"expected input of shape (N, C, H, W); got a sample of shape {input_shape}")
+            check_sample_shape(input_shape, 2)
             self.op = PoolOperator(input_shape, self.kernel_size, stride=self.stride, padding=self.padding,
                                    kind=self.kind, dtype=self.dtype)
         return self.op
@@ -361,8 +366,7 @@ class MaxPool2d(Module):
     def build(self, input_shape: tuple[int, ...]) -> MaxPoolOperator:
         input_shape = tuple(input_shape)
         if self.op is None or self.op.input_shape != input_shape:
-            if len(input_shape) != 3:
-                raise ValueError(f"expected input of shape (N, C, H, W); got a sample of shape {input_shape}")
+            check_sample_shape(input_shape, 2)
             self.op = MaxPoolOperator(input_shape, self.kernel_size, stride=self.stride, padding=self.padding,
                                       dtype=self.dtype)
         return self.op
@@ -422,9 +426,7 @@ class Subsampling2d(Module):
     def build(self, input_shape: tuple[int, ...]) -> PoolOperator:
         input_shape = tuple(input_shape)
         if self.op is None or self.op.input_shape != input_shape:
-            if len(input_shape) != 3 or input_shape[0] != self.channels:
-                raise ValueError(f"expected input of shape (N, {self.channels}, H, W); "
-                                 f"got a sample of shape {input_shape}")
+            check_sample_shape(input_shape, 2, self.channels)
             self.op = PoolOperator(input_shape, self.kernel_size, stride=self.stride, kind="sum", dtype=self.dtype)
         return self.op
 
