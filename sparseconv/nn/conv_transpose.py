@@ -5,18 +5,21 @@ from __future__ import annotations
 from typing import Optional, Sequence, Union
 
 import numpy as np
-import scipy.sparse as sp
 
-from ..geometry import IntOrTuple, check_batch, normalize_tuple
+from ..geometry import IntOrTuple, normalize_tuple
 from ..transpose import ConvTransposeOperator
-from .layers import check_sample_shape
+from .layers import _ConvNd
 from .module import Module, Parameter
 
 __all__ = ["ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"]
 
 
-class _ConvTransposeNd(Module):
-    """Shared implementation of :class:`ConvTranspose1d`, :class:`ConvTranspose2d` and :class:`ConvTranspose3d`."""
+class _ConvTransposeNd(_ConvNd):
+    """Shared implementation of :class:`ConvTranspose1d`, :class:`ConvTranspose2d` and :class:`ConvTranspose3d`.
+
+    Everything but the weight layout and the operator is a convolution layer's: building per
+    input shape, refreshing values after an update, forward, backward, export.
+    """
 
     ndim = 0
 
@@ -24,7 +27,8 @@ class _ConvTransposeNd(Module):
                  padding: Union[int, Sequence] = 0, output_padding: IntOrTuple = 0, dilation: IntOrTuple = 1,
                  groups: int = 1, bias: bool = True, input_size: Optional[Sequence[int]] = None,
                  dtype: object = np.float64, rng: Union[None, int, np.random.Generator] = None):
-        super().__init__()
+        # _ConvNd.__init__ builds a forward convolution's weight layout; this one is transposed.
+        Module.__init__(self)
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int; got {value!r}")
@@ -50,50 +54,8 @@ class _ConvTransposeNd(Module):
         if input_size is not None:
             self.build((in_channels, *normalize_tuple(input_size, self.ndim, "input_size")))
 
-    def build(self, input_shape: tuple[int, ...]) -> ConvTransposeOperator:
-        """The sparse operator for one sample's input shape ``(C_in, *in)``, built once per shape."""
-        input_shape = tuple(input_shape)
-        weight = self.params["weight"].data
-        if self.op is None or self.op.input_shape != input_shape:
-            check_sample_shape(input_shape, self.ndim, self.in_channels)
-            self.op = ConvTransposeOperator(weight, input_shape, **self.options)
-        elif not np.array_equal(self.op.weight, weight):
-            # The optimiser changed the weights in place: refresh the values, keep the pattern.
-            self.op.set_weight(weight)
-        return self.op
-
-    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
-        return self.build(input_shape).out_shape
-
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x)
-        op = self.build(x.shape[1:])
-        self._x = check_batch(x, op.input_shape, self.dtype, "x")
-        y = op.forward(self._x)
-        if "bias" in self.params:
-            y += self.params["bias"].data.reshape((-1,) + (1,) * self.ndim)
-        return y
-
-    def backward(self, dy: np.ndarray) -> np.ndarray:
-        if self._x is None:
-            raise ValueError(f"{self!r}: backward() called before forward()")
-        self.params["weight"].grad += self.op.weight_grad(self._x, dy)
-        if "bias" in self.params:
-            self.params["bias"].grad += self.op.bias_grad(dy)
-        return self.op.backward_input(dy)
-
-    def export(self, input_shape: tuple[int, ...]) -> tuple[sp.csr_array, Optional[np.ndarray]]:
-        """The layer as ``(matrix, bias)`` on flattened samples (bias repeated per position)."""
-        op = self.build(input_shape)
-        bias = None
-        if "bias" in self.params:
-            bias = np.repeat(self.params["bias"].data, int(np.prod(op.out_shape[1:])))
-        return op.matrix.copy(), bias
-
-    def connections(self, input_shape: tuple[int, ...]) -> int:
-        """``nnz`` of the matrix plus the biased outputs."""
-        op = self.build(input_shape)
-        return op.nnz + (int(np.prod(op.out_shape)) if "bias" in self.params else 0)
+    def _make_operator(self, input_shape: tuple[int, ...]) -> ConvTransposeOperator:
+        return ConvTransposeOperator(self.weight.data, input_shape, **self.options)
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items() if v not in (0, 1))

@@ -129,11 +129,14 @@ class _ConvNd(Module):
         input_shape = tuple(input_shape)
         if self.op is None or self.op.input_shape != input_shape:
             check_sample_shape(input_shape, self.ndim, self.in_channels)
-            self.op = ConvOperator(self.weight.data, input_shape, weight_mask=self.weight.mask, **self.options)
+            self.op = self._make_operator(input_shape)
         elif not np.array_equal(self.op.weight, self.weight.data):
             # The optimiser changed the weights in place: refresh the values, keep the pattern.
             self.op.set_weight(self.weight.data)
         return self.op
+
+    def _make_operator(self, input_shape: tuple[int, ...]) -> ConvOperator:
+        return ConvOperator(self.weight.data, input_shape, weight_mask=self.weight.mask, **self.options)
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         return self.build(input_shape).out_shape
