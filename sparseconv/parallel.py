@@ -162,6 +162,17 @@ def _blocks_for(indptr: np.ndarray, n_vecs: int, n_threads: int) -> int:
     return max(1, min(n_threads, work // _MIN_BLOCK_WORK))
 
 
+def _zeroed_output(out: Optional[np.ndarray], shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
+    """A zero-filled C-contiguous result array: ``out`` (checked) or a new one."""
+    if out is None:
+        return np.zeros(shape, dtype=dtype)
+    if out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous {dtype} array of shape {shape}; "
+                         f"got {out.dtype} array of shape {out.shape}")
+    out[...] = 0
+    return out
+
+
 def csr_matmat(matrix: sp.csr_array, x: np.ndarray, *, out: Optional[np.ndarray] = None,
                threads: Optional[int] = None) -> np.ndarray:
     """``matrix @ x`` for a CSR matrix and a dense C-ordered block, rows split over threads.
@@ -186,13 +197,7 @@ def csr_matmat(matrix: sp.csr_array, x: np.ndarray, *, out: Optional[np.ndarray]
     vector = np.ndim(x) == 1
     x2 = np.ascontiguousarray(np.reshape(x, (k, -1)), dtype=matrix.dtype)
     n_vecs = x2.shape[1]
-    if out is None:
-        out = np.zeros((m, n_vecs), dtype=matrix.dtype)
-    elif out.shape != (m, n_vecs) or out.dtype != matrix.dtype or not out.flags.c_contiguous:
-        raise ValueError(f"out must be a C-contiguous {matrix.dtype} array of shape {(m, n_vecs)}; "
-                         f"got {out.dtype} array of shape {out.shape}")
-    else:
-        out[...] = 0
+    out = _zeroed_output(out, (m, n_vecs), matrix.dtype)
     indptr, indices, data = matrix.indptr, matrix.indices, matrix.data
     x_flat = x2.reshape(-1)
 
@@ -245,13 +250,7 @@ def csr_rmatmat(matrix: sp.csr_array, y: np.ndarray, *, out: Optional[np.ndarray
     vector = np.ndim(y) == 1
     y2 = np.ascontiguousarray(np.reshape(y, (m, -1)), dtype=matrix.dtype)
     n_vecs = y2.shape[1]
-    if out is None:
-        out = np.zeros((k, n_vecs), dtype=matrix.dtype)
-    elif out.shape != (k, n_vecs) or out.dtype != matrix.dtype or not out.flags.c_contiguous:
-        raise ValueError(f"out must be a C-contiguous {matrix.dtype} array of shape {(k, n_vecs)}; "
-                         f"got {out.dtype} array of shape {out.shape}")
-    else:
-        out[...] = 0
+    out = _zeroed_output(out, (k, n_vecs), matrix.dtype)
     indptr, indices, data = matrix.indptr, matrix.indices, matrix.data
     n_threads = get_threads(threads)
     bounds = row_blocks(indptr, _blocks_for(indptr, n_vecs, n_threads))
