@@ -22,6 +22,7 @@ class _ConvTransposeNd(_ConvNd):
     """
 
     ndim = 0
+    _option_defaults = {"stride": 1, "padding": 0, "output_padding": 0, "dilation": 1, "groups": 1}
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrTuple, *, stride: IntOrTuple = 1,
                  padding: Union[int, Sequence] = 0, output_padding: IntOrTuple = 0, dilation: IntOrTuple = 1,
@@ -56,11 +57,6 @@ class _ConvTransposeNd(_ConvNd):
 
     def _make_operator(self, input_shape: tuple[int, ...]) -> ConvTransposeOperator:
         return ConvTransposeOperator(self.weight.data, input_shape, **self.options)
-
-    def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items() if v not in (0, 1))
-        return (f"{type(self).__name__}({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
-                f"{', ' + opts if opts else ''}{'' if 'bias' in self.params else ', bias=False'})")
 
 
 class ConvTranspose1d(_ConvTransposeNd):

@@ -72,6 +72,9 @@ class _ConvNd(Module):
     """Shared implementation of :class:`Conv1d`, :class:`Conv2d` and :class:`Conv3d`."""
 
     ndim = 0
+    # Options left out of the repr when they have these values.
+    _option_defaults = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, "padding_mode": "zeros",
+                        "flip": False}
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrTuple, *, stride: IntOrTuple = 1,
                  padding: PaddingSpec = 0, dilation: IntOrTuple = 1, groups: int = 1, padding_mode: str = "zeros",
@@ -171,9 +174,7 @@ class _ConvNd(Module):
         return op.nnz + (int(np.prod(op.out_shape)) if self.bias is not None else 0)
 
     def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items()
-                         if v != {"stride": 1, "padding": 0, "dilation": 1, "groups": 1,
-                                  "padding_mode": "zeros", "flip": False}[k])
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items() if v != self._option_defaults[k])
         conn = ", connection=table" if self.weight.mask is not None else ""
         return (f"{type(self).__name__}({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
                 f"{', ' + opts if opts else ''}{conn}{'' if self.bias is not None else ', bias=False'})")
