@@ -17,18 +17,17 @@ from scipy.sparse.linalg import LinearOperator
 
 from .geometry import (ConvGeometry, IntOrTuple, PaddingSpec, check_array_dtype, check_batch,
                        conv_geometry, resolve_dtype)
-from .parallel import csr_matmat, csr_rmatmat, get_threads, run_blocks
+from .factored import TapTables, adjoint_taps, choose_method, forward_taps, tap_tables, weight_grad_taps
+from .parallel import csr_matmat, csr_rmatmat
 from .pattern import build_pattern
 
 __all__ = ["ConvOperator", "MatrixOperator", "SparseLinearOperator", "conv_matrix"]
 
-# Elements of the kernel gradient's scratch: (entries x batch) for "entries", (taps x
-# positions x batch x channels) for "taps". A few MB whatever the layer: small enough for the
-# gathered block to be still in cache when BLAS reads it (measured faster than 4x larger).
+# Elements of the (entries x batch) scratch of the kernel gradient's "entries" method: a few
+# MB whatever the layer.
 _GRAD_CHUNK_ELEMENTS = 1 << 20
 
-# Smallest gather worth handing to another thread, in elements.
-_MIN_GATHER_BLOCK = 1 << 16
+_METHODS = ("auto", "csr", "taps")
 
 
 class SparseLinearOperator(LinearOperator):
@@ -63,6 +62,28 @@ class SparseLinearOperator(LinearOperator):
 
     def __repr__(self) -> str:
         return f"<{self.shape[0]}x{self.shape[1]} SparseLinearOperator with dtype={self.dtype}, nnz={self.matrix.nnz}>"
+
+
+class _ProductOperator(LinearOperator):
+    """``W`` through a convolution operator's products with a fixed method (no bias)."""
+
+    def __init__(self, op: "ConvOperator", method: str):
+        super().__init__(dtype=op.dtype, shape=op.shape)
+        self.op, self.method = op, method
+
+    def _matmat(self, x: np.ndarray) -> np.ndarray:
+        batch = np.asarray(x, dtype=self.op.dtype).T.reshape((-1, *self.op.input_shape))
+        return self.op._product(batch, self.method, None).reshape(batch.shape[0], -1).T
+
+    def _rmatmat(self, y: np.ndarray) -> np.ndarray:
+        batch = np.asarray(y, dtype=self.op.dtype).T.reshape((-1, *self.op.out_shape))
+        return self.op._adjoint_product(batch, self.method, None).reshape(batch.shape[0], -1).T
+
+    def _matvec(self, x: np.ndarray) -> np.ndarray:
+        return self._matmat(np.reshape(x, (-1, 1)))[:, 0]
+
+    def _rmatvec(self, y: np.ndarray) -> np.ndarray:
+        return self._rmatmat(np.reshape(y, (-1, 1)))[:, 0]
 
 
 class MatrixOperator:
@@ -191,7 +212,8 @@ class ConvOperator(MatrixOperator):
         self._param_index = pattern.param_index
         self._tying = pattern.tying
         self._spatial = pattern.spatial
-        self._taps: Optional[np.ndarray] = None
+        self._tables: Optional[TapTables] = None
+        self._auto: dict[str, str] = {}
         self.matrix = sp.csr_array(
             (np.empty(pattern.nnz, dtype=dtype), pattern.indices, pattern.indptr), shape=pattern.shape)
         self._weight = np.empty(self.geometry.weight_shape, dtype=dtype)
@@ -282,48 +304,102 @@ class ConvOperator(MatrixOperator):
         self.bias = bias.copy()
 
     # ------------------------------------------------------------------ products
-    def _flat(self, arr: np.ndarray, sample_shape: tuple[int, ...], name: str) -> np.ndarray:
-        arr = check_batch(arr, sample_shape, self.dtype, name)
-        return arr.reshape(arr.shape[0], -1)
+    def tap_tables(self) -> TapTables:
+        """The gather tables of the factored products (built at first use, then kept)."""
+        if self._tables is None:
+            self._tables = tap_tables(self.geometry, self._spatial)
+        return self._tables
 
-    def forward(self, x: np.ndarray, *, threads: Optional[int] = None) -> np.ndarray:
+    def method(self, product: str) -> str:
+        """The method ``method="auto"`` takes for ``product`` ("forward" or "adjoint").
+
+        ``"taps"`` (the factored product of :mod:`sparseconv.factored`: a gather and a BLAS
+        GEMM) when the layer has enough channels for BLAS and few explicit zeros among the
+        gathered taps, else ``"csr"`` (scipy's CSR kernel on :attr:`matrix`). Depends only on
+        the layer's shape and mask; see :func:`sparseconv.factored.choose_method`.
+        """
+        if product not in self._auto:
+            mask_fraction = 1.0 if self._mask is None else float(self._mask.mean())
+            multiplicity = self.tap_tables().multiplicity if product == "adjoint" else 1
+            self._auto[product] = choose_method(self.geometry, self._spatial, product, mask_fraction, multiplicity)
+        return self._auto[product]
+
+    def _resolve(self, method: str, product: str) -> str:
+        if method not in _METHODS:
+            raise ValueError(f"method must be one of {_METHODS}; got {method!r}")
+        return self.method(product) if method == "auto" else method
+
+    def _kernel(self) -> np.ndarray:
+        return self._weight.reshape(self.geometry.out_channels, self.geometry.in_channels // self.geometry.groups, -1)
+
+    def forward(self, x: np.ndarray, *, method: str = "auto", threads: Optional[int] = None) -> np.ndarray:
         """``z = W @ x + b`` for every sample.
 
         Parameters
         ----------
         x : ndarray of shape (N, C, *in)
+        method : {"auto", "csr", "taps"}, default "auto"
+            ``"csr"`` multiplies by :attr:`matrix` with scipy's CSR kernel, row blocks on
+            threads. ``"taps"`` evaluates the same product in factored form (a gather of the
+            inputs each kernel tap reads, then one BLAS GEMM per group; see
+            :mod:`sparseconv.factored`), which multiplies padding and masked weights as
+            explicit zeros -- a non-finite input or weight can then give NaN where the CSR
+            product, having no such entries, does not. ``"auto"`` takes :meth:`method`.
         threads : int, optional
-            Row blocks of ``W`` run on this many threads; default
-            :func:`sparseconv.parallel.get_threads` (every core). The result does not depend
-            on it.
+            Threads for the CSR row blocks or the gathers; default
+            :func:`sparseconv.parallel.get_threads` (every core). BLAS uses its own pool.
 
         Returns
         -------
         ndarray of shape (N, F, *out)
+            ``"csr"`` results do not depend on ``threads``; ``"taps"`` results agree with them
+            to rounding.
         """
-        xf = self._flat(x, self.input_shape, "x")
-        z = csr_matmat(self.matrix, xf.T, threads=threads).T.reshape((xf.shape[0], *self.out_shape))
+        z = self._product(check_batch(x, self.input_shape, self.dtype, "x"), method, threads)
         if self.bias is not None:
             z += self.bias.reshape((-1,) + (1,) * self.geometry.ndim)
         return z
 
-    def backward_input(self, dy: np.ndarray, *, threads: Optional[int] = None) -> np.ndarray:
+    def backward_input(self, dy: np.ndarray, *, method: str = "auto", threads: Optional[int] = None) -> np.ndarray:
         """``dJ/dx = W.T @ dy`` for every sample (the full convolution with the rotated kernel).
 
         Parameters
         ----------
         dy : ndarray of shape (N, F, *out)
+        method : {"auto", "csr", "taps"}, default "auto"
+            ``"csr"``: row blocks of ``W`` scatter into per-thread buffers that are then summed
+            (no transpose of ``W`` is stored); bit-identical to scipy's ``W.T @ dy`` on one
+            thread, equal to rounding on more. ``"taps"``: the factored adjoint, a gather of
+            ``dy`` through the inverse tap table and one GEMM per group (see :meth:`forward`
+            for what explicit zeros mean). ``"auto"`` takes ``method("adjoint")``.
         threads : int, optional
-            Row blocks of ``W`` scatter into per-thread buffers that are then summed (no
-            transpose of ``W`` is stored); default every core. Results agree to rounding
-            across thread counts, and are bit-identical to scipy's ``W.T @ dy`` on one.
+            As for :meth:`forward`.
 
         Returns
         -------
         ndarray of shape (N, C, *in)
         """
-        df = self._flat(dy, self.out_shape, "dy")
-        return csr_rmatmat(self.matrix, df.T, threads=threads).T.reshape((df.shape[0], *self.input_shape))
+        return self._adjoint_product(check_batch(dy, self.out_shape, self.dtype, "dy"), method, threads)
+
+    def _product(self, x: np.ndarray, method: str, threads: Optional[int]) -> np.ndarray:
+        """``W @ x`` (no bias) for a checked batch of shape (N, C, *in)."""
+        n = x.shape[0]
+        if self._resolve(method, "forward") == "taps":
+            z = forward_taps(x.reshape(n, self.geometry.in_channels, -1), self._kernel(), self.geometry,
+                             self.tap_tables(), threads)
+        else:
+            z = csr_matmat(self.matrix, x.reshape(n, -1).T, threads=threads).T
+        return z.reshape((n, *self.out_shape))
+
+    def _adjoint_product(self, dy: np.ndarray, method: str, threads: Optional[int]) -> np.ndarray:
+        """``W.T @ dy`` for a checked batch of shape (N, F, *out)."""
+        n = dy.shape[0]
+        if self._resolve(method, "adjoint") == "taps":
+            dx = adjoint_taps(dy.reshape(n, self.geometry.out_channels, -1), self._kernel(), self.geometry,
+                              self.tap_tables(), threads)
+        else:
+            dx = csr_rmatmat(self.matrix, dy.reshape(n, -1).T, threads=threads).T
+        return dx.reshape((n, *self.input_shape))
 
     def weight_grad(self, x: np.ndarray, dy: np.ndarray, *, method: str = "taps",
                     threads: Optional[int] = None) -> np.ndarray:
@@ -340,9 +416,9 @@ class ConvOperator(MatrixOperator):
             grouped by kernel tap: the entries tied to tap ``t`` of every (filter, channel)
             pair share one list of (output, input) positions, so gathering each tap's input
             positions once (a zero where the tap reads padding) turns the whole sum into one
-            ``(F, N*m) @ (N*m, taps*C)`` product per group -- BLAS speed, no ``(nnz, N)``
-            scratch. The gather runs in batch (and, for huge layers, tap) chunks of at most
-            ``_GRAD_CHUNK_ELEMENTS`` elements.
+            ``(F/G, N*m) @ (N*m, taps*C/G)`` product per group -- BLAS speed, no ``(nnz, N)``
+            scratch. It runs in chunks of samples (or, for huge layers, output positions) of
+            at most :data:`sparseconv.factored.CHUNK_ELEMENTS` gathered elements.
         threads : int, optional
             Threads for the gather; default every core. The BLAS product runs on BLAS's own
             pool (limit it with ``threadpoolctl``).
@@ -352,72 +428,22 @@ class ConvOperator(MatrixOperator):
         ndarray of shape (F, C // groups, *kernel)
             Zero for masked weights.
         """
-        xf = self._flat(x, self.input_shape, "x")
-        df = self._flat(dy, self.out_shape, "dy")
-        if xf.shape[0] != df.shape[0]:
-            raise ValueError(f"x and dy must hold the same number of samples; got {xf.shape[0]} and {df.shape[0]}")
+        x = check_batch(x, self.input_shape, self.dtype, "x")
+        dy = check_batch(dy, self.out_shape, self.dtype, "dy")
+        n = x.shape[0]
+        if n != dy.shape[0]:
+            raise ValueError(f"x and dy must hold the same number of samples; got {n} and {dy.shape[0]}")
         if method == "taps":
-            grad = self._weight_grad_taps(xf, df, threads)
+            grad = weight_grad_taps(x.reshape(n, self.geometry.in_channels, -1),
+                                    dy.reshape(n, self.geometry.out_channels, -1), self.geometry,
+                                    self.tap_tables(), threads)
         elif method == "entries":
-            grad = self._weight_grad_entries(xf, df)
+            grad = self._weight_grad_entries(x.reshape(n, -1), dy.reshape(n, -1))
         else:
             raise ValueError(f"method must be 'taps' or 'entries'; got {method!r}")
         if self._mask is not None:
             grad[~self._mask.reshape(grad.shape)] = 0
         return grad.astype(self.dtype, copy=False).reshape(self.geometry.weight_shape)
-
-    def _tap_table(self) -> np.ndarray:
-        """``table[o, t]``: the input position tap ``t`` reads at output position ``o``, or
-        ``prod(in)`` (a zero row appended to the input) where it reads padding. Built at
-        first use; shape ``(prod(out), prod(kernel))``, int64."""
-        if self._taps is None:
-            g, spat = self.geometry, self._spatial
-            n_in = int(np.prod(g.in_size))
-            table = np.full((int(np.prod(g.out_size)), int(np.prod(g.kernel_size))), n_in, dtype=np.int64)
-            table[spat.out_pos, spat.tap] = spat.in_pos
-            self._taps = table
-        return self._taps
-
-    def _weight_grad_taps(self, xf: np.ndarray, df: np.ndarray, threads: Optional[int]) -> np.ndarray:
-        g = self.geometry
-        n = xf.shape[0]
-        groups, cin_g, f_per_g = g.groups, g.in_channels // g.groups, g.out_channels // g.groups
-        n_in, n_out = int(np.prod(g.in_size)), int(np.prod(g.out_size))
-        table = self._tap_table()
-        n_taps = table.shape[1]
-        per_sample = n_taps * n_out * g.in_channels
-        batch_chunk = max(1, min(n, _GRAD_CHUNK_ELEMENTS // per_sample))
-        tap_chunk = max(1, min(n_taps, _GRAD_CHUNK_ELEMENTS // (n_out * g.in_channels * batch_chunk)))
-        grad = np.zeros((groups, f_per_g, n_taps, cin_g), dtype=self.dtype)
-        for n0 in range(0, n, batch_chunk):
-            nc = min(batch_chunk, n - n0)
-            # Inputs as (G, samples, in positions + 1, C/G), the extra position a zero for
-            # padding taps: gathering rows by the tap table then yields, per group, the
-            # (samples * positions, taps * C/G) block of unrolled inputs in C order.
-            xs = np.zeros((groups, nc, n_in + 1, cin_g), dtype=self.dtype)
-            xs[:, :, :n_in] = xf[n0:n0 + nc].reshape(nc, groups, cin_g, n_in).transpose(1, 0, 3, 2)
-            ds = np.ascontiguousarray(df[n0:n0 + nc].reshape(nc, groups, f_per_g, n_out).transpose(1, 2, 0, 3))
-            ds = ds.reshape(groups, f_per_g, nc * n_out)
-            for t0 in range(0, n_taps, tap_chunk):
-                t1 = min(n_taps, t0 + tap_chunk)
-                cols = self._gather_rows(xs, table[:, t0:t1].reshape(-1), threads)
-                cols = cols.reshape(groups, nc * n_out, (t1 - t0) * cin_g)
-                # One (F/G, N*m) @ (N*m, taps*C/G) BLAS product per group and chunk.
-                grad[:, :, t0:t1] += np.matmul(ds, cols).reshape(groups, f_per_g, t1 - t0, cin_g)
-        # (G, F/G, taps, C/G) -> (F, C/G, taps), the weight's layout.
-        return grad.transpose(0, 1, 3, 2).reshape(-1)
-
-    @staticmethod
-    def _gather_rows(xs: np.ndarray, rows: np.ndarray, threads: Optional[int]) -> np.ndarray:
-        """``xs[:, :, rows]`` (shape (G, samples, len(rows), C/G)), samples split over threads."""
-        out = np.empty((xs.shape[0], xs.shape[1], rows.size, xs.shape[3]), dtype=xs.dtype)
-
-        def block(s0: int, s1: int) -> None:
-            np.take(xs[:, s0:s1], rows, axis=2, out=out[:, s0:s1], mode="wrap")
-
-        n_threads = min(get_threads(threads), xs.shape[1], max(1, out.size // _MIN_GATHER_BLOCK))
-        run_blocks(block, np.linspace(0, xs.shape[1], n_threads + 1).astype(np.int64), n_threads)
-        return out
 
     def _weight_grad_entries(self, xf: np.ndarray, df: np.ndarray) -> np.ndarray:
         xt = np.ascontiguousarray(xf.T)
@@ -440,6 +466,28 @@ class ConvOperator(MatrixOperator):
                 grad += self._tying[e0:e1].T @ g
             r0 = r1
         return grad
+
+    def as_linear_operator(self, method: str = "csr") -> LinearOperator:
+        """A ``scipy.sparse.linalg.LinearOperator`` on flattened samples (no bias).
+
+        Parameters
+        ----------
+        method : {"csr", "taps", "auto"}, default "csr"
+            ``"csr"``: a :class:`SparseLinearOperator` on :attr:`matrix` (its adjoint is the
+            stored matrix transposed). ``"taps"`` / ``"auto"``: products through
+            :meth:`forward` and :meth:`backward_input` with that method, a block of vectors at
+            a time -- for iterative solvers and ARPACK on layers where the factored product is
+            faster.
+
+        Returns
+        -------
+        LinearOperator of shape (F * prod(out), C * prod(in))
+        """
+        if method not in _METHODS:
+            raise ValueError(f"method must be one of {_METHODS}; got {method!r}")
+        if method == "csr":
+            return SparseLinearOperator(self.matrix)
+        return _ProductOperator(self, method)
 
     def to_dense(self) -> np.ndarray:
         """The matrix as a dense ndarray (small layers only)."""

@@ -90,3 +90,13 @@ def test_call_errors(op, method, args, exc, pattern):
 def test_unknown_weight_grad_method(op):
     with pytest.raises(ValueError, match=r"method must be 'taps' or 'entries'; got 'fast'"):
         op.weight_grad(np.ones((1, 3, 8, 8)), np.ones((1, 4, 8, 8)), method="fast")
+
+
+@pytest.mark.parametrize("call", [
+    pytest.param(lambda op: op.forward(np.ones((1, 3, 8, 8)), method="gemm"), id="forward"),
+    pytest.param(lambda op: op.backward_input(np.ones((1, 4, 8, 8)), method="gemm"), id="backward_input"),
+    pytest.param(lambda op: op.as_linear_operator("gemm"), id="as_linear_operator"),
+])
+def test_unknown_product_method(op, call):
+    with pytest.raises(ValueError, match=r"method must be one of \('auto', 'csr', 'taps'\); got 'gemm'"):
+        call(op)

@@ -9,11 +9,11 @@ import scipy.sparse as sp
 
 import sparseconv as sc
 from sparseconv import conv as conv_module
-from sparseconv import parallel
+from sparseconv import factored, parallel
 from sparseconv import reference as ref
 from sparseconv.models import lenet5
 from sparseconv.nn import SGD, CrossEntropyLoss
-from sparseconv.testing import assert_allclose
+from sparseconv.testing import assert_allclose, dottest
 
 from magnitudes import magnitudes
 
@@ -45,6 +45,7 @@ def _case(key: str, dtype: str, seed: int = 0):
 def small_blocks(monkeypatch):
     """Split even tiny products into many row blocks, so the threaded paths really run."""
     monkeypatch.setattr(parallel, "_MIN_BLOCK_WORK", 1)
+    monkeypatch.setattr(factored, "_MIN_THREAD_BLOCK", 1)
 
 
 # ---------------------------------------------------------------------- parallel module
@@ -134,24 +135,30 @@ def test_block_errors_propagate(small_blocks):
 
 
 # ---------------------------------------------------------------------- the operator
+@pytest.mark.parametrize("method", ["csr", "taps"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("key", list(LAYERS))
-def test_operator_threads_agree(small_blocks, key, dtype):
+def test_operator_threads_agree(small_blocks, key, dtype, method):
     op, w, x, dy, opts = _case(key, dtype)
     x64, w64, dy64 = (a.astype(np.float64) for a in (x, w, dy))
     sy, sdx, sdw = magnitudes(x64, w64, dy64, opts)
-    y1 = op.forward(x, threads=1)
-    dx1 = op.backward_input(dy, threads=1)
+    y1 = op.forward(x, method=method, threads=1)
+    dx1 = op.backward_input(dy, method=method, threads=1)
     dw1 = op.weight_grad(x, dy, threads=1)
     assert_allclose(y1, ref.conv_im2col(x64, w64, **opts), dtype=dtype, scale=sy)
+    assert_allclose(dx1, ref.conv_im2col_backward(x64, w64, dy64, **opts)[0], dtype=dtype, scale=sdx)
     for t in THREADS[1:]:
-        y, dx, dw = op.forward(x, threads=t), op.backward_input(dy, threads=t), op.weight_grad(x, dy, threads=t)
+        y = op.forward(x, method=method, threads=t)
+        dx = op.backward_input(dy, method=method, threads=t)
+        dw = op.weight_grad(x, dy, threads=t)
         assert y.dtype == dx.dtype == dw.dtype == np.dtype(dtype)
+        # Threads split rows (CSR) or samples (gathers): each output is summed by one
+        # thread in a fixed order, so the forward does not depend on the thread count.
         np.testing.assert_array_equal(y, y1)
         assert_allclose(dx, dx1, dtype=dtype, scale=sdx)
         assert_allclose(dw, dw1, dtype=dtype, scale=sdw)
     with parallel.threads(2):
-        np.testing.assert_array_equal(op.forward(x), y1)
+        np.testing.assert_array_equal(op.forward(x, method=method), y1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -169,13 +176,86 @@ def test_weight_grad_taps_matches_entries_and_reference(key, dtype):
 
 @pytest.mark.parametrize("chunk", [1, 7, 50, 400], ids=lambda c: f"chunk{c}")
 @pytest.mark.parametrize("key", ["N3-C2-F3-9x7-k3-p1", "N2-C4-F6-11x11-k3-s2-g2", "N4-C2-F2-5x5-k5-circular"])
-def test_weight_grad_chunk_boundaries(monkeypatch, key, chunk):
-    """Scratch chunks smaller than one sample, than one tap, and not dividing the batch."""
+def test_chunk_boundaries(monkeypatch, key, chunk):
+    """Scratch chunks smaller than one output row, than one sample, and not dividing the batch."""
     op, w, x, dy, opts = _case(key, "float64", seed=5)
     full = {m: op.weight_grad(x, dy, method=m) for m in ("taps", "entries")}
+    y, dx = op.forward(x, method="taps"), op.backward_input(dy, method="taps")
     monkeypatch.setattr(conv_module, "_GRAD_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(factored, "CHUNK_ELEMENTS", chunk)
     for m in ("taps", "entries"):
         assert_allclose(op.weight_grad(x, dy, method=m), full[m])
+    assert_allclose(op.forward(x, method="taps"), y)
+    assert_allclose(op.backward_input(dy, method="taps"), dx)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("key", list(LAYERS))
+def test_factored_products_are_adjoint(key, dtype):
+    op = _case(key, dtype)[0]
+    lin = op.as_linear_operator("taps")
+    dottest(lin)
+    u = np.random.default_rng(1).standard_normal((op.shape[1], 3)).astype(dtype)
+    assert_allclose(lin @ u, op.matrix @ u, dtype=dtype, scale=float((abs(op.matrix) @ np.abs(u)).max()))
+
+
+@pytest.mark.parametrize("key", list(LAYERS))
+def test_tap_tables_factor_the_matrix(key):
+    """W = (I_P kron B) S per group: rebuild W densely from the tables and the weight alone."""
+    op, w, _, _, _ = _case(key, "float64")
+    g = op.geometry
+    tables = op.tap_tables()
+    n_in, groups = int(np.prod(g.in_size)), g.groups
+    cin_g, f_per_g = g.in_channels // groups, g.out_channels // groups
+    kernel = w.reshape(g.out_channels, cin_g, -1)
+    dense = np.zeros((g.out_channels, tables.forward.shape[0], g.in_channels, n_in + 1))
+    for f in range(g.out_channels):
+        for c in range(cin_g):
+            channel = (f // f_per_g) * cin_g + c
+            for t in range(kernel.shape[2]):
+                np.add.at(dense[f, :, channel], (np.arange(tables.forward.shape[0]), tables.forward[:, t]),
+                          kernel[f, c, t])
+    assert_allclose(dense[..., :n_in].reshape(op.shape), op.matrix.toarray())
+    # The inverse table lists every (output, tap) reading each input position exactly once.
+    read = tables.adjoint != tables.forward.shape[0]
+    assert int(read.sum()) == op._spatial.n_items
+    i, slot = np.nonzero(read)
+    np.testing.assert_array_equal(tables.forward[tables.adjoint[i, slot], tables.adjoint_taps[slot]], i)
+
+
+def test_tap_tables_multiplicity_when_circular_wraps_twice():
+    # 9 outputs read a 5-long circular input: each (position, tap) pair is read twice.
+    op = sc.ConvOperator(np.ones((1, 1, 5)), (1, 5), padding=4, padding_mode="circular")
+    tables = op.tap_tables()
+    assert tables.multiplicity == 2 and tables.adjoint.shape == (5, 10)
+    dy = np.random.default_rng(0).standard_normal((2, 1, 9))
+    assert_allclose(op.backward_input(dy, method="taps"), op.backward_input(dy, method="csr"))
+
+
+@pytest.mark.parametrize("layer, forward, adjoint", [
+    pytest.param(dict(c=1, f=6, size=32, k=5), "csr", "csr", id="lenet-C1-one-channel"),
+    pytest.param(dict(c=6, f=16, size=14, k=5), "taps", "csr", id="lenet-C3-adjoint-too-narrow"),
+    pytest.param(dict(c=16, f=16, size=32, k=3, padding=1), "taps", "taps", id="cifar-16-16"),
+    pytest.param(dict(c=16, f=32, size=32, k=3, padding=1, stride=2), "taps", "csr", id="stride2-adjoint-holes"),
+    pytest.param(dict(c=16, f=16, size=32, k=3, padding=1, prune=0.9), "csr", "csr", id="pruned-90"),
+    pytest.param(dict(c=16, f=16, size=8, k=3, padding=1, groups=16), "csr", "csr", id="depthwise"),
+])
+def test_auto_method_rule(layer, forward, adjoint):
+    c, f, size, k = layer["c"], layer["f"], layer["size"], layer["k"]
+    groups = layer.get("groups", 1)
+    mask = None
+    if "prune" in layer:
+        mask = np.random.default_rng(0).random((f, c // groups, k, k)) >= layer["prune"]
+    w = np.ones((f, c // groups, k, k)) if mask is None else mask * 1.0
+    op = sc.ConvOperator(w, (c, size, size), padding=layer.get("padding", 0), stride=layer.get("stride", 1),
+                         groups=groups, weight_mask=mask)
+    assert (op.method("forward"), op.method("adjoint")) == (forward, adjoint)
+
+
+def test_method_rule_rejects_unknown_product():
+    op = sc.ConvOperator(np.ones((2, 2, 3)), (2, 8))
+    with pytest.raises(ValueError, match="product must be 'forward' or 'adjoint'; got 'both'"):
+        factored.choose_method(op.geometry, op._spatial, "both")
 
 
 def test_weight_grad_masked_and_after_set_weight(small_blocks):
