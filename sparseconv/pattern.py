@@ -19,6 +19,7 @@ map is then a sparse ``(nnz, n_params)`` 0/1 matrix with ``data = tying @ weight
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -36,6 +37,9 @@ __all__ = [
     "build_pattern",
     "index_dtype",
     "pattern_bytes",
+    "ValueBlock",
+    "ValueLayout",
+    "value_layout",
 ]
 
 _INT32_MAX = np.iinfo(np.int32).max
@@ -315,3 +319,148 @@ def _coalesce(indptr: np.ndarray, indices: np.ndarray, params: np.ndarray, row_c
                          shape=(entry_start.size, n_params))
     return TiedPattern(shape=shape, indptr=new_indptr, indices=indices[entry_start], param_index=None,
                        tying=tying, n_params=n_params, spatial=spat)
+
+
+@dataclass(frozen=True)
+class ValueBlock:
+    """A strided block of a CSR value array whose rows repeat one row per filter.
+
+    Attributes
+    ----------
+    offset : int
+        Position of the block's first entry in the value array.
+    shape : tuple of int
+        ``(filters, *box, row_length)``: the block viewed as one row per (filter, output
+        position of the box).
+    strides : tuple of int
+        In elements, one per axis of ``shape``; the last is 1.
+    template : ndarray of shape (filters, row_length)
+        Weight indices (into ``weight.ravel()``) of the row each filter repeats.
+    """
+
+    offset: int
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    template: np.ndarray
+
+    def view(self, array: np.ndarray) -> np.ndarray:
+        """The block of a 1-D contiguous ``array`` (values or weight indices), writeable."""
+        item = array.itemsize
+        return np.lib.stride_tricks.as_strided(array[self.offset:], self.shape, tuple(s * item for s in self.strides))
+
+    def broadcast(self, rows: np.ndarray) -> np.ndarray:
+        """``rows`` of shape (filters, row_length) broadcast to :attr:`shape`."""
+        return np.broadcast_to(rows.reshape(rows.shape[0], *(1,) * (len(self.shape) - 2), rows.shape[1]),
+                               self.shape)
+
+
+class ValueLayout:
+    """How a weight fills a convolution matrix's value array: a few strided broadcasts.
+
+    Output positions whose taps read the input the same way (same taps inside the input, in
+    the same order) hold the same weights in the same order, in every row of one filter;
+    border positions differ only in which taps fall on padding. Grouped by such classes --
+    boxes of output positions -- the value array is a few :class:`ValueBlock` broadcasts of
+    one row per filter, written at the speed of a copy instead of a gather through
+    ``param_index``. Built by :func:`value_layout`.
+
+    Parameters
+    ----------
+    blocks : list of ValueBlock
+        Covering the value array exactly once.
+    n_params : int
+    """
+
+    def __init__(self, blocks: list[ValueBlock], n_params: int):
+        self.blocks = blocks
+        # A block whose rows are whole filters in weight order needs no gather (the interior
+        # class of an unmasked layer: usually most of the array); the other templates are
+        # gathered together in one call.
+        self._direct = [b.template.size == n_params and np.array_equal(b.template.reshape(-1), np.arange(n_params))
+                        for b in blocks]
+        gathered = [b.template.reshape(-1) for b, direct in zip(blocks, self._direct) if not direct]
+        self._gather = np.concatenate(gathered) if gathered else np.zeros(0, dtype=np.intp)
+
+    def write(self, weight: np.ndarray, data: np.ndarray) -> None:
+        """Fill ``data`` (the value array, 1-D contiguous) from a C-contiguous ``weight``."""
+        flat = weight.reshape(-1)
+        rows = np.take(flat, self._gather, mode="wrap")
+        start = 0
+        for block, direct in zip(self.blocks, self._direct):
+            if direct:
+                values = flat.reshape(block.template.shape)
+            else:
+                values = rows[start:start + block.template.size].reshape(block.template.shape)
+                start += block.template.size
+            block.view(data)[...] = block.broadcast(values)
+
+
+def _dimension_runs(geom: ConvGeometry) -> list[list[tuple[int, int]]]:
+    """Per spatial dimension, maximal runs of consecutive output positions whose taps read
+    inputs in the same order with the same taps valid (so their matrix rows repeat)."""
+    runs = []
+    for i, k, o, s, d, (lo, hi) in zip(geom.in_size, geom.kernel_size, geom.out_size, geom.stride, geom.dilation,
+                                       geom.padding):
+        src = source_index(i, lo, hi, geom.padding_mode)[np.arange(o)[:, None] * s + np.arange(k) * d]
+        # Rank of each tap's input position within its output position (ties share a rank).
+        ranks = np.where(src >= 0, (src[:, :, None] > src[:, None, :]).sum(axis=2), -1)
+        change = np.flatnonzero(np.any(ranks[1:] != ranks[:-1], axis=1)) + 1
+        edges = np.concatenate(([0], change, [o]))
+        runs.append(list(zip(edges[:-1].tolist(), edges[1:].tolist())))
+    return runs
+
+
+def value_layout(geom: ConvGeometry, indptr: np.ndarray, param_index: np.ndarray, *,
+                 uniform_filters: bool, max_blocks: int = 64) -> Optional[ValueLayout]:
+    """Decompose a convolution matrix's value array into strided blocks of repeated rows.
+
+    Parameters
+    ----------
+    geom : ConvGeometry
+    indptr : ndarray of shape (F * prod(out) + 1,)
+    param_index : ndarray of shape (nnz,)
+    uniform_filters : bool
+        True when every filter has the same entries (no weight mask): one block then spans
+        all filters of a class; otherwise each filter gets its own.
+    max_blocks : int, default 64
+        Give up rather than produce more blocks than this.
+
+    Returns
+    -------
+    ValueLayout or None
+        None when the rows do not decompose into at most ``max_blocks`` blocks (tiny inputs
+        next to large kernels, or many masked filters); the caller then gathers through
+        ``param_index``. Every block is checked against ``param_index`` here, so a layout
+        returned is exact.
+    """
+    runs = _dimension_runs(geom)
+    n_classes = int(np.prod([len(r) for r in runs]))
+    n_filters, n_out = geom.out_channels, int(np.prod(geom.out_size))
+    filter_groups = [np.arange(n_filters)] if uniform_filters else [np.array([f]) for f in range(n_filters)]
+    if n_classes * len(filter_groups) > max_blocks:
+        return None
+    out_index = np.arange(n_out).reshape(geom.out_size)
+    blocks, covered = [], 0
+    for box in itertools.product(*runs):
+        positions = out_index[tuple(slice(a, b) for a, b in box)]
+        for filters in filter_groups:
+            rows = filters[(slice(None),) + (None,) * geom.ndim] * n_out + positions
+            starts = indptr[rows].astype(np.int64)
+            lengths = indptr[rows + 1] - starts
+            length, origin = int(lengths.flat[0]), int(starts.flat[0])
+            strides = tuple(int(np.diff(starts, axis=a).flat[0]) if starts.shape[a] > 1 else 0
+                            for a in range(starts.ndim))
+            predicted = origin + sum(np.arange(n).reshape((-1,) + (1,) * (starts.ndim - a - 1)) * st
+                                     for a, (n, st) in enumerate(zip(starts.shape, strides)))
+            if np.any(lengths != length) or not np.array_equal(starts, predicted):
+                return None
+            first_rows = starts.reshape(starts.shape[0], -1)[:, 0]
+            block = ValueBlock(offset=origin, shape=(*starts.shape, length), strides=(*strides, 1),
+                               template=param_index[first_rows[:, None] + np.arange(length)])
+            # Rows of one class repeat by construction; checking costs one pass over the
+            # block and makes the layout exact whatever the layer.
+            if not np.array_equal(block.view(param_index), block.broadcast(block.template)):
+                return None
+            blocks.append(block)
+            covered += lengths.size * length
+    return ValueLayout(blocks, geom.n_params) if covered == param_index.size else None

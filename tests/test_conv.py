@@ -203,6 +203,40 @@ def test_set_weight_keeps_pattern_and_buffers():
     np.testing.assert_array_equal(op.matrix.data, w2.ravel()[op.param_index])
 
 
+@pytest.mark.parametrize("case", GRID[::3], ids=[c.id for c in GRID[::3]])
+def test_set_weight_writes_every_value(case: Case):
+    """Whatever writes the values (strided blocks of repeated rows, or the gather), a new
+    weight lands exactly where the tying map says, and the old one leaves no trace."""
+    _, w, _, _ = case.arrays()
+    op = sc.ConvOperator(w, (case.c, *case.in_size), **case.opts)
+    w2 = np.random.default_rng(7).standard_normal(w.shape).astype(case.dtype)
+    op.matrix.data[...] = np.nan
+    op.set_weight(w2)
+    np.testing.assert_array_equal(op.matrix.data, (op.tying @ w2.ravel().astype(np.float64)).astype(case.dtype))
+
+
+@pytest.mark.parametrize("size, kernel, opts, mask, blocks", [
+    pytest.param((8, 8), (3, 3), dict(padding=1), False, 9, id="2d-pad1-9-classes"),
+    pytest.param((8, 8), (3, 3), dict(padding=1, flip=True, stride=2), False, 4, id="2d-flip-stride2"),
+    pytest.param((6, 5, 7), (3, 3, 3), dict(padding="same"), False, 27, id="3d-same"),
+    pytest.param((10,), (5,), dict(), False, 1, id="1d-valid-one-class"),
+    pytest.param((9, 9), (3, 3), dict(padding=1, padding_mode="circular"), False, 9, id="circular"),
+    pytest.param((8, 8), (3, 3), dict(padding=1), True, 27, id="masked-per-filter"),
+    pytest.param((9, 9), (9, 9), dict(padding=8), False, None, id="too-many-classes-gathers"),
+])
+def test_value_layout_blocks(size, kernel, opts, mask, blocks):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((3, 2, *kernel))
+    weight_mask = rng.random(w.shape) > 0.3 if mask else None
+    if mask:
+        w = w * weight_mask
+    op = sc.ConvOperator(w, (2, *size), weight_mask=weight_mask, **opts)
+    assert (None if op._layout is None else len(op._layout.blocks)) == blocks
+    w2 = rng.standard_normal(w.shape) * (1 if weight_mask is None else weight_mask)
+    op.set_weight(w2)
+    np.testing.assert_array_equal(op.matrix.data, w2.ravel()[op.param_index])
+
+
 def test_tying_map_reproduces_values_everywhere():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((2, 1, 3, 3))
