@@ -10,9 +10,14 @@ memory budget exceeded, too slow) is recorded as skipped with the reason.
 Methods
 -------
 sparse
-    :class:`sparseconv.ConvOperator`: CSR products ``W @ x``, ``W.T @ dy`` and the tap-grouped
-    weight gradient (``weight_grad(method="taps")``, the default). The pattern is built once
-    (its construction is timed separately).
+    :class:`sparseconv.ConvOperator` with its defaults: ``forward`` and ``backward_input``
+    with ``method="auto"`` (the factored gather + GEMM of :mod:`sparseconv.factored` or the
+    CSR kernel, by the layer's shape; the choice is recorded) and the tap-grouped weight
+    gradient. The pattern is built once (its construction is timed separately).
+csr
+    The same operator held to the literal matrix: ``W @ x`` and ``W.T @ dy`` with scipy's
+    CSR kernels (``method="csr"``) and the kernel gradient as the per-entry scatter-add over
+    the tying map (``weight_grad(method="entries")``).
 dense
     The same matrix stored dense: one GEMM per pass; the weight gradient is the dense
     ``dy.T @ x`` reduced through the tying map, as a fully connected layer would do it.
@@ -44,7 +49,7 @@ looped so that one repeat lasts a few milliseconds, as ``timeit`` does); useful 
 buffer and the numpy allocations traced by ``tracemalloc`` during one call; construction
 time; and for every row the ratio to im2col measured in the same run. BLAS and OpenMP pools
 are limited with threadpoolctl, torch with ``torch.set_num_threads``, ``scipy.fft`` with
-``workers``; scipy.sparse products always run on one thread.
+``workers``; sparseconv's own pool with :func:`sparseconv.parallel.threads`.
 
 Examples
 --------
@@ -110,7 +115,7 @@ __all__ = [
 ]
 
 PASSES = ("forward", "input_grad", "weight_grad")
-METHODS = ("sparse", "dense", "im2col", "direct", "fft", "torch")
+METHODS = ("sparse", "csr", "dense", "im2col", "direct", "fft", "torch")
 SUITES = ("smoke", "lenet", "cifar", "imagenet", "pruned", "grouped", "scaling")
 # Largest relative error (max |result - reference| / max |reference|) accepted per dtype.
 # float32 sums of up to ~10^5 products, in any order, stay well inside 1e-4.
@@ -497,8 +502,23 @@ def _prepare_sparse(case: Case, *, threads: int, budget: int, repeats: int, max_
                 "weight_grad": lambda: op.weight_grad(x, dy)},
         buffer_name="sparse matrix (values, indices, indptr, param_index)", buffer_bytes=_matrix_bytes(op),
         build_s=build["median_s"], refresh=lambda: op.set_weight(w),
-        info={"matrix_shape": list(op.shape), "nnz": op.nnz, "weight_grad_method": "taps",
+        info={"matrix_shape": list(op.shape), "nnz": op.nnz, "forward_method": op.method("forward"),
+              "input_grad_method": op.method("adjoint"), "weight_grad_method": "taps",
               "density": op.nnz / (op.shape[0] * op.shape[1])})
+
+
+def _prepare_csr(case: Case, *, threads: int, budget: int, repeats: int, max_seconds: float,
+                 max_direct_macs: int) -> Prepared:
+    op = _build_operator(case, budget)
+    x, w, dy = case.x, case.w, case.dy
+    return Prepared(
+        method="csr",
+        passes={"forward": lambda: op.forward(x, method="csr"),
+                "input_grad": lambda: op.backward_input(dy, method="csr"),
+                "weight_grad": lambda: op.weight_grad(x, dy, method="entries")},
+        buffer_name="sparse matrix (values, indices, indptr, param_index)", buffer_bytes=_matrix_bytes(op),
+        refresh=lambda: op.set_weight(w),
+        info={"matrix_shape": list(op.shape), "nnz": op.nnz, "weight_grad_method": "entries"})
 
 
 def _prepare_dense(case: Case, *, threads: int, budget: int, repeats: int, max_seconds: float,
@@ -771,7 +791,7 @@ def _prepare_torch(case: Case, *, threads: int, budget: int, repeats: int, max_s
 
 
 # Every preparer takes the same keywords and uses those it needs.
-_PREPARERS = {"sparse": _prepare_sparse, "dense": _prepare_dense, "im2col": _prepare_im2col,
+_PREPARERS = {"sparse": _prepare_sparse, "csr": _prepare_csr, "dense": _prepare_dense, "im2col": _prepare_im2col,
               "direct": _prepare_direct, "fft": _prepare_fft, "torch": _prepare_torch}
 
 
@@ -782,7 +802,7 @@ def prepare_method(method: str, case: Case, *, threads: int = 1, memory_budget: 
 
     Parameters
     ----------
-    method : {"sparse", "dense", "im2col", "direct", "fft", "torch"}
+    method : {"sparse", "csr", "dense", "im2col", "direct", "fft", "torch"}
     case : Case
     threads : int, default 1
         ``scipy.fft`` workers; BLAS and torch threads are set by :func:`thread_limits`.
