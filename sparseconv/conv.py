@@ -328,8 +328,8 @@ class ConvOperator(MatrixOperator):
         """
         if product not in self._auto:
             mask_fraction = 1.0 if self._mask is None else float(self._mask.mean())
-            multiplicity = self.tap_tables().multiplicity if product == "adjoint" else 1
-            self._auto[product] = choose_method(self.geometry, self._spatial, product, mask_fraction, multiplicity)
+            slots = self.tap_tables().adjoint_slots if product == "adjoint" else None
+            self._auto[product] = choose_method(self.geometry, self._spatial, product, mask_fraction, slots)
         return self._auto[product]
 
     def _resolve(self, method: str, product: str) -> str:

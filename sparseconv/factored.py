@@ -13,8 +13,9 @@ to a batch, ``S`` is a row gather of channels-last inputs and ``I ⊗ B`` is one
 the same sum ``W @ x`` computes, at BLAS speed instead of the index-bound speed of a CSR
 kernel. The adjoint factors the same way through the *inverse tap table* (which output reads
 input position ``i`` through tap ``t``): ``W.T = (I_{P_in} \\otimes A) S'`` -- the "rotated
-kernel, full convolution" rule as a gather and a GEMM. The kernel gradient is ``dy`` times
-the gathered inputs, one GEMM per group.
+kernel, full convolution" rule as a gather and a GEMM; with a stride, input positions split
+into phases, each read by its own subset of taps, and each phase is one such product. The
+kernel gradient is ``dy`` times the gathered inputs, one GEMM per group.
 
 The tables come from the operator's :class:`~sparseconv.pattern.SpatialPattern`, the same
 tap-level list the CSR matrix is expanded from. A tap that reads padding (or a weight masked
@@ -39,7 +40,7 @@ from .geometry import ConvGeometry
 from .parallel import get_threads, run_blocks
 from .pattern import SpatialPattern
 
-__all__ = ["CHUNK_ELEMENTS", "TapTables", "tap_tables", "choose_method", "forward_taps", "adjoint_taps",
+__all__ = ["CHUNK_ELEMENTS", "AdjointPhase", "TapTables", "tap_tables", "choose_method", "forward_taps", "adjoint_taps",
            "weight_grad_taps"]
 
 # Elements of one gathered block: a few MB, so the block is still in cache when BLAS reads
@@ -59,30 +60,68 @@ _MIN_FILL = 0.5
 
 
 @dataclass(frozen=True)
+class AdjointPhase:
+    """One gather table of the factored adjoint.
+
+    Attributes
+    ----------
+    positions : ndarray of shape (rows,), intp, or None
+        The input positions this table's rows produce, ascending; None for all of them in
+        order (a single phase).
+    table : ndarray of shape (rows, slots), intp
+        ``table[r, j]``: the output position whose tap ``taps[j]`` reads input position
+        ``positions[r]``, or ``prod(out)`` (a zero row) where none does.
+    taps : ndarray of shape (slots,), intp
+        The kernel tap (flat index into the weight as stored) of each column.
+    """
+
+    positions: Optional[np.ndarray]
+    table: np.ndarray
+    taps: np.ndarray
+
+
+@dataclass(frozen=True)
 class TapTables:
-    """Gather tables of the factored product of one convolution.
+    """Gather tables of the factored products of one convolution.
 
     Attributes
     ----------
     forward : ndarray of shape (prod(out), prod(kernel)), intp
         ``forward[o, t]``: the input position tap ``t`` reads at output position ``o``, or
         ``prod(in)`` (a zero row appended to the input) where it reads padding.
-    adjoint : ndarray of shape (prod(in), prod(kernel) * multiplicity), intp
-        ``adjoint[i, t * multiplicity + j]``: the ``j``-th output position whose tap ``t``
-        reads input position ``i``, or ``prod(out)`` (a zero row) where there is none.
-    multiplicity : int
-        Most output positions any (input position, tap) pair is read by: 1 except for
-        circular padding wrapping an output row around a small input more than once.
+    phases : tuple of AdjointPhase
+        The inverse tables. With zero padding and a stride, input positions fall into
+        ``prod(stride)`` phases (their coordinates plus the low padding, modulo the stride)
+        and only the taps congruent to a phase can read it, so each phase lists only those:
+        no slot is a hole between strided outputs. Otherwise one phase lists every tap,
+        ``multiplicity`` times (the most outputs any (input position, tap) pair is read by: 1
+        except for circular padding wrapping around a small input more than once).
     """
 
     forward: np.ndarray
-    adjoint: np.ndarray
-    multiplicity: int
+    phases: tuple[AdjointPhase, ...]
 
     @property
-    def adjoint_taps(self) -> np.ndarray:
-        """The kernel tap of each column of :attr:`adjoint`, shape (prod(kernel) * multiplicity,)."""
-        return np.repeat(np.arange(self.forward.shape[1]), self.multiplicity)
+    def adjoint_slots(self) -> int:
+        """Gathered rows per sample in the adjoint: the sum of rows x slots over phases."""
+        return sum(p.table.size for p in self.phases)
+
+
+def _phase_of(geom: ConvGeometry, in_pos: np.ndarray) -> np.ndarray:
+    """Flat stride phase of flat input positions: coordinates plus low padding, mod stride."""
+    coords = np.unravel_index(in_pos, geom.in_size)
+    residues = tuple((c + lo) % s for c, (lo, _), s in zip(coords, geom.padding, geom.stride))
+    return np.ravel_multi_index(residues, geom.stride)
+
+
+def _ranked(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A stable order of ``keys`` and each item's rank among equal keys, in that order."""
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    first = np.ones(keys.size, dtype=bool)
+    first[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    run_start = np.flatnonzero(first)
+    return order, np.arange(keys.size) - np.repeat(run_start, np.diff(np.append(run_start, keys.size)))
 
 
 def tap_tables(geom: ConvGeometry, spatial: SpatialPattern) -> TapTables:
@@ -102,23 +141,31 @@ def tap_tables(geom: ConvGeometry, spatial: SpatialPattern) -> TapTables:
     n_taps = int(np.prod(geom.kernel_size))
     forward = np.full((n_out, n_taps), n_in, dtype=np.intp)
     forward[spatial.out_pos, spatial.tap] = spatial.in_pos
-    # Rank each item among those sharing its (input position, tap): the column it takes.
-    key = spatial.in_pos * n_taps + spatial.tap
-    order = np.argsort(key, kind="stable")
-    sorted_key = key[order]
-    first = np.ones(key.size, dtype=bool)
-    first[1:] = sorted_key[1:] != sorted_key[:-1]
-    run_start = np.flatnonzero(first)
-    rank = np.arange(key.size) - np.repeat(run_start, np.diff(np.append(run_start, key.size)))
-    multiplicity = int(rank.max()) + 1 if key.size else 1
-    adjoint = np.full((n_in, n_taps, multiplicity), n_out, dtype=np.intp)
-    adjoint[spatial.in_pos[order], spatial.tap[order], rank] = spatial.out_pos[order]
-    return TapTables(forward=forward, adjoint=adjoint.reshape(n_in, n_taps * multiplicity),
-                     multiplicity=multiplicity)
+    if geom.padding_mode == "zeros" and max(geom.stride) > 1:
+        # Zero padding never wraps, so (input position, tap) determines the output: one slot each.
+        phase = _phase_of(geom, spatial.in_pos)
+        phases = []
+        for ph in range(int(np.prod(geom.stride))):
+            positions = np.flatnonzero(_phase_of(geom, np.arange(n_in)) == ph)
+            items = phase == ph
+            taps = np.unique(spatial.tap[items])
+            if positions.size == 0:
+                continue
+            table = np.full((positions.size, taps.size), n_out, dtype=np.intp)
+            table[np.searchsorted(positions, spatial.in_pos[items]),
+                  np.searchsorted(taps, spatial.tap[items])] = spatial.out_pos[items]
+            phases.append(AdjointPhase(positions=positions, table=table, taps=taps.astype(np.intp)))
+        return TapTables(forward=forward, phases=tuple(phases))
+    order, rank = _ranked(spatial.in_pos * n_taps + spatial.tap)
+    multiplicity = int(rank.max()) + 1 if rank.size else 1
+    table = np.full((n_in, n_taps, multiplicity), n_out, dtype=np.intp)
+    table[spatial.in_pos[order], spatial.tap[order], rank] = spatial.out_pos[order]
+    taps = np.repeat(np.arange(n_taps, dtype=np.intp), multiplicity)
+    return TapTables(forward=forward, phases=(AdjointPhase(None, table.reshape(n_in, -1), taps),))
 
 
 def choose_method(geom: ConvGeometry, spatial: SpatialPattern, product: str, mask_fraction: float = 1.0,
-                  multiplicity: int = 1) -> str:
+                  adjoint_slots: Optional[int] = None) -> str:
     """``"taps"`` (factored, BLAS) or ``"csr"`` (scipy's CSR kernel) for a product.
 
     The factored product wins when BLAS gets wide enough operands and few of the gathered taps
@@ -133,19 +180,20 @@ def choose_method(geom: ConvGeometry, spatial: SpatialPattern, product: str, mas
     product : {"forward", "adjoint"}
     mask_fraction : float, default 1.0
         Fraction of weights present in the matrix.
-    multiplicity : int, default 1
-        :attr:`TapTables.multiplicity` (needed for the adjoint only).
+    adjoint_slots : int, optional
+        :attr:`TapTables.adjoint_slots`; needed for the adjoint.
 
     Returns
     -------
     str
     """
     cin_g, f_per_g = geom.in_channels // geom.groups, geom.out_channels // geom.groups
-    n_taps = int(np.prod(geom.kernel_size))
     if product == "forward":
-        gathered, produced, slots = cin_g, f_per_g, int(np.prod(geom.out_size)) * n_taps
+        gathered, produced, slots = cin_g, f_per_g, int(np.prod(geom.out_size)) * int(np.prod(geom.kernel_size))
     elif product == "adjoint":
-        gathered, produced, slots = f_per_g, cin_g, int(np.prod(geom.in_size)) * n_taps * multiplicity
+        if adjoint_slots is None:
+            raise ValueError("choose_method needs adjoint_slots for the adjoint")
+        gathered, produced, slots = f_per_g, cin_g, adjoint_slots
     else:
         raise ValueError(f"product must be 'forward' or 'adjoint'; got {product!r}")
     fill = mask_fraction * spatial.n_items / max(slots, 1)
@@ -200,36 +248,50 @@ def _channels_first(res: np.ndarray, out: np.ndarray, threads: Optional[int]) ->
     run_blocks(block, bounds, n_threads)
 
 
-def _chunks(n: int, n_rows: int, per_row: int) -> list[tuple[int, int, int, int]]:
-    """``(n0, n1, r0, r1)`` blocks of samples and output rows of about :data:`CHUNK_ELEMENTS`
-    gathered elements: whole samples when one fits, else rows of one sample at a time."""
-    per_sample = n_rows * per_row
+def _chunks(n: int, tables: list[np.ndarray], channels: int) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
+    """Sample ranges ``(n0, n1, pieces)``, each with the ``(table number, r0, r1)`` row ranges
+    to gather for it, so that one gathered block holds about :data:`CHUNK_ELEMENTS` elements:
+    several whole samples when one fits, else one sample in row ranges."""
+    per_sample = sum(t.size for t in tables) * channels
     if per_sample <= CHUNK_ELEMENTS:
         step = max(1, CHUNK_ELEMENTS // max(per_sample, 1))
-        return [(n0, min(n, n0 + step), 0, n_rows) for n0 in range(0, n, step)]
-    step = max(1, CHUNK_ELEMENTS // per_row)
-    return [(n0, n0 + 1, r0, min(n_rows, r0 + step)) for n0 in range(n) for r0 in range(0, n_rows, step)]
+        whole = [(i, 0, t.shape[0]) for i, t in enumerate(tables)]
+        return [(n0, min(n, n0 + step), whole) for n0 in range(0, n, step)]
+    pieces = []
+    for i, t in enumerate(tables):
+        step = max(1, CHUNK_ELEMENTS // max(t.shape[1] * channels, 1))
+        pieces += [(i, r0, min(t.shape[0], r0 + step)) for r0 in range(0, t.shape[0], step)]
+    return [(n0, n0 + 1, pieces) for n0 in range(n)]
 
 
-def _factored_product(a: np.ndarray, mat: np.ndarray, table: np.ndarray, groups: int,
-                      threads: Optional[int]) -> np.ndarray:
-    """``out[n, g, :, r] = gather(a[n, g], table[r]) @ mat[g]`` for channels-first ``a``.
+def _factored_product(a: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]],
+                      groups: int, n_rows: int, threads: Optional[int]) -> np.ndarray:
+    """``out[n, g, :, positions[r]] = gather(a[n, g], table[r]) @ mat[g]`` over ``parts``.
 
-    ``a`` has shape (N, G*c, R); ``table`` (rows, S) indexes rows of ``a`` (``R`` for a
-    zero); ``mat`` has shape (G, S*c, k). Returns (N, G*k, rows).
+    ``a`` has shape (N, G*c, R); each part is ``(table, mat, positions)`` with ``table`` of
+    shape (rows, S) indexing rows of ``a`` (``R`` for a zero), ``mat`` of shape (G, S*c, k)
+    and ``positions`` the output rows it produces (None: all ``n_rows``, in order). The parts'
+    positions partition the output rows. Returns (N, G*k, n_rows).
     """
     n, channels, _ = a.shape
-    c, k = channels // groups, mat.shape[2]
-    n_rows, n_slots = table.shape
+    c, k = channels // groups, parts[0][1].shape[2]
+    direct = len(parts) == 1 and parts[0][2] is None
     out = np.empty((n, groups * k, n_rows), dtype=a.dtype)
-    source, source_range = None, None
-    for n0, n1, r0, r1 in _chunks(n, n_rows, n_slots * channels):
-        if source_range != (n0, n1):
-            source, source_range = _channels_last(a[n0:n1], groups, threads), (n0, n1)
-        cols = _gather(source, table[r0:r1].reshape(-1), threads)
-        cols = cols.reshape(groups, (n1 - n0) * (r1 - r0), n_slots * c)
-        res = np.matmul(cols, mat).reshape(groups, n1 - n0, r1 - r0, k)
-        _channels_first(res, out[n0:n1, :, r0:r1], threads)
+    for n0, n1, pieces in _chunks(n, [table for table, _, _ in parts], channels):
+        source = _channels_last(a[n0:n1], groups, threads)
+        # Scattered parts meet in one channels-last block, transposed once at the end.
+        staged = None if direct else np.empty((groups, n1 - n0, n_rows, k), dtype=a.dtype)
+        for i, r0, r1 in pieces:
+            table, mat, positions = parts[i]
+            cols = _gather(source, table[r0:r1].reshape(-1), threads)
+            cols = cols.reshape(groups, (n1 - n0) * (r1 - r0), table.shape[1] * c)
+            res = np.matmul(cols, mat).reshape(groups, n1 - n0, r1 - r0, k)
+            if direct:
+                _channels_first(res, out[n0:n1, :, r0:r1], threads)
+            else:
+                staged[:, :, positions[r0:r1]] = res
+        if not direct:
+            _channels_first(staged, out[n0:n1], threads)
     return out
 
 
@@ -256,7 +318,8 @@ def forward_taps(x: np.ndarray, weight: np.ndarray, geom: ConvGeometry, tables: 
     f_per_g //= g
     # B[g, (t, c), f] = w[g F/G + f, c, t]: the gathered row (taps, channels) times B.
     mat = weight.reshape(g, f_per_g, cin_g, n_taps).transpose(0, 3, 2, 1).reshape(g, n_taps * cin_g, f_per_g)
-    return _factored_product(x, np.ascontiguousarray(mat), tables.forward, g, threads)
+    return _factored_product(x, [(tables.forward, np.ascontiguousarray(mat), None)], g, tables.forward.shape[0],
+                             threads)
 
 
 def adjoint_taps(dy: np.ndarray, weight: np.ndarray, geom: ConvGeometry, tables: TapTables,
@@ -279,11 +342,13 @@ def adjoint_taps(dy: np.ndarray, weight: np.ndarray, geom: ConvGeometry, tables:
     g = geom.groups
     f_total, cin_g, n_taps = weight.shape
     f_per_g = f_total // g
-    slot_taps = tables.adjoint_taps
-    # A[g, (slot, f), c] = w[g F/G + f, c, tap(slot)]: the kernel read backwards, per slot.
-    mat = weight.reshape(g, f_per_g, cin_g, n_taps)[..., slot_taps].transpose(0, 3, 1, 2)
-    mat = np.ascontiguousarray(mat).reshape(g, slot_taps.size * f_per_g, cin_g)
-    return _factored_product(dy, mat, tables.adjoint, g, threads)
+    kernel = weight.reshape(g, f_per_g, cin_g, n_taps)
+    parts = []
+    for phase in tables.phases:
+        # A[g, (slot, f), c] = w[g F/G + f, c, tap(slot)]: the kernel read backwards, per slot.
+        mat = np.ascontiguousarray(kernel[..., phase.taps].transpose(0, 3, 1, 2))
+        parts.append((phase.table, mat.reshape(g, phase.taps.size * f_per_g, cin_g), phase.positions))
+    return _factored_product(dy, parts, g, int(np.prod(geom.in_size)), threads)
 
 
 def weight_grad_taps(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry, tables: TapTables,
@@ -310,13 +375,12 @@ def weight_grad_taps(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry, tables: 
     table = tables.forward
     n_out, n_taps = table.shape
     grad = np.zeros((g, f_per_g, n_taps, cin_g), dtype=x.dtype)
-    source, source_range = None, None
-    for n0, n1, r0, r1 in _chunks(n, n_out, n_taps * channels):
-        if source_range != (n0, n1):
-            source, source_range = _channels_last(x[n0:n1], g, threads), (n0, n1)
-        cols = _gather(source, table[r0:r1].reshape(-1), threads)
-        cols = cols.reshape(g, (n1 - n0) * (r1 - r0), n_taps * cin_g)
-        ds = dy[n0:n1, :, r0:r1].reshape(n1 - n0, g, f_per_g, r1 - r0).transpose(1, 2, 0, 3)
-        ds = np.ascontiguousarray(ds).reshape(g, f_per_g, (n1 - n0) * (r1 - r0))
-        grad += np.matmul(ds, cols).reshape(g, f_per_g, n_taps, cin_g)
+    for n0, n1, pieces in _chunks(n, [table], channels):
+        source = _channels_last(x[n0:n1], g, threads)
+        for _, r0, r1 in pieces:
+            cols = _gather(source, table[r0:r1].reshape(-1), threads)
+            cols = cols.reshape(g, (n1 - n0) * (r1 - r0), n_taps * cin_g)
+            ds = dy[n0:n1, :, r0:r1].reshape(n1 - n0, g, f_per_g, r1 - r0).transpose(1, 2, 0, 3)
+            ds = np.ascontiguousarray(ds).reshape(g, f_per_g, (n1 - n0) * (r1 - r0))
+            grad += np.matmul(ds, cols).reshape(g, f_per_g, n_taps, cin_g)
     return grad.transpose(0, 1, 3, 2).reshape(geom.out_channels, cin_g, n_taps)

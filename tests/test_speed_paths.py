@@ -216,18 +216,34 @@ def test_tap_tables_factor_the_matrix(key):
                 np.add.at(dense[f, :, channel], (np.arange(tables.forward.shape[0]), tables.forward[:, t]),
                           kernel[f, c, t])
     assert_allclose(dense[..., :n_in].reshape(op.shape), op.matrix.toarray())
-    # The inverse table lists every (output, tap) reading each input position exactly once.
-    read = tables.adjoint != tables.forward.shape[0]
-    assert int(read.sum()) == op._spatial.n_items
-    i, slot = np.nonzero(read)
-    np.testing.assert_array_equal(tables.forward[tables.adjoint[i, slot], tables.adjoint_taps[slot]], i)
+    # The inverse tables list every (output, tap) reading each input position exactly once,
+    # and their phases partition the input positions.
+    n_read, produced = 0, []
+    for phase in tables.phases:
+        positions = np.arange(n_in) if phase.positions is None else phase.positions
+        produced.append(positions)
+        read = phase.table != tables.forward.shape[0]
+        n_read += int(read.sum())
+        r, slot = np.nonzero(read)
+        np.testing.assert_array_equal(tables.forward[phase.table[r, slot], phase.taps[slot]], positions[r])
+    assert n_read == op._spatial.n_items
+    np.testing.assert_array_equal(np.sort(np.concatenate(produced)), np.arange(n_in))
+
+
+def test_strided_adjoint_phases_have_no_holes():
+    # Stride 2, 3x3, padding 1: four phases reading 1, 2, 2 and 4 taps (9 in all, not 4 x 9).
+    op = sc.ConvOperator(np.ones((8, 8, 3, 3)), (8, 8, 8), stride=2, padding=1)
+    tables = op.tap_tables()
+    assert sorted(p.taps.size for p in tables.phases) == [1, 2, 2, 4]
+    assert tables.adjoint_slots == 16 * 9
+    assert op.method("adjoint") == "taps"
 
 
 def test_tap_tables_multiplicity_when_circular_wraps_twice():
     # 9 outputs read a 5-long circular input: each (position, tap) pair is read twice.
     op = sc.ConvOperator(np.ones((1, 1, 5)), (1, 5), padding=4, padding_mode="circular")
-    tables = op.tap_tables()
-    assert tables.multiplicity == 2 and tables.adjoint.shape == (5, 10)
+    (phase,) = op.tap_tables().phases
+    assert phase.table.shape == (5, 10) and phase.taps.tolist() == [t for t in range(5) for _ in range(2)]
     dy = np.random.default_rng(0).standard_normal((2, 1, 9))
     assert_allclose(op.backward_input(dy, method="taps"), op.backward_input(dy, method="csr"))
 
@@ -236,7 +252,8 @@ def test_tap_tables_multiplicity_when_circular_wraps_twice():
     pytest.param(dict(c=1, f=6, size=32, k=5), "csr", "csr", id="lenet-C1-one-channel"),
     pytest.param(dict(c=6, f=16, size=14, k=5), "taps", "csr", id="lenet-C3-adjoint-too-narrow"),
     pytest.param(dict(c=16, f=16, size=32, k=3, padding=1), "taps", "taps", id="cifar-16-16"),
-    pytest.param(dict(c=16, f=32, size=32, k=3, padding=1, stride=2), "taps", "csr", id="stride2-adjoint-holes"),
+    pytest.param(dict(c=16, f=32, size=32, k=3, padding=1, stride=2), "taps", "taps", id="stride2-phases"),
+    pytest.param(dict(c=16, f=120, size=5, k=5), "taps", "csr", id="lenet-C5-adjoint-one-tap-per-input"),
     pytest.param(dict(c=16, f=16, size=32, k=3, padding=1, prune=0.9), "csr", "csr", id="pruned-90"),
     pytest.param(dict(c=16, f=16, size=8, k=3, padding=1, groups=16), "csr", "csr", id="depthwise"),
 ])
@@ -256,6 +273,8 @@ def test_method_rule_rejects_unknown_product():
     op = sc.ConvOperator(np.ones((2, 2, 3)), (2, 8))
     with pytest.raises(ValueError, match="product must be 'forward' or 'adjoint'; got 'both'"):
         factored.choose_method(op.geometry, op._spatial, "both")
+    with pytest.raises(ValueError, match="needs adjoint_slots"):
+        factored.choose_method(op.geometry, op._spatial, "adjoint")
 
 
 def test_weight_grad_masked_and_after_set_weight(small_blocks):
