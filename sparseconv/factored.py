@@ -89,6 +89,15 @@ class TapTables:
     forward : ndarray of shape (prod(out), prod(kernel)), intp
         ``forward[o, t]``: the input position tap ``t`` reads at output position ``o``, or
         ``prod(in)`` (a zero row appended to the input) where it reads padding.
+    scatter_adjoint : bool
+        True when the adjoint runs the forward table backwards (a GEMM, then each tap's
+        products added back at the positions it read -- col2im) instead of gathering through
+        the phases: for zero padding when most inverse slots would be holes, as in a valid
+        convolution whose output is much smaller than its input (LeNet-5's C5 reads each input
+        position through exactly one tap of 25).
+    scatter_rounds : tuple of ndarray
+        With :attr:`scatter_adjoint`, taps grouped so that no two taps of a group read the same
+        input position: each group adds back in one indexed operation.
     phases : tuple of AdjointPhase
         The inverse tables. With zero padding and a stride, input positions fall into
         ``prod(stride)`` phases (their coordinates plus the low padding, modulo the stride)
@@ -100,10 +109,15 @@ class TapTables:
 
     forward: np.ndarray
     phases: tuple[AdjointPhase, ...]
+    scatter_adjoint: bool = False
+    scatter_rounds: tuple[np.ndarray, ...] = ()
 
     @property
     def adjoint_slots(self) -> int:
-        """Gathered rows per sample in the adjoint: the sum of rows x slots over phases."""
+        """Rows x taps the factored adjoint works through per sample: the forward table's when
+        it scatters (:attr:`scatter_adjoint`), else the sum over the gather phases."""
+        if self.scatter_adjoint:
+            return self.forward.size
         return sum(p.table.size for p in self.phases)
 
 
@@ -155,13 +169,40 @@ def tap_tables(geom: ConvGeometry, spatial: SpatialPattern) -> TapTables:
             table[np.searchsorted(positions, spatial.in_pos[items]),
                   np.searchsorted(taps, spatial.tap[items])] = spatial.out_pos[items]
             phases.append(AdjointPhase(positions=positions, table=table, taps=taps.astype(np.intp)))
-        return TapTables(forward=forward, phases=tuple(phases))
+        return _with_scatter_rule(geom, spatial, TapTables(forward=forward, phases=tuple(phases)))
     order, rank = _ranked(spatial.in_pos * n_taps + spatial.tap)
     multiplicity = int(rank.max()) + 1 if rank.size else 1
     table = np.full((n_in, n_taps, multiplicity), n_out, dtype=np.intp)
     table[spatial.in_pos[order], spatial.tap[order], rank] = spatial.out_pos[order]
     taps = np.repeat(np.arange(n_taps, dtype=np.intp), multiplicity)
-    return TapTables(forward=forward, phases=(AdjointPhase(None, table.reshape(n_in, -1), taps),))
+    return _with_scatter_rule(geom, spatial, TapTables(forward=forward,
+                                                       phases=(AdjointPhase(None, table.reshape(n_in, -1), taps),)))
+
+
+def _with_scatter_rule(geom: ConvGeometry, spatial: SpatialPattern, tables: TapTables) -> TapTables:
+    """Set :attr:`TapTables.scatter_adjoint`: zero padding (each tap reads distinct positions,
+    so a tap's products add back without collisions), gathers mostly holes, forward dense."""
+    gather_fill = spatial.n_items / max(tables.adjoint_slots, 1)
+    forward_fill = spatial.n_items / max(tables.forward.size, 1)
+    if not (geom.padding_mode == "zeros" and gather_fill < _MIN_FILL <= forward_fill):
+        return tables
+    n_in = int(np.prod(geom.in_size))
+    rounds: list[list[int]] = []
+    used: list[np.ndarray] = []
+    for t in range(tables.forward.shape[1]):
+        read = np.zeros(n_in + 1, dtype=bool)
+        read[tables.forward[:, t]] = True
+        read[n_in] = False
+        for taps, seen in zip(rounds, used):
+            if not np.any(seen & read):
+                taps.append(t)
+                seen |= read
+                break
+        else:
+            rounds.append([t])
+            used.append(read)
+    return TapTables(forward=tables.forward, phases=tables.phases, scatter_adjoint=True,
+                     scatter_rounds=tuple(np.array(r, dtype=np.intp) for r in rounds))
 
 
 def choose_method(geom: ConvGeometry, spatial: SpatialPattern, product: str, mask_fraction: float = 1.0,
@@ -324,7 +365,8 @@ def forward_taps(x: np.ndarray, weight: np.ndarray, geom: ConvGeometry, tables: 
 
 def adjoint_taps(dy: np.ndarray, weight: np.ndarray, geom: ConvGeometry, tables: TapTables,
                  threads: Optional[int] = None) -> np.ndarray:
-    """``W.T @ dy`` for a batch: gather ``dy`` through the inverse tap table, one GEMM per group.
+    """``W.T @ dy`` for a batch: gather ``dy`` through the inverse tap tables and one GEMM per
+    group and phase, or (:attr:`TapTables.scatter_adjoint`) one GEMM and a scatter-add per tap.
 
     Parameters
     ----------
@@ -343,12 +385,40 @@ def adjoint_taps(dy: np.ndarray, weight: np.ndarray, geom: ConvGeometry, tables:
     f_total, cin_g, n_taps = weight.shape
     f_per_g = f_total // g
     kernel = weight.reshape(g, f_per_g, cin_g, n_taps)
+    if tables.scatter_adjoint:
+        return _adjoint_scatter(dy, kernel, tables, int(np.prod(geom.in_size)), threads)
     parts = []
     for phase in tables.phases:
         # A[g, (slot, f), c] = w[g F/G + f, c, tap(slot)]: the kernel read backwards, per slot.
         mat = np.ascontiguousarray(kernel[..., phase.taps].transpose(0, 3, 1, 2))
         parts.append((phase.table, mat.reshape(g, phase.taps.size * f_per_g, cin_g), phase.positions))
     return _factored_product(dy, parts, g, int(np.prod(geom.in_size)), threads)
+
+
+def _adjoint_scatter(dy: np.ndarray, kernel: np.ndarray, tables: TapTables, n_in: int,
+                     threads: Optional[int]) -> np.ndarray:
+    """``S.T`` applied after ``I ⊗ B.T``: per output position the (taps, C/G) products of
+    ``dy`` with the kernel, each tap's added back at the input positions it read, one indexed
+    add per round of taps reading disjoint positions. ``kernel`` has shape (G, F/G, C/G, taps)."""
+    g, f_per_g, cin_g, n_taps = kernel.shape
+    n = dy.shape[0]
+    table = tables.forward
+    # B.T[g, f, (t, c)] = w[g F/G + f, c, t].
+    mat = np.ascontiguousarray(kernel.transpose(0, 1, 3, 2)).reshape(g, f_per_g, n_taps * cin_g)
+    out = np.empty((n, g * cin_g, n_in), dtype=dy.dtype)
+    for n0, n1, pieces in _chunks(n, [table], g * cin_g):
+        source = _channels_last(dy[n0:n1], g, threads)
+        # Row n_in collects the products of taps that read padding, then is dropped.
+        staged = np.zeros((g, n1 - n0, n_in + 1, cin_g), dtype=dy.dtype)
+        for _, r0, r1 in pieces:
+            rows = source[:, :, r0:r1].reshape(g, (n1 - n0) * (r1 - r0), f_per_g)
+            prods = np.matmul(rows, mat).reshape(g, n1 - n0, r1 - r0, n_taps, cin_g)
+            for taps in tables.scatter_rounds:
+                # Positions are distinct within a round (padding aside), so += adds each once.
+                values = prods[:, :, :, taps].transpose(0, 1, 3, 2, 4).reshape(g, n1 - n0, -1, cin_g)
+                staged[:, :, table[r0:r1, taps].T.reshape(-1)] += values
+        _channels_first(staged[:, :, :n_in], out[n0:n1], threads)
+    return out
 
 
 def weight_grad_taps(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry, tables: TapTables,

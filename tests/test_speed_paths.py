@@ -28,6 +28,8 @@ LAYERS = {
     "N4-C2-F2-5x5-k5-circular": (4, 2, 2, (5, 5), (5, 5), dict(padding=4, padding_mode="circular")),
     "N5-C1-F4-17-k4-s3-1d": (5, 1, 4, (17,), (4,), dict(stride=3, padding=((2, 1),))),
     "N2-C2-F2-5x6x4-k3-3d-flip": (2, 2, 2, (5, 6, 4), (3, 3, 3), dict(padding="same", flip=True)),
+    # Output much smaller than input: the factored adjoint scatters (col2im) in rounds.
+    "N3-C4-F4-10x9-k8x6-valid-scatter": (3, 4, 4, (10, 9), (8, 6), dict(stride=(1, 2), groups=2)),
 }
 
 
@@ -175,7 +177,8 @@ def test_weight_grad_taps_matches_entries_and_reference(key, dtype):
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 50, 400], ids=lambda c: f"chunk{c}")
-@pytest.mark.parametrize("key", ["N3-C2-F3-9x7-k3-p1", "N2-C4-F6-11x11-k3-s2-g2", "N4-C2-F2-5x5-k5-circular"])
+@pytest.mark.parametrize("key", ["N3-C2-F3-9x7-k3-p1", "N2-C4-F6-11x11-k3-s2-g2", "N4-C2-F2-5x5-k5-circular",
+                                 "N3-C4-F4-10x9-k8x6-valid-scatter"])
 def test_chunk_boundaries(monkeypatch, key, chunk):
     """Scratch chunks smaller than one output row, than one sample, and not dividing the batch."""
     op, w, x, dy, opts = _case(key, "float64", seed=5)
@@ -239,6 +242,22 @@ def test_strided_adjoint_phases_have_no_holes():
     assert op.method("adjoint") == "taps"
 
 
+def test_scatter_adjoint_rounds_read_disjoint_positions():
+    op = _case("N3-C4-F4-10x9-k8x6-valid-scatter", "float64")[0]
+    tables = op.tap_tables()
+    assert tables.scatter_adjoint
+    n_in = int(np.prod(op.geometry.in_size))
+    assert sorted(np.concatenate(tables.scatter_rounds).tolist()) == list(range(tables.forward.shape[1]))
+    for taps in tables.scatter_rounds:
+        read = tables.forward[:, taps].reshape(-1)
+        read = read[read != n_in]
+        assert np.unique(read).size == read.size
+    assert len(tables.scatter_rounds) > 1
+    # 1-D valid convolution 10 -> 3 with an 8-tap kernel: taps {0,3,6}, {1,4,7}, {2,5}.
+    op1 = sc.ConvOperator(np.ones((1, 1, 8)), (1, 10))
+    assert [r.tolist() for r in op1.tap_tables().scatter_rounds] == [[0, 3, 6], [1, 4, 7], [2, 5]]
+
+
 def test_tap_tables_multiplicity_when_circular_wraps_twice():
     # 9 outputs read a 5-long circular input: each (position, tap) pair is read twice.
     op = sc.ConvOperator(np.ones((1, 1, 5)), (1, 5), padding=4, padding_mode="circular")
@@ -253,7 +272,7 @@ def test_tap_tables_multiplicity_when_circular_wraps_twice():
     pytest.param(dict(c=6, f=16, size=14, k=5), "taps", "csr", id="lenet-C3-adjoint-too-narrow"),
     pytest.param(dict(c=16, f=16, size=32, k=3, padding=1), "taps", "taps", id="cifar-16-16"),
     pytest.param(dict(c=16, f=32, size=32, k=3, padding=1, stride=2), "taps", "taps", id="stride2-phases"),
-    pytest.param(dict(c=16, f=120, size=5, k=5), "taps", "csr", id="lenet-C5-adjoint-one-tap-per-input"),
+    pytest.param(dict(c=16, f=120, size=5, k=5), "taps", "taps", id="lenet-C5-adjoint-scatters"),
     pytest.param(dict(c=16, f=16, size=32, k=3, padding=1, prune=0.9), "csr", "csr", id="pruned-90"),
     pytest.param(dict(c=16, f=16, size=8, k=3, padding=1, groups=16), "csr", "csr", id="depthwise"),
 ])
