@@ -100,17 +100,21 @@ def paired(a: Callable[[], Any], b: Callable[[], Any], repeats: int, *, a_thread
 
 def parallel_capacity(repeats: int) -> float:
     """How many cores this process really gets: ``CORES * t(one job) / t(CORES jobs at once)``
-    for a GIL-free single-threaded job (a CSR product); below ``CORES`` the machine is shared."""
+    for a GIL-free single-threaded job (scipy's CSR kernel, no BLAS); below ``CORES`` the
+    machine is shared."""
     case = make(CIFAR[7], "float32")
     op, x = case["op"], case["x"]
     from concurrent.futures import ThreadPoolExecutor
 
+    def job() -> None:
+        op.forward(x, method="csr", threads=1)
+
     with ThreadPoolExecutor(CORES) as pool:
         def many() -> None:
-            for fut in [pool.submit(op.forward, x, threads=1) for _ in range(CORES)]:
+            for fut in [pool.submit(job) for _ in range(CORES)]:
                 fut.result()
 
-        one, all_cores = paired(lambda: op.forward(x, threads=1), many, repeats, a_threads=1, b_threads=1)
+        one, all_cores = paired(job, many, repeats, a_threads=1, b_threads=1)
     return CORES * one / all_cores
 
 

@@ -32,7 +32,7 @@ GEMMs on BLAS's. Work proceeds in batch chunks so that the gathered block stays 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -48,7 +48,7 @@ __all__ = ["CHUNK_ELEMENTS", "AdjointPhase", "TapTables", "tap_tables", "choose_
 CHUNK_ELEMENTS = 1 << 20
 
 # Smallest copy worth handing to another thread, in elements.
-_MIN_THREAD_BLOCK = 1 << 16
+_MIN_THREAD_BLOCK = 1 << 18
 
 # When the factored product is used (see choose_method): at least this many channels per
 # group on the gathered side (each gathered row is one contiguous run of them), this many on
@@ -242,10 +242,19 @@ def choose_method(geom: ConvGeometry, spatial: SpatialPattern, product: str, mas
     return "taps" if wide and fill >= _MIN_FILL else "csr"
 
 
-def _split(n: int, size: int, threads: Optional[int]) -> tuple[np.ndarray, int]:
-    """Bounds splitting ``n`` samples of ``size`` elements each over the threads worth using."""
-    n_threads = max(1, min(get_threads(threads), n, (n * size) // _MIN_THREAD_BLOCK))
-    return np.linspace(0, n, n_threads + 1).astype(np.int64), n_threads
+def _run_split(fn: Callable[[slice, slice], None], n: int, n_rows: int, row_elements: int,
+               threads: Optional[int]) -> None:
+    """Call ``fn(samples, rows)`` on blocks covering ``n`` samples x ``n_rows`` rows (of
+    ``row_elements`` elements each), one block per thread worth using: split by samples
+    when there are enough of them, else by rows (a batch of one still uses every core)."""
+    n_threads = max(1, min(get_threads(threads), (n * n_rows * row_elements) // _MIN_THREAD_BLOCK))
+    if n >= n_threads:
+        edges = np.linspace(0, n, n_threads + 1).astype(np.int64)
+        blocks = [(slice(lo, hi), slice(None)) for lo, hi in zip(edges[:-1], edges[1:])]
+    else:
+        edges = np.linspace(0, n_rows, n_threads + 1).astype(np.int64)
+        blocks = [(slice(None), slice(lo, hi)) for lo, hi in zip(edges[:-1], edges[1:])]
+    run_blocks(lambda i, _: fn(*blocks[i]), list(range(len(blocks) + 1)), n_threads)
 
 
 def _channels_last(a: np.ndarray, groups: int, threads: Optional[int]) -> np.ndarray:
@@ -253,14 +262,14 @@ def _channels_last(a: np.ndarray, groups: int, threads: Optional[int]) -> np.nda
     n, channels, rows = a.shape
     c = channels // groups
     out = np.empty((groups, n, rows + 1, c), dtype=a.dtype)
+    out[:, :, rows] = 0
+    body = out[:, :, :rows]
     src = a.reshape(n, groups, c, rows).transpose(1, 0, 3, 2)
 
-    def block(s0: int, s1: int) -> None:
-        out[:, s0:s1, :rows] = src[:, s0:s1]
-        out[:, s0:s1, rows] = 0
+    def block(samples: slice, part: slice) -> None:
+        body[:, samples, part] = src[:, samples, part]
 
-    bounds, n_threads = _split(n, channels * rows, threads)
-    run_blocks(block, bounds, n_threads)
+    _run_split(block, n, rows, channels, threads)
     return out
 
 
@@ -268,12 +277,11 @@ def _gather(src: np.ndarray, rows: np.ndarray, threads: Optional[int]) -> np.nda
     """``src[:, :, rows]`` for ``src`` of shape (G, n, R, c): shape (G, n, len(rows), c)."""
     out = np.empty((src.shape[0], src.shape[1], rows.size, src.shape[3]), dtype=src.dtype)
 
-    def block(s0: int, s1: int) -> None:
+    def block(samples: slice, part: slice) -> None:
         # Indices are in range, so every mode agrees; "wrap" is numpy's fastest.
-        np.take(src[:, s0:s1], rows, axis=2, out=out[:, s0:s1], mode="wrap")
+        np.take(src[:, samples], rows[part], axis=2, out=out[:, samples, part], mode="wrap")
 
-    bounds, n_threads = _split(src.shape[1], out[:, :1].size, threads)
-    run_blocks(block, bounds, n_threads)
+    _run_split(block, src.shape[1], rows.size, src.shape[0] * src.shape[3], threads)
     return out
 
 
@@ -282,11 +290,10 @@ def _channels_first(res: np.ndarray, out: np.ndarray, threads: Optional[int]) ->
     groups, n, rows, c = res.shape
     dst = out.reshape(n, groups, c, rows)  # a view: out's channel axis splits into (G, c)
 
-    def block(s0: int, s1: int) -> None:
-        dst[s0:s1] = res[:, s0:s1].transpose(1, 0, 3, 2)
+    def block(samples: slice, part: slice) -> None:
+        dst[samples, :, :, part] = res[:, samples, part].transpose(1, 0, 3, 2)
 
-    bounds, n_threads = _split(n, groups * rows * c, threads)
-    run_blocks(block, bounds, n_threads)
+    _run_split(block, n, rows, groups * c, threads)
 
 
 def _chunks(n: int, tables: list[np.ndarray], channels: int) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
