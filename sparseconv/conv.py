@@ -5,6 +5,14 @@ A convolution with weight ``w`` of shape ``(F, C // G, *kernel)`` on one sample 
 ``(F * prod(out), C * prod(in))``. ``W`` is sparse (each row holds at most
 ``C // G * prod(kernel)`` entries) and its entries are *tied*: each is one weight (or, for
 repeating padding modes on tiny inputs, a sum of weights), recorded in a tying map.
+
+Products with ``W`` are evaluated one of two ways, with the same result to rounding: by
+scipy's CSR kernel on the stored matrix (``method="csr"``), or in the factored form the tying
+gives it, ``W = (I ⊗ B) S`` -- a gather of the inputs each tap reads, then one BLAS GEMM
+(``method="taps"``, :mod:`sparseconv.factored`). ``method="auto"`` (the default) picks by the
+layer's shape: the factored form where BLAS gets wide operands, the CSR kernel where the
+matrix is much sparser than its taps (pruned or partially connected kernels) or channels are
+few.
 """
 
 from __future__ import annotations

@@ -274,6 +274,8 @@ def test_tap_tables_multiplicity_when_circular_wraps_twice():
     pytest.param(dict(c=16, f=32, size=32, k=3, padding=1, stride=2), "taps", "taps", id="stride2-phases"),
     pytest.param(dict(c=16, f=120, size=5, k=5), "taps", "taps", id="lenet-C5-adjoint-scatters"),
     pytest.param(dict(c=16, f=16, size=32, k=3, padding=1, prune=0.9), "csr", "csr", id="pruned-90"),
+    pytest.param(dict(c=16, f=16, size=32, k=3, padding=1, prune=0.6), "taps", "taps", id="pruned-60-wide"),
+    pytest.param(dict(c=8, f=8, size=32, k=3, padding=1, prune=0.6), "csr", "csr", id="pruned-60-narrow"),
     pytest.param(dict(c=16, f=16, size=8, k=3, padding=1, groups=16), "csr", "csr", id="depthwise"),
 ])
 def test_auto_method_rule(layer, forward, adjoint):
