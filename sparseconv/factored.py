@@ -24,9 +24,10 @@ out of the matrix) is multiplied as an explicit zero, so these products do ``P *
 the CSR kernel where that extra work, or a channel count too small for BLAS, would cost more.
 
 Every function takes and returns batches with channels first, ``(N, C, positions)``; the
-channels-last copies and the gathers run on sparseconv's thread pool (split over samples), the
-GEMMs on BLAS's. Work proceeds in batch chunks so that the gathered block stays near
-:data:`CHUNK_ELEMENTS` elements whatever the batch.
+channels-last copies and the gathers run on sparseconv's thread pool (split over samples, or
+over positions when the batch is smaller than the thread count), the GEMMs on BLAS's. Work
+proceeds in chunks of samples (or of one sample's positions) so that the gathered block stays
+near :data:`CHUNK_ELEMENTS` elements whatever the batch.
 """
 
 from __future__ import annotations
@@ -163,13 +164,14 @@ def tap_tables(geom: ConvGeometry, spatial: SpatialPattern) -> TapTables:
     if geom.padding_mode == "zeros" and max(geom.stride) > 1:
         # Zero padding never wraps, so (input position, tap) determines the output: one slot each.
         phase = _phase_of(geom, spatial.in_pos)
+        input_phase = _phase_of(geom, np.arange(n_in))
         phases = []
         for ph in range(int(np.prod(geom.stride))):
-            positions = np.flatnonzero(_phase_of(geom, np.arange(n_in)) == ph)
-            items = phase == ph
-            taps = np.unique(spatial.tap[items])
+            positions = np.flatnonzero(input_phase == ph)
             if positions.size == 0:
                 continue
+            items = phase == ph
+            taps = np.unique(spatial.tap[items])
             table = np.full((positions.size, taps.size), n_out, dtype=np.intp)
             table[np.searchsorted(positions, spatial.in_pos[items]),
                   np.searchsorted(taps, spatial.tap[items])] = spatial.out_pos[items]
