@@ -371,8 +371,8 @@ def forward_taps(x: np.ndarray, weight: np.ndarray, geom: ConvGeometry, tables: 
     ndarray of shape (N, F, prod(out))
     """
     g = geom.groups
-    f_per_g, cin_g, n_taps = weight.shape
-    f_per_g //= g
+    f_total, cin_g, n_taps = weight.shape
+    f_per_g = f_total // g
     # B[g, (t, c), f] = w[g F/G + f, c, t]: the gathered row (taps, channels) times B.
     mat = weight.reshape(g, f_per_g, cin_g, n_taps).transpose(0, 3, 2, 1).reshape(g, n_taps * cin_g, f_per_g)
     return _factored_product(x, [(tables.forward, np.ascontiguousarray(mat), None)], g, tables.forward.shape[0],
@@ -382,7 +382,8 @@ def forward_taps(x: np.ndarray, weight: np.ndarray, geom: ConvGeometry, tables: 
 def adjoint_taps(dy: np.ndarray, weight: np.ndarray, geom: ConvGeometry, tables: TapTables,
                  threads: Optional[int] = None) -> np.ndarray:
     """``W.T @ dy`` for a batch: gather ``dy`` through the inverse tap tables and one GEMM per
-    group and phase, or (:attr:`TapTables.scatter_adjoint`) one GEMM and a scatter-add per tap.
+    group and phase, or (:attr:`TapTables.scatter_adjoint`) one GEMM and an indexed add per
+    round of taps.
 
     Parameters
     ----------
