@@ -13,7 +13,8 @@ sparse
     :class:`sparseconv.ConvOperator` with its defaults: ``forward`` and ``backward_input``
     with ``method="auto"`` (the factored gather + GEMM of :mod:`sparseconv.factored` or the
     CSR kernel, by the layer's shape; the choice is recorded) and the tap-grouped weight
-    gradient. The pattern is built once (its construction is timed separately).
+    gradient. The pattern and the gather tables are built once (their construction is timed
+    separately, and the tables count in the method's buffer).
 csr
     The same operator held to the literal matrix: ``W @ x`` and ``W.T @ dy`` with scipy's
     CSR kernels (``method="csr"``) and the kernel gradient as the per-entry scatter-add over
@@ -490,17 +491,36 @@ def _matrix_bytes(op: ConvOperator) -> int:
     return int(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes + op.param_index.nbytes)
 
 
+def _build_with_tables(case: Case, budget: int) -> ConvOperator:
+    """The operator plus the gather tables its default products use (part of its set-up)."""
+    op = _build_operator(case, budget)
+    if "taps" in (op.method("forward"), op.method("adjoint")):
+        op.tap_table()
+    if op.method("adjoint") == "taps":
+        op.adjoint_tables()
+    return op
+
+
+def _table_bytes(op: ConvOperator) -> int:
+    arrays = [] if op._forward_table is None else [op._forward_table]
+    if op._adjoint_tables is not None:
+        arrays += [a for p in op._adjoint_tables.phases for a in (p.table, p.taps)]
+        arrays += list(op._adjoint_tables.scatter_rounds)
+    return int(sum(a.nbytes for a in arrays))
+
+
 def _prepare_sparse(case: Case, *, threads: int, budget: int, repeats: int, max_seconds: float,
                     max_direct_macs: int) -> Prepared:
-    op = _build_operator(case, budget)
-    build = measure(lambda: _build_operator(case, budget), repeats=min(repeats, 3), max_seconds=max_seconds,
+    op = _build_with_tables(case, budget)
+    build = measure(lambda: _build_with_tables(case, budget), repeats=min(repeats, 3), max_seconds=max_seconds,
                     warmup=False)
     x, w, dy = case.x, case.w, case.dy
     return Prepared(
         method="sparse",
         passes={"forward": lambda: op.forward(x), "input_grad": lambda: op.backward_input(dy),
                 "weight_grad": lambda: op.weight_grad(x, dy)},
-        buffer_name="sparse matrix (values, indices, indptr, param_index)", buffer_bytes=_matrix_bytes(op),
+        buffer_name="sparse matrix (values, indices, indptr, param_index) and gather tables",
+        buffer_bytes=_matrix_bytes(op) + _table_bytes(op),
         build_s=build["median_s"], refresh=lambda: op.set_weight(w),
         info={"matrix_shape": list(op.shape), "nnz": op.nnz, "forward_method": op.method("forward"),
               "input_grad_method": op.method("adjoint"), "weight_grad_method": "taps",
@@ -510,6 +530,8 @@ def _prepare_sparse(case: Case, *, threads: int, budget: int, repeats: int, max_
 def _prepare_csr(case: Case, *, threads: int, budget: int, repeats: int, max_seconds: float,
                  max_direct_macs: int) -> Prepared:
     op = _build_operator(case, budget)
+    build = measure(lambda: _build_operator(case, budget), repeats=min(repeats, 3), max_seconds=max_seconds,
+                    warmup=False)
     x, w, dy = case.x, case.w, case.dy
     return Prepared(
         method="csr",
@@ -517,8 +539,9 @@ def _prepare_csr(case: Case, *, threads: int, budget: int, repeats: int, max_sec
                 "input_grad": lambda: op.backward_input(dy, method="csr"),
                 "weight_grad": lambda: op.weight_grad(x, dy, method="entries")},
         buffer_name="sparse matrix (values, indices, indptr, param_index)", buffer_bytes=_matrix_bytes(op),
-        refresh=lambda: op.set_weight(w),
-        info={"matrix_shape": list(op.shape), "nnz": op.nnz, "weight_grad_method": "entries"})
+        build_s=build["median_s"], refresh=lambda: op.set_weight(w),
+        info={"matrix_shape": list(op.shape), "nnz": op.nnz, "weight_grad_method": "entries",
+              "density": op.nnz / (op.shape[0] * op.shape[1])})
 
 
 def _prepare_dense(case: Case, *, threads: int, budget: int, repeats: int, max_seconds: float,

@@ -25,7 +25,8 @@ from scipy.sparse.linalg import LinearOperator
 
 from .geometry import (ConvGeometry, IntOrTuple, PaddingSpec, check_array_dtype, check_batch,
                        conv_geometry, resolve_dtype)
-from .factored import TapTables, adjoint_taps, choose_method, forward_taps, tap_tables, weight_grad_taps
+from .factored import (AdjointTables, adjoint_tables, adjoint_taps, choose_method, forward_table, forward_taps,
+                       weight_grad_taps)
 from .parallel import csr_matmat, csr_rmatmat
 from .pattern import build_pattern, value_layout
 
@@ -73,19 +74,38 @@ class SparseLinearOperator(LinearOperator):
 
 
 class _ProductOperator(LinearOperator):
-    """``W`` through a convolution operator's products with a fixed method (no bias)."""
+    """``W`` through a convolution operator's products with a fixed method (no bias).
 
-    def __init__(self, op: "ConvOperator", method: str):
+    Parameters
+    ----------
+    op : ConvOperator
+    method : {"auto", "taps"}
+        Passed to :meth:`ConvOperator.forward` and :meth:`ConvOperator.backward_input`.
+    """
+
+    def __init__(self, op: "ConvOperator", method: str) -> None:
         super().__init__(dtype=op.dtype, shape=op.shape)
         self.op, self.method = op, method
 
+    def _apply(self, a: np.ndarray, adjoint: bool) -> np.ndarray:
+        """Columns of ``a`` (flattened samples) through the product, complex ones in two parts."""
+        a = np.asarray(a)
+        if np.iscomplexobj(a):
+            return self._apply(a.real, adjoint) + 1j * self._apply(a.imag, adjoint)
+        if not np.can_cast(a.dtype, self.op.dtype, "safe"):
+            raise TypeError(f"this operator computes in {self.op.dtype}; a {a.dtype} block would be rounded to it "
+                            f"(use as_linear_operator('csr'), which promotes, or an operator built from a "
+                            f"{a.dtype} weight)")
+        shape = self.op.out_shape if adjoint else self.op.input_shape
+        batch = a.astype(self.op.dtype, copy=False).T.reshape((-1, *shape))
+        product = self.op._adjoint_product if adjoint else self.op._product
+        return product(batch, self.method, None).reshape(batch.shape[0], -1).T
+
     def _matmat(self, x: np.ndarray) -> np.ndarray:
-        batch = np.asarray(x, dtype=self.op.dtype).T.reshape((-1, *self.op.input_shape))
-        return self.op._product(batch, self.method, None).reshape(batch.shape[0], -1).T
+        return self._apply(x, adjoint=False)
 
     def _rmatmat(self, y: np.ndarray) -> np.ndarray:
-        batch = np.asarray(y, dtype=self.op.dtype).T.reshape((-1, *self.op.out_shape))
-        return self.op._adjoint_product(batch, self.method, None).reshape(batch.shape[0], -1).T
+        return self._apply(y, adjoint=True)
 
     def _matvec(self, x: np.ndarray) -> np.ndarray:
         return self._matmat(np.reshape(x, (-1, 1)))[:, 0]
@@ -222,7 +242,8 @@ class ConvOperator(MatrixOperator):
         self._spatial = pattern.spatial
         self._layout = None if pattern.param_index is None else value_layout(
             self.geometry, pattern.indptr, pattern.param_index, uniform_filters=self._mask is None)
-        self._tables: Optional[TapTables] = None
+        self._forward_table: Optional[np.ndarray] = None
+        self._adjoint_tables: Optional[AdjointTables] = None
         self._auto: dict[str, str] = {}
         self.matrix = sp.csr_array(
             (np.empty(pattern.nnz, dtype=dtype), pattern.indices, pattern.indptr), shape=pattern.shape)
@@ -320,24 +341,54 @@ class ConvOperator(MatrixOperator):
         self.bias = bias.copy()
 
     # ------------------------------------------------------------------ products
-    def tap_tables(self) -> TapTables:
-        """The gather tables of the factored products (built at first use, then kept)."""
-        if self._tables is None:
-            self._tables = tap_tables(self.geometry, self._spatial)
-        return self._tables
+    def tap_table(self) -> np.ndarray:
+        """The tap table of the factored products (built at first use, then kept).
+
+        Returns
+        -------
+        ndarray of shape (prod(out), prod(kernel)), intp
+            See :func:`sparseconv.factored.forward_table`.
+        """
+        if self._forward_table is None:
+            self._forward_table = forward_table(self.geometry, self._spatial)
+        return self._forward_table
+
+    def adjoint_tables(self) -> AdjointTables:
+        """The tables of the factored adjoint (built at first use, then kept).
+
+        Returns
+        -------
+        AdjointTables
+            See :func:`sparseconv.factored.adjoint_tables`.
+        """
+        if self._adjoint_tables is None:
+            self._adjoint_tables = adjoint_tables(self.geometry, self._spatial)
+        return self._adjoint_tables
 
     def method(self, product: str) -> str:
-        """The method ``method="auto"`` takes for ``product`` ("forward" or "adjoint").
+        """The method ``method="auto"`` takes for a product.
 
         ``"taps"`` (the factored product of :mod:`sparseconv.factored`: a gather and a BLAS
         GEMM) when the layer has enough channels for BLAS and few explicit zeros among the
         gathered taps, else ``"csr"`` (scipy's CSR kernel on :attr:`matrix`). Depends only on
         the layer's shape and mask; see :func:`sparseconv.factored.choose_method`.
+
+        Parameters
+        ----------
+        product : {"forward", "adjoint"}
+
+        Returns
+        -------
+        {"taps", "csr"}
+
+        Raises
+        ------
+        ValueError
+            For an unknown ``product``.
         """
         if product not in self._auto:
             mask_fraction = 1.0 if self._mask is None else float(self._mask.mean())
-            slots = self.tap_tables().adjoint_slots if product == "adjoint" else None
-            self._auto[product] = choose_method(self.geometry, self._spatial, product, mask_fraction, slots)
+            self._auto[product] = choose_method(self.geometry, self._spatial, product, mask_fraction)
         return self._auto[product]
 
     def _resolve(self, method: str, product: str) -> str:
@@ -402,7 +453,7 @@ class ConvOperator(MatrixOperator):
         n = x.shape[0]
         if self._resolve(method, "forward") == "taps":
             z = forward_taps(x.reshape(n, self.geometry.in_channels, -1), self._kernel(), self.geometry,
-                             self.tap_tables(), threads)
+                             self.tap_table(), threads)
         else:
             z = csr_matmat(self.matrix, x.reshape(n, -1).T, threads=threads).T
         return z.reshape((n, *self.out_shape))
@@ -412,7 +463,7 @@ class ConvOperator(MatrixOperator):
         n = dy.shape[0]
         if self._resolve(method, "adjoint") == "taps":
             dx = adjoint_taps(dy.reshape(n, self.geometry.out_channels, -1), self._kernel(), self.geometry,
-                              self.tap_tables(), threads)
+                              self.tap_table(), self.adjoint_tables(), threads)
         else:
             dx = csr_rmatmat(self.matrix, dy.reshape(n, -1).T, threads=threads).T
         return dx.reshape((n, *self.input_shape))
@@ -434,7 +485,7 @@ class ConvOperator(MatrixOperator):
             positions once (a zero where the tap reads padding) turns the whole sum into one
             ``(F/G, N*m) @ (N*m, taps*C/G)`` product per group -- BLAS speed, no ``(nnz, N)``
             scratch. It runs in chunks of samples (or, for huge layers, output positions) of
-            at most :data:`sparseconv.factored.CHUNK_ELEMENTS` gathered elements.
+            about :data:`sparseconv.factored.CHUNK_ELEMENTS` gathered elements.
         threads : int, optional
             Threads for the gather; default every core. The BLAS product runs on BLAS's own
             pool (limit it with ``threadpoolctl``).
@@ -452,7 +503,7 @@ class ConvOperator(MatrixOperator):
         if method == "taps":
             grad = weight_grad_taps(x.reshape(n, self.geometry.in_channels, -1),
                                     dy.reshape(n, self.geometry.out_channels, -1), self.geometry,
-                                    self.tap_tables(), threads)
+                                    self.tap_table(), threads)
         elif method == "entries":
             grad = self._weight_grad_entries(x.reshape(n, -1), dy.reshape(n, -1))
         else:

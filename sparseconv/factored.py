@@ -19,19 +19,22 @@ kernel gradient is ``dy`` times the gathered inputs, one GEMM per group.
 
 The tables come from the operator's :class:`~sparseconv.pattern.SpatialPattern`, the same
 tap-level list the CSR matrix is expanded from. A tap that reads padding (or a weight masked
-out of the matrix) is multiplied as an explicit zero, so these products do ``P * prod(kernel)
-* C/G * F`` multiply-adds per sample where the matrix has ``nnz``; :func:`choose_method` takes
-the CSR kernel where that extra work, or a channel count too small for BLAS, would cost more.
+out of the matrix) is multiplied as an explicit zero, so the forward does ``P * prod(kernel)
+* C/G * F`` multiply-adds per sample where the matrix has ``nnz`` (the adjoint, as many per
+slot of its tables: more where padding repeats input values); :func:`choose_method` takes the
+CSR kernel where that extra work, or a channel count too small for BLAS, would cost more.
 
 Every function takes and returns batches with channels first, ``(N, C, positions)``; the
 channels-last copies and the gathers run on sparseconv's thread pool (split over samples, or
 over positions when the batch is smaller than the thread count), the GEMMs on BLAS's. Work
 proceeds in chunks of samples (or of one sample's positions) so that the gathered block stays
-near :data:`CHUNK_ELEMENTS` elements whatever the batch.
+near :data:`CHUNK_ELEMENTS` elements whatever the batch (one output row's gather at least; the
+channels-last copy of a chunk's input is at most one copy of the input).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -39,10 +42,11 @@ import numpy as np
 
 from .geometry import ConvGeometry
 from .parallel import get_threads, run_blocks
-from .pattern import SpatialPattern
+from .pattern import SpatialPattern, source_index
 
-__all__ = ["CHUNK_ELEMENTS", "AdjointPhase", "TapTables", "tap_tables", "choose_method", "forward_taps", "adjoint_taps",
-           "weight_grad_taps"]
+__all__ = ["CHUNK_ELEMENTS", "AdjointPhase", "AdjointTables", "forward_table", "adjoint_plan", "adjoint_tables",
+           "gather_tables",
+           "choose_method", "forward_taps", "adjoint_taps", "weight_grad_taps"]
 
 # Elements of one gathered block: a few MB, so the block is still in cache when BLAS reads
 # it (measured faster than 4x larger) and large enough for BLAS to run near its peak.
@@ -87,44 +91,30 @@ class AdjointPhase:
 
 
 @dataclass(frozen=True)
-class TapTables:
-    """Gather tables of the factored products of one convolution.
+class AdjointTables:
+    """How the factored adjoint of one convolution runs: gather phases, or scatter rounds.
 
     Attributes
     ----------
-    forward : ndarray of shape (prod(out), prod(kernel)), intp
-        ``forward[o, t]``: the input position tap ``t`` reads at output position ``o``, or
-        ``prod(in)`` (a zero row appended to the input) where it reads padding.
-    scatter_adjoint : bool
-        True when the adjoint runs the forward table backwards (a GEMM, then each tap's
-        products added back at the positions it read -- col2im) instead of gathering through
-        the phases: for zero padding when most inverse slots would be holes, as in a valid
-        convolution whose output is much smaller than its input (LeNet-5's C5 reads each input
-        position through exactly one tap of 25).
-    scatter_rounds : tuple of ndarray
-        With :attr:`scatter_adjoint`, taps grouped so that no two taps of a group read the same
-        input position: each group adds back in one indexed operation.
     phases : tuple of AdjointPhase
-        The inverse tables. With zero padding and a stride, input positions fall into
-        ``prod(stride)`` phases (their coordinates plus the low padding, modulo the stride)
-        and only the taps congruent to a phase can read it, so each phase lists only those:
-        no slot is a hole between strided outputs. Otherwise one phase lists every tap,
-        ``multiplicity`` times (the most outputs any (input position, tap) pair is read by: 1
-        except for circular padding wrapping around a small input more than once).
+        The inverse tables, when the adjoint gathers (empty when it scatters). With zero
+        padding and a stride, input positions fall into ``prod(stride)`` phases (their
+        coordinates plus the low padding, modulo the stride) and only the taps congruent to a
+        phase can read it, so each phase lists only those: no slot is a hole between strided
+        outputs. Otherwise one phase lists every tap ``multiplicity`` times, the most output
+        positions any (input position, tap) pair is read by: 1 for zero padding, more where
+        padding repeats input values (reflect, replicate, and circular padding that wraps).
+    scatter_rounds : tuple of ndarray
+        When the adjoint scatters (empty when it gathers): it runs the forward table
+        backwards -- a GEMM, then each tap's products added back at the input positions it
+        read (col2im) -- in rounds of taps that read disjoint positions, one indexed add per
+        round. Chosen for zero padding when most inverse slots would be holes, as in a valid
+        convolution whose output is much smaller than its input (LeNet-5's C5 reads each
+        input position through one tap of 25).
     """
 
-    forward: np.ndarray
     phases: tuple[AdjointPhase, ...]
-    scatter_adjoint: bool = False
-    scatter_rounds: tuple[np.ndarray, ...] = ()
-
-    @property
-    def adjoint_slots(self) -> int:
-        """Rows x taps the factored adjoint works through per sample: the forward table's when
-        it scatters (:attr:`scatter_adjoint`), else the sum over the gather phases."""
-        if self.scatter_adjoint:
-            return self.forward.size
-        return sum(p.table.size for p in self.phases)
+    scatter_rounds: tuple[np.ndarray, ...]
 
 
 def _phase_of(geom: ConvGeometry, in_pos: np.ndarray) -> np.ndarray:
@@ -144,8 +134,8 @@ def _ranked(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order, np.arange(keys.size) - np.repeat(run_start, np.diff(np.append(run_start, keys.size)))
 
 
-def tap_tables(geom: ConvGeometry, spatial: SpatialPattern) -> TapTables:
-    """Build the forward and inverse tap tables of a convolution from its spatial pattern.
+def forward_table(geom: ConvGeometry, spatial: SpatialPattern) -> np.ndarray:
+    """The tap table of a convolution: which input position each tap reads at each output.
 
     Parameters
     ----------
@@ -155,14 +145,129 @@ def tap_tables(geom: ConvGeometry, spatial: SpatialPattern) -> TapTables:
 
     Returns
     -------
-    TapTables
+    ndarray of shape (prod(out), prod(kernel)), intp
+        ``table[o, t]``: the input position tap ``t`` (flat index into the weight as stored)
+        reads at output position ``o``, or ``prod(in)`` (a zero row appended to the input)
+        where it reads padding.
+    """
+    n_in, n_out = int(np.prod(geom.in_size)), int(np.prod(geom.out_size))
+    table = np.full((n_out, int(np.prod(geom.kernel_size))), n_in, dtype=np.intp)
+    table[spatial.out_pos, spatial.tap] = spatial.in_pos
+    return table
+
+
+def _phased(geom: ConvGeometry) -> bool:
+    # Zero padding never wraps, so a stride splits input positions into phases.
+    return geom.padding_mode == "zeros" and max(geom.stride) > 1
+
+
+def _gather_slots(geom: ConvGeometry, spatial: SpatialPattern) -> int:
+    """Rows x columns of the inverse tables, counted without building them."""
+    n_in, n_taps = int(np.prod(geom.in_size)), int(np.prod(geom.kernel_size))
+    if _phased(geom):
+        n_phases = int(np.prod(geom.stride))
+        positions = np.bincount(_phase_of(geom, np.arange(n_in)), minlength=n_phases)
+        pairs = np.unique(_phase_of(geom, spatial.in_pos) * n_taps + spatial.tap)
+        return int((positions * np.bincount(pairs // n_taps, minlength=n_phases)).sum())
+    rank = _ranked(spatial.in_pos * n_taps + spatial.tap)[1]
+    return n_in * n_taps * (int(rank.max()) + 1 if rank.size else 1)
+
+
+def adjoint_plan(geom: ConvGeometry, spatial: SpatialPattern) -> tuple[bool, int]:
+    """Whether the factored adjoint scatters, and the rows x taps it works through per sample.
+
+    Cheap (no table is built), so that choosing a method costs nothing on layers that end
+    up on the CSR kernel.
+
+    Parameters
+    ----------
+    geom : ConvGeometry
+    spatial : SpatialPattern
+
+    Returns
+    -------
+    scatter : bool
+        See :attr:`AdjointTables.scatter_rounds`: zero padding, the inverse tables less than
+        half real, the forward table at least half real.
+    slots : int
+        The forward table's size when scattering, else the inverse tables' total size.
+    """
+    gather = _gather_slots(geom, spatial)
+    n_forward = int(np.prod(geom.out_size)) * int(np.prod(geom.kernel_size))
+    scatter = (geom.padding_mode == "zeros"
+               and spatial.n_items < _MIN_FILL * gather and spatial.n_items >= _MIN_FILL * n_forward)
+    return scatter, n_forward if scatter else gather
+
+
+def _scatter_rounds(geom: ConvGeometry) -> tuple[np.ndarray, ...]:
+    """Taps grouped so that no two of a group read the same input position (zero padding).
+
+    Two taps collide only if they collide along every dimension, so greedy groups of one
+    dimension's taps (those whose read positions are disjoint) multiply into groups of the
+    whole kernel: a product over dimensions, never a scan over taps x positions.
+    """
+    per_dim = []
+    for i, k, o, s, d, (lo, hi) in zip(geom.in_size, geom.kernel_size, geom.out_size, geom.stride, geom.dilation,
+                                       geom.padding):
+        src = source_index(i, lo, hi, "zeros")[np.arange(o)[:, None] * s + np.arange(k) * d]
+        reads = np.zeros((k, i), dtype=bool)
+        tap, out = np.nonzero(src.T >= 0)
+        reads[tap, src.T[tap, out]] = True
+        groups: list[list[int]] = []
+        seen: list[np.ndarray] = []
+        for kk in range(k):
+            for members, used in zip(groups, seen):
+                if not np.any(used & reads[kk]):
+                    members.append(kk)
+                    used |= reads[kk]
+                    break
+            else:
+                groups.append([kk])
+                seen.append(reads[kk].copy())
+        per_dim.append(groups)
+    n_taps = int(np.prod(geom.kernel_size))
+    rounds = []
+    for combo in itertools.product(*per_dim):
+        flat = np.ravel_multi_index(np.meshgrid(*combo, indexing="ij"), geom.kernel_size).reshape(-1)
+        # A true convolution stores the kernel rotated: geometric tap t is weight tap -1-t.
+        rounds.append(np.sort(n_taps - 1 - flat if geom.flip else flat).astype(np.intp))
+    return tuple(rounds)
+
+
+def adjoint_tables(geom: ConvGeometry, spatial: SpatialPattern) -> AdjointTables:
+    """Build the tables of the factored adjoint (see :func:`adjoint_plan` for which kind).
+
+    Parameters
+    ----------
+    geom : ConvGeometry
+    spatial : SpatialPattern
+
+    Returns
+    -------
+    AdjointTables
+    """
+    if adjoint_plan(geom, spatial)[0]:
+        return AdjointTables(phases=(), scatter_rounds=_scatter_rounds(geom))
+    return AdjointTables(phases=gather_tables(geom, spatial), scatter_rounds=())
+
+
+def gather_tables(geom: ConvGeometry, spatial: SpatialPattern) -> tuple[AdjointPhase, ...]:
+    """The inverse tap tables, by stride phase (see :attr:`AdjointTables.phases`).
+
+    Parameters
+    ----------
+    geom : ConvGeometry
+    spatial : SpatialPattern
+
+    Returns
+    -------
+    tuple of AdjointPhase
+        Their positions partition the input positions.
     """
     n_in, n_out = int(np.prod(geom.in_size)), int(np.prod(geom.out_size))
     n_taps = int(np.prod(geom.kernel_size))
-    forward = np.full((n_out, n_taps), n_in, dtype=np.intp)
-    forward[spatial.out_pos, spatial.tap] = spatial.in_pos
-    if geom.padding_mode == "zeros" and max(geom.stride) > 1:
-        # Zero padding never wraps, so (input position, tap) determines the output: one slot each.
+    if _phased(geom):
+        # (input position, tap) determines the output: one slot each.
         phase = _phase_of(geom, spatial.in_pos)
         input_phase = _phase_of(geom, np.arange(n_in))
         phases = []
@@ -176,44 +281,16 @@ def tap_tables(geom: ConvGeometry, spatial: SpatialPattern) -> TapTables:
             table[np.searchsorted(positions, spatial.in_pos[items]),
                   np.searchsorted(taps, spatial.tap[items])] = spatial.out_pos[items]
             phases.append(AdjointPhase(positions=positions, table=table, taps=taps.astype(np.intp)))
-        return _with_scatter_rule(geom, spatial, TapTables(forward=forward, phases=tuple(phases)))
+        return tuple(phases)
     order, rank = _ranked(spatial.in_pos * n_taps + spatial.tap)
     multiplicity = int(rank.max()) + 1 if rank.size else 1
     table = np.full((n_in, n_taps, multiplicity), n_out, dtype=np.intp)
     table[spatial.in_pos[order], spatial.tap[order], rank] = spatial.out_pos[order]
     taps = np.repeat(np.arange(n_taps, dtype=np.intp), multiplicity)
-    return _with_scatter_rule(geom, spatial, TapTables(forward=forward,
-                                                       phases=(AdjointPhase(None, table.reshape(n_in, -1), taps),)))
+    return (AdjointPhase(None, table.reshape(n_in, -1), taps),)
 
 
-def _with_scatter_rule(geom: ConvGeometry, spatial: SpatialPattern, tables: TapTables) -> TapTables:
-    """Set :attr:`TapTables.scatter_adjoint`: zero padding (each tap reads distinct positions,
-    so a tap's products add back without collisions), gathers mostly holes, forward dense."""
-    gather_fill = spatial.n_items / max(tables.adjoint_slots, 1)
-    forward_fill = spatial.n_items / max(tables.forward.size, 1)
-    if not (geom.padding_mode == "zeros" and gather_fill < _MIN_FILL <= forward_fill):
-        return tables
-    n_in = int(np.prod(geom.in_size))
-    rounds: list[list[int]] = []
-    used: list[np.ndarray] = []
-    for t in range(tables.forward.shape[1]):
-        read = np.zeros(n_in + 1, dtype=bool)
-        read[tables.forward[:, t]] = True
-        read[n_in] = False
-        for taps, seen in zip(rounds, used):
-            if not np.any(seen & read):
-                taps.append(t)
-                seen |= read
-                break
-        else:
-            rounds.append([t])
-            used.append(read)
-    return TapTables(forward=tables.forward, phases=tables.phases, scatter_adjoint=True,
-                     scatter_rounds=tuple(np.array(r, dtype=np.intp) for r in rounds))
-
-
-def choose_method(geom: ConvGeometry, spatial: SpatialPattern, product: str, mask_fraction: float = 1.0,
-                  adjoint_slots: Optional[int] = None) -> str:
+def choose_method(geom: ConvGeometry, spatial: SpatialPattern, product: str, mask_fraction: float = 1.0) -> str:
     """``"taps"`` (factored, BLAS) or ``"csr"`` (scipy's CSR kernel) for a product.
 
     The factored product wins when BLAS gets wide enough operands and few of the gathered taps
@@ -224,29 +301,36 @@ def choose_method(geom: ConvGeometry, spatial: SpatialPattern, product: str, mas
     Parameters
     ----------
     geom : ConvGeometry
+        The layer's shapes and options.
     spatial : SpatialPattern
+        Its tap-level pattern (how many (output, input, tap) items are real).
     product : {"forward", "adjoint"}
     mask_fraction : float, default 1.0
         Fraction of weights present in the matrix.
-    adjoint_slots : int, optional
-        :attr:`TapTables.adjoint_slots`; needed for the adjoint.
 
     Returns
     -------
     str
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``product``.
     """
     cin_g, f_per_g = geom.in_channels // geom.groups, geom.out_channels // geom.groups
     if product == "forward":
-        gathered, produced, slots = cin_g, f_per_g, int(np.prod(geom.out_size)) * int(np.prod(geom.kernel_size))
+        gathered, produced = cin_g, f_per_g
     elif product == "adjoint":
-        if adjoint_slots is None:
-            raise ValueError("choose_method needs adjoint_slots for the adjoint")
-        gathered, produced, slots = f_per_g, cin_g, adjoint_slots
+        gathered, produced = f_per_g, cin_g
     else:
         raise ValueError(f"product must be 'forward' or 'adjoint'; got {product!r}")
-    fill = mask_fraction * spatial.n_items / max(slots, 1)
     if gathered < _MIN_GATHER_CHANNELS or produced < _MIN_OUTPUT_CHANNELS[product]:
         return "csr"
+    if product == "forward":
+        slots = int(np.prod(geom.out_size)) * int(np.prod(geom.kernel_size))
+    else:
+        slots = adjoint_plan(geom, spatial)[1]
+    fill = mask_fraction * spatial.n_items / max(slots, 1)
     wide = min(gathered, produced) >= _WIDE_CHANNELS
     return "taps" if fill >= (_MIN_FILL_WIDE if wide else _MIN_FILL) else "csr"
 
@@ -311,7 +395,7 @@ def _chunks(n: int, tables: list[np.ndarray], channels: int) -> list[tuple[int, 
     several whole samples when one fits, else one sample in row ranges."""
     per_sample = sum(t.size for t in tables) * channels
     if per_sample <= CHUNK_ELEMENTS:
-        step = max(1, CHUNK_ELEMENTS // max(per_sample, 1))
+        step = CHUNK_ELEMENTS // max(per_sample, 1)
         whole = [(i, 0, t.shape[0]) for i, t in enumerate(tables)]
         return [(n0, min(n, n0 + step), whole) for n0 in range(0, n, step)]
     pieces = []
@@ -352,7 +436,7 @@ def _factored_product(a: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray, O
     return out
 
 
-def forward_taps(x: np.ndarray, weight: np.ndarray, geom: ConvGeometry, tables: TapTables,
+def forward_taps(x: np.ndarray, weight: np.ndarray, geom: ConvGeometry, table: np.ndarray,
                  threads: Optional[int] = None) -> np.ndarray:
     """``W @ x`` for a batch, as a gather through the tap table and one GEMM per group.
 
@@ -362,7 +446,8 @@ def forward_taps(x: np.ndarray, weight: np.ndarray, geom: ConvGeometry, tables: 
     weight : ndarray of shape (F, C // groups, prod(kernel))
         With masked weights zero.
     geom : ConvGeometry
-    tables : TapTables
+    table : ndarray of shape (prod(out), prod(kernel))
+        :func:`forward_table`.
     threads : int, optional
         Threads for the copies and gathers; BLAS uses its own pool.
 
@@ -375,14 +460,13 @@ def forward_taps(x: np.ndarray, weight: np.ndarray, geom: ConvGeometry, tables: 
     f_per_g = f_total // g
     # B[g, (t, c), f] = w[g F/G + f, c, t]: the gathered row (taps, channels) times B.
     mat = weight.reshape(g, f_per_g, cin_g, n_taps).transpose(0, 3, 2, 1).reshape(g, n_taps * cin_g, f_per_g)
-    return _factored_product(x, [(tables.forward, np.ascontiguousarray(mat), None)], g, tables.forward.shape[0],
-                             threads)
+    return _factored_product(x, [(table, np.ascontiguousarray(mat), None)], g, table.shape[0], threads)
 
 
-def adjoint_taps(dy: np.ndarray, weight: np.ndarray, geom: ConvGeometry, tables: TapTables,
-                 threads: Optional[int] = None) -> np.ndarray:
+def adjoint_taps(dy: np.ndarray, weight: np.ndarray, geom: ConvGeometry, table: np.ndarray,
+                 tables: AdjointTables, threads: Optional[int] = None) -> np.ndarray:
     """``W.T @ dy`` for a batch: gather ``dy`` through the inverse tap tables and one GEMM per
-    group and phase, or (:attr:`TapTables.scatter_adjoint`) one GEMM and an indexed add per
+    group and phase, or (:attr:`AdjointTables.scatter_rounds`) one GEMM and an indexed add per
     round of taps.
 
     Parameters
@@ -391,7 +475,10 @@ def adjoint_taps(dy: np.ndarray, weight: np.ndarray, geom: ConvGeometry, tables:
     weight : ndarray of shape (F, C // groups, prod(kernel))
         With masked weights zero.
     geom : ConvGeometry
-    tables : TapTables
+    table : ndarray of shape (prod(out), prod(kernel))
+        :func:`forward_table` (what a scattering adjoint runs backwards).
+    tables : AdjointTables
+        :func:`adjoint_tables`.
     threads : int, optional
 
     Returns
@@ -402,8 +489,8 @@ def adjoint_taps(dy: np.ndarray, weight: np.ndarray, geom: ConvGeometry, tables:
     f_total, cin_g, n_taps = weight.shape
     f_per_g = f_total // g
     kernel = weight.reshape(g, f_per_g, cin_g, n_taps)
-    if tables.scatter_adjoint:
-        return _adjoint_scatter(dy, kernel, tables, int(np.prod(geom.in_size)), threads)
+    if tables.scatter_rounds:
+        return _adjoint_scatter(dy, kernel, table, tables.scatter_rounds, int(np.prod(geom.in_size)), threads)
     parts = []
     for phase in tables.phases:
         # A[g, (slot, f), c] = w[g F/G + f, c, tap(slot)]: the kernel read backwards, per slot.
@@ -412,14 +499,13 @@ def adjoint_taps(dy: np.ndarray, weight: np.ndarray, geom: ConvGeometry, tables:
     return _factored_product(dy, parts, g, int(np.prod(geom.in_size)), threads)
 
 
-def _adjoint_scatter(dy: np.ndarray, kernel: np.ndarray, tables: TapTables, n_in: int,
-                     threads: Optional[int]) -> np.ndarray:
+def _adjoint_scatter(dy: np.ndarray, kernel: np.ndarray, table: np.ndarray, rounds: tuple[np.ndarray, ...],
+                     n_in: int, threads: Optional[int]) -> np.ndarray:
     """``S.T`` applied after ``I ⊗ B.T``: per output position the (taps, C/G) products of
     ``dy`` with the kernel, each tap's added back at the input positions it read, one indexed
     add per round of taps reading disjoint positions. ``kernel`` has shape (G, F/G, C/G, taps)."""
     g, f_per_g, cin_g, n_taps = kernel.shape
     n = dy.shape[0]
-    table = tables.forward
     # B.T[g, f, (t, c)] = w[g F/G + f, c, t].
     mat = np.ascontiguousarray(kernel.transpose(0, 1, 3, 2)).reshape(g, f_per_g, n_taps * cin_g)
     out = np.empty((n, g * cin_g, n_in), dtype=dy.dtype)
@@ -430,7 +516,7 @@ def _adjoint_scatter(dy: np.ndarray, kernel: np.ndarray, tables: TapTables, n_in
         for _, r0, r1 in pieces:
             rows = source[:, :, r0:r1].reshape(g, (n1 - n0) * (r1 - r0), f_per_g)
             prods = np.matmul(rows, mat).reshape(g, n1 - n0, r1 - r0, n_taps, cin_g)
-            for taps in tables.scatter_rounds:
+            for taps in rounds:
                 # Positions are distinct within a round (padding aside), so += adds each once.
                 values = prods[:, :, :, taps].transpose(0, 1, 3, 2, 4).reshape(g, n1 - n0, -1, cin_g)
                 staged[:, :, table[r0:r1, taps].T.reshape(-1)] += values
@@ -438,7 +524,7 @@ def _adjoint_scatter(dy: np.ndarray, kernel: np.ndarray, tables: TapTables, n_in
     return out
 
 
-def weight_grad_taps(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry, tables: TapTables,
+def weight_grad_taps(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry, table: np.ndarray,
                      threads: Optional[int] = None) -> np.ndarray:
     """Kernel gradient ``sum_n dy[n] (S x[n])^T``, one ``(F/G, N*P) @ (N*P, taps*C/G)`` GEMM per
     group and batch chunk.
@@ -448,7 +534,8 @@ def weight_grad_taps(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry, tables: 
     x : ndarray of shape (N, C, prod(in))
     dy : ndarray of shape (N, F, prod(out))
     geom : ConvGeometry
-    tables : TapTables
+    table : ndarray of shape (prod(out), prod(kernel))
+        :func:`forward_table`.
     threads : int, optional
 
     Returns
@@ -459,7 +546,6 @@ def weight_grad_taps(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry, tables: 
     g = geom.groups
     n, channels, _ = x.shape
     cin_g, f_per_g = channels // g, geom.out_channels // g
-    table = tables.forward
     n_out, n_taps = table.shape
     grad = np.zeros((g, f_per_g, n_taps, cin_g), dtype=x.dtype)
     for n0, n1, pieces in _chunks(n, [table], channels):

@@ -344,12 +344,33 @@ class ValueBlock:
     template: np.ndarray
 
     def view(self, array: np.ndarray) -> np.ndarray:
-        """The block of a 1-D contiguous ``array`` (values or weight indices), writeable."""
+        """The block of an array laid out like the matrix's values.
+
+        Parameters
+        ----------
+        array : ndarray of shape (nnz,)
+            Contiguous: the values, or ``param_index``.
+
+        Returns
+        -------
+        ndarray of shape :attr:`shape`
+            A writeable strided view.
+        """
         item = array.itemsize
         return np.lib.stride_tricks.as_strided(array[self.offset:], self.shape, tuple(s * item for s in self.strides))
 
     def broadcast(self, rows: np.ndarray) -> np.ndarray:
-        """``rows`` of shape (filters, row_length) broadcast to :attr:`shape`."""
+        """Repeat one row per filter over the block.
+
+        Parameters
+        ----------
+        rows : ndarray of shape (filters, row_length)
+
+        Returns
+        -------
+        ndarray of shape :attr:`shape`
+            A read-only broadcast view.
+        """
         return np.broadcast_to(rows.reshape(rows.shape[0], *(1,) * (len(self.shape) - 2), rows.shape[1]),
                                self.shape)
 
@@ -371,7 +392,7 @@ class ValueLayout:
     n_params : int
     """
 
-    def __init__(self, blocks: list[ValueBlock], n_params: int):
+    def __init__(self, blocks: list[ValueBlock], n_params: int) -> None:
         self.blocks = blocks
         # A block whose rows are whole filters in weight order needs no gather (the interior
         # class of an unmasked layer: usually most of the array); the other templates are
@@ -384,8 +405,21 @@ class ValueLayout:
         self._data: Optional[np.ndarray] = None
         self._views: list[np.ndarray] = []
 
+    def __getstate__(self) -> dict:
+        # The cached views would be copied as arrays of their own, detached from the copy's
+        # value array: drop them (the copy rebuilds them at its first write).
+        return {**self.__dict__, "_data": None, "_views": []}
+
     def write(self, weight: np.ndarray, data: np.ndarray) -> None:
-        """Fill ``data`` (the value array, 1-D contiguous) from a C-contiguous ``weight``."""
+        """Fill the value array from a weight.
+
+        Parameters
+        ----------
+        weight : ndarray of shape (F, C // groups, *kernel)
+            C-contiguous.
+        data : ndarray of shape (nnz,)
+            The matrix's value array, contiguous; overwritten.
+        """
         if data is not self._data:
             self._views = [block.view(data) for block in self.blocks]
             self._data = data
@@ -436,8 +470,9 @@ def value_layout(geom: ConvGeometry, indptr: np.ndarray, param_index: np.ndarray
     -------
     ValueLayout or None
         None when the rows do not decompose into at most ``max_blocks`` blocks (tiny inputs
-        next to large kernels, or many masked filters); the caller then gathers through
-        ``param_index``. Every block is checked against ``param_index`` here, so a layout
+        next to large kernels; a masked layer, whose filters each need their own blocks,
+        unless filters x classes stays small -- LeNet-5's C3 has 16 x 1); the caller then
+        gathers through ``param_index``. Every block is checked against ``param_index`` here, so a layout
         returned is exact.
     """
     runs = _dimension_runs(geom)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
+import pickle
 
 import numpy as np
 import pytest
@@ -235,6 +237,20 @@ def test_value_layout_blocks(size, kernel, opts, mask, blocks):
     w2 = rng.standard_normal(w.shape) * (1 if weight_mask is None else weight_mask)
     op.set_weight(w2)
     np.testing.assert_array_equal(op.matrix.data, w2.ravel()[op.param_index])
+
+
+@pytest.mark.parametrize("copier", [copy.deepcopy, lambda op: pickle.loads(pickle.dumps(op))], ids=["deepcopy", "pickle"])
+def test_copied_operator_set_weight_updates_its_own_matrix(copier):
+    rng = np.random.default_rng(0)
+    w, w2 = rng.standard_normal((2, 4, 3, 3, 3))
+    x = rng.standard_normal((2, 3, 6, 6))
+    op = sc.ConvOperator(w, (3, 6, 6), padding=1)
+    assert op._layout is not None
+    twin = copier(op)
+    twin.set_weight(w2)
+    for method in ("csr", "taps"):
+        assert_allclose(twin.forward(x, method=method), ref.conv_direct(x, w2, padding=1))
+        assert_allclose(op.forward(x, method=method), ref.conv_direct(x, w, padding=1))
 
 
 def test_tying_map_reproduces_values_everywhere():

@@ -202,66 +202,93 @@ def test_factored_products_are_adjoint(key, dtype):
     assert_allclose(lin @ u, op.matrix @ u, dtype=dtype, scale=float((abs(op.matrix) @ np.abs(u)).max()))
 
 
+def test_factored_linear_operator_inputs():
+    op = _case("N3-C2-F3-9x7-k3-p1", "float32")[0]
+    lin = op.as_linear_operator("taps")
+    rng = np.random.default_rng(0)
+    u = rng.standard_normal(op.shape[1]).astype(np.float32)
+    v = rng.standard_normal(op.shape[1]).astype(np.float32)
+    z = lin.matvec(u + 1j * v)
+    assert np.iscomplexobj(z)
+    assert_allclose(z.real, op.matrix @ u, dtype="float32")
+    assert_allclose(z.imag, op.matrix @ v, dtype="float32")
+    with pytest.raises(TypeError, match="computes in float32; a float64 block would be rounded"):
+        lin.matvec(u.astype(np.float64))
+
+
 @pytest.mark.parametrize("key", list(LAYERS))
 def test_tap_tables_factor_the_matrix(key):
     """W = (I_P kron B) S per group: rebuild W densely from the tables and the weight alone."""
     op, w, _, _, _ = _case(key, "float64")
     g = op.geometry
-    tables = op.tap_tables()
+    forward = op.tap_table()
     n_in, groups = int(np.prod(g.in_size)), g.groups
     cin_g, f_per_g = g.in_channels // groups, g.out_channels // groups
     kernel = w.reshape(g.out_channels, cin_g, -1)
-    dense = np.zeros((g.out_channels, tables.forward.shape[0], g.in_channels, n_in + 1))
+    dense = np.zeros((g.out_channels, forward.shape[0], g.in_channels, n_in + 1))
     for f in range(g.out_channels):
         for c in range(cin_g):
             channel = (f // f_per_g) * cin_g + c
             for t in range(kernel.shape[2]):
-                np.add.at(dense[f, :, channel], (np.arange(tables.forward.shape[0]), tables.forward[:, t]),
-                          kernel[f, c, t])
+                np.add.at(dense[f, :, channel], (np.arange(forward.shape[0]), forward[:, t]), kernel[f, c, t])
     assert_allclose(dense[..., :n_in].reshape(op.shape), op.matrix.toarray())
     # The inverse tables list every (output, tap) reading each input position exactly once,
     # and their phases partition the input positions.
     n_read, produced = 0, []
-    for phase in tables.phases:
+    phases = factored.gather_tables(g, op._spatial)
+    for phase in phases:
         positions = np.arange(n_in) if phase.positions is None else phase.positions
         produced.append(positions)
-        read = phase.table != tables.forward.shape[0]
+        read = phase.table != forward.shape[0]
         n_read += int(read.sum())
         r, slot = np.nonzero(read)
-        np.testing.assert_array_equal(tables.forward[phase.table[r, slot], phase.taps[slot]], positions[r])
+        np.testing.assert_array_equal(forward[phase.table[r, slot], phase.taps[slot]], positions[r])
     assert n_read == op._spatial.n_items
     np.testing.assert_array_equal(np.sort(np.concatenate(produced)), np.arange(n_in))
+    # The method rule counts the slots without building the tables.
+    scatter, slots = factored.adjoint_plan(g, op._spatial)
+    assert slots == (forward.size if scatter else sum(p.table.size for p in phases))
 
 
 def test_strided_adjoint_phases_have_no_holes():
     # Stride 2, 3x3, padding 1: four phases reading 1, 2, 2 and 4 taps (9 in all, not 4 x 9).
     op = sc.ConvOperator(np.ones((8, 8, 3, 3)), (8, 8, 8), stride=2, padding=1)
-    tables = op.tap_tables()
-    assert sorted(p.taps.size for p in tables.phases) == [1, 2, 2, 4]
-    assert tables.adjoint_slots == 16 * 9
+    assert sorted(p.taps.size for p in op.adjoint_tables().phases) == [1, 2, 2, 4]
+    assert factored.adjoint_plan(op.geometry, op._spatial) == (False, 16 * 9)
     assert op.method("adjoint") == "taps"
 
 
 def test_scatter_adjoint_rounds_read_disjoint_positions():
-    op = _case("N3-C4-F4-10x9-k8x6-valid-scatter", "float64")[0]
-    tables = op.tap_tables()
-    assert tables.scatter_adjoint
-    n_in = int(np.prod(op.geometry.in_size))
-    assert sorted(np.concatenate(tables.scatter_rounds).tolist()) == list(range(tables.forward.shape[1]))
-    for taps in tables.scatter_rounds:
-        read = tables.forward[:, taps].reshape(-1)
-        read = read[read != n_in]
-        assert np.unique(read).size == read.size
-    assert len(tables.scatter_rounds) > 1
+    for flip in (False, True):
+        op = sc.ConvOperator(np.ones((4, 2, 8, 6)), (4, 10, 9), stride=(1, 2), groups=2, flip=flip)
+        rounds, forward = op.adjoint_tables().scatter_rounds, op.tap_table()
+        assert op.adjoint_tables().phases == () and len(rounds) > 1
+        n_in = int(np.prod(op.geometry.in_size))
+        assert sorted(np.concatenate(rounds).tolist()) == list(range(forward.shape[1]))
+        for taps in rounds:
+            read = forward[:, taps].reshape(-1)
+            read = read[read != n_in]
+            assert np.unique(read).size == read.size
     # 1-D valid convolution 10 -> 3 with an 8-tap kernel: taps {0,3,6}, {1,4,7}, {2,5}.
     op1 = sc.ConvOperator(np.ones((1, 1, 8)), (1, 10))
-    assert [r.tolist() for r in op1.tap_tables().scatter_rounds] == [[0, 3, 6], [1, 4, 7], [2, 5]]
+    assert [r.tolist() for r in op1.adjoint_tables().scatter_rounds] == [[0, 3, 6], [1, 4, 7], [2, 5]]
+
+
+def test_tables_are_built_only_for_the_products_that_use_them():
+    # Replicate padding of a 7x7 kernel would need inverse tables 16x the input: never built
+    # unless the factored adjoint runs (its one channel sends every product to the CSR kernel).
+    op = sc.ConvOperator(np.ones((1, 1, 7, 7), np.float32), (1, 64, 64), padding=3, padding_mode="replicate")
+    x = np.ones((2, 1, 64, 64), np.float32)
+    op.backward_input(op.forward(x))
+    assert op._forward_table is None and op._adjoint_tables is None
+    op.weight_grad(x, x)
+    assert op._forward_table is not None and op._adjoint_tables is None
 
 
 def test_tap_tables_multiplicity_when_circular_wraps_twice():
     # 9 outputs read a 5-long circular input: each (position, tap) pair is read twice.
     op = sc.ConvOperator(np.ones((1, 1, 5)), (1, 5), padding=4, padding_mode="circular")
-    (phase,) = op.tap_tables().phases
+    (phase,) = op.adjoint_tables().phases
     assert phase.table.shape == (5, 10) and phase.taps.tolist() == [t for t in range(5) for _ in range(2)]
     dy = np.random.default_rng(0).standard_normal((2, 1, 9))
     assert_allclose(op.backward_input(dy, method="taps"), op.backward_input(dy, method="csr"))
@@ -294,8 +321,6 @@ def test_method_rule_rejects_unknown_product():
     op = sc.ConvOperator(np.ones((2, 2, 3)), (2, 8))
     with pytest.raises(ValueError, match="product must be 'forward' or 'adjoint'; got 'both'"):
         factored.choose_method(op.geometry, op._spatial, "both")
-    with pytest.raises(ValueError, match="needs adjoint_slots"):
-        factored.choose_method(op.geometry, op._spatial, "adjoint")
 
 
 def test_weight_grad_masked_and_after_set_weight(small_blocks):
