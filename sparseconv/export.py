@@ -20,7 +20,6 @@ from typing import Optional, Union
 import numpy as np
 import scipy.sparse as sp
 
-from .geometry import check_batch
 from .nn import ACTIVATIONS, Activation, Flatten, MaxPool2d, Module, Sequential
 
 __all__ = ["Stage", "MLP", "to_mlp"]

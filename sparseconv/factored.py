@@ -42,7 +42,7 @@ import numpy as np
 
 from .geometry import ConvGeometry
 from .parallel import get_threads, run_blocks
-from .pattern import SpatialPattern, source_index
+from .pattern import SpatialPattern, axis_sources
 
 __all__ = ["CHUNK_ELEMENTS", "AdjointPhase", "AdjointTables", "forward_table", "adjoint_plan", "adjoint_tables",
            "gather_tables",
@@ -207,9 +207,7 @@ def _scatter_rounds(geom: ConvGeometry) -> tuple[np.ndarray, ...]:
     whole kernel: a product over dimensions, never a scan over taps x positions.
     """
     per_dim = []
-    for i, k, o, s, d, (lo, hi) in zip(geom.in_size, geom.kernel_size, geom.out_size, geom.stride, geom.dilation,
-                                       geom.padding):
-        src = source_index(i, lo, hi, "zeros")[np.arange(o)[:, None] * s + np.arange(k) * d]
+    for src, i, k in zip(axis_sources(geom), geom.in_size, geom.kernel_size):
         reads = np.zeros((k, i), dtype=bool)
         tap, out = np.nonzero(src.T >= 0)
         reads[tap, src.T[tap, out]] = True
@@ -229,7 +227,7 @@ def _scatter_rounds(geom: ConvGeometry) -> tuple[np.ndarray, ...]:
     rounds = []
     for combo in itertools.product(*per_dim):
         flat = np.ravel_multi_index(np.meshgrid(*combo, indexing="ij"), geom.kernel_size).reshape(-1)
-        # A true convolution stores the kernel rotated: geometric tap t is weight tap -1-t.
+        # A true convolution stores the kernel rotated: geometric tap t is weight tap n_taps-1-t.
         rounds.append(np.sort(n_taps - 1 - flat if geom.flip else flat).astype(np.intp))
     return tuple(rounds)
 

@@ -33,6 +33,7 @@ __all__ = [
     "TiedPattern",
     "MemoryBudgetError",
     "source_index",
+    "axis_sources",
     "spatial_pattern",
     "build_pattern",
     "index_dtype",
@@ -436,13 +437,28 @@ class ValueLayout:
             view[...] = values.reshape(shape[0], *(1,) * (view.ndim - 2), shape[1])
 
 
+def axis_sources(geom: ConvGeometry) -> list[np.ndarray]:
+    """Per spatial dimension, the input coordinate each (output, tap) pair reads.
+
+    Parameters
+    ----------
+    geom : ConvGeometry
+
+    Returns
+    -------
+    list of ndarray of shape (out_size[d], kernel_size[d]), int64
+        ``-1`` where the tap reads zero padding; geometric taps (``flip`` not applied).
+    """
+    return [source_index(i, lo, hi, geom.padding_mode)[np.arange(o)[:, None] * s + np.arange(k) * d]
+            for i, k, o, s, d, (lo, hi) in zip(geom.in_size, geom.kernel_size, geom.out_size, geom.stride,
+                                               geom.dilation, geom.padding)]
+
+
 def _dimension_runs(geom: ConvGeometry) -> list[list[tuple[int, int]]]:
     """Per spatial dimension, maximal runs of consecutive output positions whose taps read
     inputs in the same order with the same taps valid (so their matrix rows repeat)."""
     runs = []
-    for i, k, o, s, d, (lo, hi) in zip(geom.in_size, geom.kernel_size, geom.out_size, geom.stride, geom.dilation,
-                                       geom.padding):
-        src = source_index(i, lo, hi, geom.padding_mode)[np.arange(o)[:, None] * s + np.arange(k) * d]
+    for src, o in zip(axis_sources(geom), geom.out_size):
         # Rank of each tap's input position within its output position (ties share a rank).
         ranks = np.where(src >= 0, (src[:, :, None] > src[:, None, :]).sum(axis=2), -1)
         change = np.flatnonzero(np.any(ranks[1:] != ranks[:-1], axis=1)) + 1

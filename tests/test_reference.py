@@ -13,7 +13,7 @@ from scipy import signal
 from scipy.sparse.linalg import LinearOperator
 
 from sparseconv import reference as ref
-from sparseconv.geometry import ConvGeometry, conv_geometry
+from sparseconv.geometry import ConvGeometry
 from sparseconv.testing import assert_allclose, dottest, numerical_gradient
 
 from cases import Case
