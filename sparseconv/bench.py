@@ -491,27 +491,22 @@ def _matrix_bytes(op: ConvOperator) -> int:
     return int(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes + op.param_index.nbytes)
 
 
-def _build_with_tables(case: Case, budget: int) -> ConvOperator:
-    """The operator plus the gather tables its default products use (part of its set-up)."""
+def _build_with_tables(case: Case, budget: int) -> tuple[ConvOperator, int]:
+    """The operator plus the gather tables its default products use (part of its set-up),
+    and the bytes of those tables."""
     op = _build_operator(case, budget)
+    tables = []
     if "taps" in (op.method("forward"), op.method("adjoint")):
-        op.tap_table()
+        tables.append(op.tap_table())
     if op.method("adjoint") == "taps":
-        op.adjoint_tables()
-    return op
-
-
-def _table_bytes(op: ConvOperator) -> int:
-    arrays = [] if op._forward_table is None else [op._forward_table]
-    if op._adjoint_tables is not None:
-        arrays += [a for p in op._adjoint_tables.phases for a in (p.table, p.taps)]
-        arrays += list(op._adjoint_tables.scatter_rounds)
-    return int(sum(a.nbytes for a in arrays))
+        adjoint = op.adjoint_tables()
+        tables += [a for p in adjoint.phases for a in (p.table, p.taps)] + list(adjoint.scatter_rounds)
+    return op, int(sum(a.nbytes for a in tables))
 
 
 def _prepare_sparse(case: Case, *, threads: int, budget: int, repeats: int, max_seconds: float,
                     max_direct_macs: int) -> Prepared:
-    op = _build_with_tables(case, budget)
+    op, table_bytes = _build_with_tables(case, budget)
     build = measure(lambda: _build_with_tables(case, budget), repeats=min(repeats, 3), max_seconds=max_seconds,
                     warmup=False)
     x, w, dy = case.x, case.w, case.dy
@@ -520,7 +515,7 @@ def _prepare_sparse(case: Case, *, threads: int, budget: int, repeats: int, max_
         passes={"forward": lambda: op.forward(x), "input_grad": lambda: op.backward_input(dy),
                 "weight_grad": lambda: op.weight_grad(x, dy)},
         buffer_name="sparse matrix (values, indices, indptr, param_index) and gather tables",
-        buffer_bytes=_matrix_bytes(op) + _table_bytes(op),
+        buffer_bytes=_matrix_bytes(op) + table_bytes,
         build_s=build["median_s"], refresh=lambda: op.set_weight(w),
         info={"matrix_shape": list(op.shape), "nnz": op.nnz, "forward_method": op.method("forward"),
               "input_grad_method": op.method("adjoint"), "weight_grad_method": "taps",
