@@ -360,6 +360,20 @@ class ValueBlock:
         item = array.itemsize
         return np.lib.stride_tricks.as_strided(array[self.offset:], self.shape, tuple(s * item for s in self.strides))
 
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        """One row per filter, shaped to broadcast over the block.
+
+        Parameters
+        ----------
+        rows : ndarray of shape (filters, row_length)
+
+        Returns
+        -------
+        ndarray of shape (filters, 1, ..., 1, row_length)
+            A view, with as many axes as :attr:`shape`.
+        """
+        return rows.reshape(self.shape[0], *(1,) * (len(self.shape) - 2), self.shape[-1])
+
     def broadcast(self, rows: np.ndarray) -> np.ndarray:
         """Repeat one row per filter over the block.
 
@@ -372,8 +386,7 @@ class ValueBlock:
         ndarray of shape :attr:`shape`
             A read-only broadcast view.
         """
-        return np.broadcast_to(rows.reshape(rows.shape[0], *(1,) * (len(self.shape) - 2), rows.shape[1]),
-                               self.shape)
+        return np.broadcast_to(self.rows(rows), self.shape)
 
 
 class ValueLayout:
@@ -428,13 +441,13 @@ class ValueLayout:
         rows = np.take(flat, self._gather, mode="wrap")
         start = 0
         for block, view, direct in zip(self.blocks, self._views, self._direct):
-            shape = block.template.shape
             if direct:
-                values = flat.reshape(shape)
+                values = flat
             else:
-                values = rows[start:start + block.template.size].reshape(shape)
+                values = rows[start:start + block.template.size]
                 start += block.template.size
-            view[...] = values.reshape(shape[0], *(1,) * (view.ndim - 2), shape[1])
+            # Numpy broadcasts the assignment itself: cheaper than a broadcast_to view.
+            view[...] = block.rows(values)
 
 
 def axis_sources(geom: ConvGeometry) -> list[np.ndarray]:
