@@ -525,6 +525,16 @@ class Linear(Module):
         if bias:
             self.params["bias"] = Parameter(_uniform(gen, bound, (out_features,), self.dtype))
 
+    @property
+    def weight(self) -> Parameter:
+        """The ``(out_features, in_features)`` matrix."""
+        return self.params["weight"]
+
+    @property
+    def bias(self) -> Optional[Parameter]:
+        """The bias, or None."""
+        return self.params.get("bias")
+
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         if tuple(input_shape) != (self.in_features,):
             raise ValueError(f"expected samples of shape ({self.in_features},); got {tuple(input_shape)}")
