@@ -335,6 +335,7 @@ class _ConvBase(OperatorLayer):
     def backward(self, dy: np.ndarray) -> np.ndarray:
         op, x = self._restore_entry()
         dy = _check_dy(self, dy, (x.shape[0], *op.out_shape), self.dtype)
+        self._release()
         if self.bias is not None:
             self.bias.grad += dy.sum(axis=(0, *range(2, dy.ndim)))
         if x.shape[0] == 0:
@@ -556,6 +557,7 @@ class Linear(Module):
             raise ValueError(f"{self!r}: its parameters were changed between forward() and backward(); run "
                              "forward() again before backward()")
         dy = _check_dy(self, dy, (x.shape[0], self.out_features), self.dtype)
+        self._release()
         self.params["weight"].grad += dy.T @ x
         if "bias" in self.params:
             self.params["bias"].grad += dy.sum(axis=0)
@@ -627,6 +629,7 @@ class _FixedPool(_PoolBase):
     def backward(self, dy: np.ndarray) -> np.ndarray:
         op, n = self._restore_entry()
         dy = _check_dy(self, dy, (n, *op.out_shape), self.dtype)
+        self._release()
         return self._backward_batch(op, dy)
 
 
@@ -700,6 +703,7 @@ class _MaxPoolNd(_PoolBase):
     def backward(self, dy: np.ndarray) -> np.ndarray:
         op, (x_shape, selection) = self._restore_entry()
         dy = _check_dy(self, dy, (x_shape[0], *op.out_shape), self.dtype)
+        self._release()
         if selection is None:
             return np.zeros(x_shape, dtype=self.dtype)
         return np.asarray(selection.T @ dy.reshape(-1)).reshape(x_shape)
@@ -949,6 +953,7 @@ class Subsampling2d(OperatorLayer):
             raise ValueError(f"{self!r}: its parameters were changed between forward() and backward(); run "
                              "forward() again before backward()")
         dy = _check_dy(self, dy, down.shape, self.dtype)
+        self._release()
         self.params["beta"].grad += (dy * down).sum(axis=(0, 2, 3))
         self.params["bias"].grad += dy.sum(axis=(0, 2, 3))
         return self._backward_batch(op, dy * self.params["beta"].data[:, None, None])
@@ -1033,6 +1038,7 @@ class ChannelAffine(Module):
             raise ValueError(f"{self!r}: its parameters were changed between forward() and backward(); run "
                              "forward() again before backward()")
         dy = _check_dy(self, dy, x.shape, self.dtype)
+        self._release()
         axes = (0, *range(2, x.ndim))
         self.params["scale"].grad += (dy * x).sum(axis=axes)
         self.params["shift"].grad += dy.sum(axis=axes)
@@ -1097,6 +1103,7 @@ class Activation(Module):
     def backward(self, dy: np.ndarray) -> np.ndarray:
         z, a = self._restore()
         dy = _check_dy(self, dy, z.shape, z.dtype)
+        self._release()
         return dy * self.derivative(z, a)
 
     def __repr__(self) -> str:
@@ -1262,6 +1269,7 @@ class Flatten(Module):
     def backward(self, dy: np.ndarray) -> np.ndarray:
         shape, dtype = self._restore()
         dy = _check_dy(self, dy, (shape[0], int(np.prod(shape[1:]))), dtype)
+        self._release()
         return dy.reshape(shape)
 
     def __repr__(self) -> str:
@@ -1281,7 +1289,9 @@ class Identity(Module):
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
         shape, dtype = self._restore()
-        return _check_dy(self, dy, shape, dtype)
+        dy = _check_dy(self, dy, shape, dtype)
+        self._release()
+        return dy
 
     def __repr__(self) -> str:
         return "Identity()"
@@ -1334,6 +1344,7 @@ class Dropout(Module):
     def backward(self, dy: np.ndarray) -> np.ndarray:
         shape, dtype, scale = self._restore()
         dy = _check_dy(self, dy, shape, dtype)
+        self._release()
         return dy if scale is None else dy * scale
 
     def __repr__(self) -> str:

@@ -24,8 +24,6 @@ from __future__ import annotations
 import itertools
 import os
 import tempfile
-import zipfile
-import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
@@ -248,11 +246,19 @@ class Module:
         self._saved.append(context)
 
     def _restore(self) -> Any:
-        """The context of the most recent forward call not yet consumed by a backward."""
+        """The context of the most recent forward call not yet consumed by a backward.
+
+        It stays saved until :meth:`_release`: a backward that refuses its ``dy`` leaves the
+        layer as it was, so the call can be repeated with the right ``dy``.
+        """
         if not self._saved:
             raise ValueError(f"{self!r}: backward() called before forward() (each forward call allows one "
                              "backward call)")
-        return self._saved.pop()
+        return self._saved[-1]
+
+    def _release(self) -> None:
+        """Consume the context :meth:`_restore` returned (a backward that succeeded)."""
+        self._saved.pop()
 
     # ------------------------------------------------------------------ walking
     def named_children(self) -> Iterator[tuple[str, "Module"]]:
@@ -438,10 +444,15 @@ def _read_checkpoint(path: str) -> dict[str, np.ndarray]:
     if os.path.isdir(path):
         raise ValueError(f"{path}: is a directory, not a checkpoint (.npz) file")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if not isinstance(data, np.lib.npyio.NpzFile):
-                raise ValueError("not a checkpoint: it holds a single array (.npy); a checkpoint is an .npz "
-                                 "archive of named parameters written by Module.save")
+        data = np.load(path, allow_pickle=False)
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable checkpoint (.npz archive of named arrays): "
+                         f"{type(err).__name__}: {err}") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: not a checkpoint: it holds a single array (.npy); a checkpoint is an .npz "
+                         "archive of named parameters written by Module.save")
+    try:
+        with data:
             state = {}
             for key in data.files:
                 value = data[key]
@@ -449,14 +460,10 @@ def _read_checkpoint(path: str) -> dict[str, np.ndarray]:
                     raise ValueError(f"member {key!r} is not a numpy array")
                 state[key] = value
             return state
-    except AttributeError:
-        # np.load returns a bare ndarray for .npy files; it has no context-manager protocol.
-        raise ValueError(f"{path}: not a checkpoint: it holds a single array (.npy); a checkpoint is an .npz "
-                         "archive of named parameters written by Module.save") from None
-    except ValueError as err:
-        raise ValueError(f"{path}: not a readable checkpoint: {err}") from None
-    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, UnicodeDecodeError,
-            NotImplementedError, OverflowError, MemoryError) as err:
+    except Exception as err:
+        # A damaged archive surfaces as whatever the zip, zlib, tokenize or numpy header
+        # parser trips over (BadZipFile, EOFError, TokenError, OSError...); to the caller each
+        # means the same thing.
         raise ValueError(f"{path}: not a readable checkpoint (.npz archive of named arrays): "
                          f"{type(err).__name__}: {err}") from None
 
