@@ -217,3 +217,14 @@ def test_masked_layer_matches_torch_pruning(name, cls, args, opts, shape):
     assert_allclose(layer.forward(x), yt.detach().numpy())
     assert_allclose(layer.backward(dy), xt.grad.numpy())
     assert_allclose(layer.weight.grad, module.weight_orig.grad.numpy())
+
+
+def test_copies_keep_the_mask_read_only():
+    import copy
+    import pickle
+    layer = Conv1d(2, 3, 3, weight_mask=_mask((3, 2, 3), 0.5), rng=0)
+    for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        np.testing.assert_array_equal(twin.weight.mask, layer.weight.mask)
+        assert not twin.weight.mask.flags.writeable and not twin.weight.data.flags.writeable
+        x = np.random.default_rng(0).standard_normal((2, 2, 6))
+        assert_allclose(twin.forward(x), layer.forward(x))

@@ -186,6 +186,12 @@ class Parameter:
         """Set the accumulated gradient to zero."""
         self.grad[...] = 0
 
+    def __setstate__(self, state: dict) -> None:
+        # Copies and unpickled parameters come back with writable arrays; the mask stays frozen.
+        self.__dict__.update(state)
+        if self._mask is not None:
+            self._mask.flags.writeable = False
+
     def __repr__(self) -> str:
         return f"Parameter(shape={self.shape}, dtype={self.dtype}, size={self.size})"
 
