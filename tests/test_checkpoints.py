@@ -190,16 +190,16 @@ def test_files_that_are_not_checkpoints_are_refused_naming_the_path(tmp_path, ki
         match = r"single array \(\.npy\)"
     elif kind == "empty":
         path.write_bytes(b"")
-        match = "not a readable checkpoint"
+        match = "not a checkpoint: it is an empty file"
     elif kind == "text":
         path.write_text("weights = [1, 2, 3]\n")
-        match = "not a readable checkpoint"
+        match = "not a checkpoint: it is a file starting with b'weight'"
     elif kind == "png":
         path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
-        match = "not a readable checkpoint"
+        match = "not a checkpoint: it is a file starting with b'\\\\x89PNG"
     elif kind == "pickle":
         path.write_bytes(pickle.dumps({"0.weight": [1, 2]}))
-        match = "not a readable checkpoint"
+        match = "not a checkpoint: it is a file starting with"
     else:
         path.mkdir()
         match = "is a directory"

@@ -449,14 +449,22 @@ def _read_checkpoint(path: str) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     if os.path.isdir(path):
         raise ValueError(f"{path}: is a directory, not a checkpoint (.npz) file")
+    # np.load takes anything that is neither a zip archive nor a .npy file for a pickle, and
+    # reports an image or a text file as "pickled data": look at the first bytes first.
+    with open(path, "rb") as fh:
+        head = fh.read(6)
+    if head.startswith(b"\x93NUMPY"):
+        raise ValueError(f"{path}: not a checkpoint: it holds a single array (.npy); a checkpoint is an .npz "
+                         "archive of named parameters written by Module.save")
+    if not head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        what = "an empty file" if not head else f"a file starting with {head!r}"
+        raise ValueError(f"{path}: not a checkpoint: it is {what}, not an .npz archive of named parameters "
+                         "written by Module.save")
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as err:
         raise ValueError(f"{path}: not a readable checkpoint (.npz archive of named arrays): "
                          f"{type(err).__name__}: {err}") from None
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path}: not a checkpoint: it holds a single array (.npy); a checkpoint is an .npz "
-                         "archive of named parameters written by Module.save")
     try:
         with data:
             state = {}
