@@ -211,3 +211,22 @@ def test_missing_file_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.npz"):
         net.load(tmp_path / "nothing.npz")
     _assert_unchanged(net, before)
+
+
+@pytest.mark.parametrize("where", ["missing-dir", "directory", "permission-denied"])
+def test_save_to_an_unwritable_path_names_the_path(tmp_path, monkeypatch, where):
+    import tempfile
+    path = tmp_path / "ckpt.npz"
+    if where == "missing-dir":
+        path = tmp_path / "no" / "such" / "ckpt.npz"
+    elif where == "directory":
+        path = tmp_path
+    else:
+        # what mkstemp raises in a directory the user cannot write to (root can write anywhere)
+        def denied(dir, prefix, suffix):
+            raise PermissionError(13, "Permission denied", f"{dir}/{prefix}abc{suffix}")
+        monkeypatch.setattr(tempfile, "mkstemp", denied)
+    with pytest.raises(OSError, match=re.escape(str(path))) as info:
+        lenet5(build=False).save(path)
+    assert ".tmp" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -168,10 +168,14 @@ def test_set_weight_mask_prunes_and_rebuilds():
     nnz = layer.op.nnz
     mask = _mask((3, 2, 3, 3), 0.5, seed=3)
     layer.set_weight_mask(mask)
+    assert "weight_mask=mask" in repr(layer)
     assert not layer.weight.data[~mask].any()
     y = layer.forward(x)
     assert layer.op.nnz < nnz
     assert_allclose(y, ref.conv_direct(x, layer.weight.data, layer.bias.data))
+    layer.set_weight_mask(None)
+    assert layer.weight.mask is None and "weight_mask" not in repr(layer)
+    assert layer.forward(x).shape == y.shape and layer.op.nnz == nnz
 
 
 @pytest.mark.parametrize("mask,match", [

@@ -312,6 +312,7 @@ class _ConvBase(OperatorLayer):
         """
         mask = _combined_mask(self.weight.shape, self.ndim, self._connection, weight_mask, self._groups)
         self.weight._set_mask(mask)
+        self._has_weight_mask = weight_mask is not None
         self._operators.clear()
         self._last = None
 

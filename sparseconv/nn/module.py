@@ -21,6 +21,7 @@ Two mechanisms keep gradients exact without comparing arrays on every call:
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import tempfile
@@ -403,11 +404,23 @@ class Module:
 
         The file is written to a temporary name in the same directory and renamed over
         ``path``, so an interrupted save leaves the previous checkpoint intact.
+
+        Raises
+        ------
+        OSError
+            (``FileNotFoundError``, ``PermissionError``, ``IsADirectoryError``...) naming
+            ``path`` when it cannot be written; nothing is left behind.
         """
         path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a directory, not a checkpoint file", str(path))
         # mkstemp creates the file 0600; keep the old checkpoint's mode, or the usual 0644.
         mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        except OSError as err:
+            # mkstemp names its temporary file; the caller knows only the path they gave.
+            raise type(err)(err.errno, f"cannot write the checkpoint there ({err.strerror})", str(path)) from None
         try:
             os.fchmod(fd, mode)
             with os.fdopen(fd, "wb") as fh:
