@@ -42,7 +42,7 @@ row = op.matrix[[0]].toarray().reshape(5, 5)
 fig, axes = plt.subplots(1, 4, figsize=(11, 3), layout="constrained")
 for ax, (array, title) in zip(axes, [(x, "input x (5x5)"), (k, "kernel (3x3)"),
                                      (row, "row 0 of W, as an image"), (y, "W @ x (3x3)")]):
-    ax.imshow(array, cmap="Blues")
+    ax.imshow(array, cmap="Blues", vmin=0, vmax=1.6 * array.max())   # light enough to read the numbers
     for (r, c), v in np.ndenumerate(array):
         ax.text(c, r, f"{v:g}", ha="center", va="center")
     ax.set_title(title)

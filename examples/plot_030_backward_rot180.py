@@ -41,7 +41,7 @@ padded = np.pad(delta, 1)
 fig, axes = plt.subplots(1, 4, figsize=(11, 3), layout="constrained")
 for ax, (array, title) in zip(axes, [(delta, "delta (2x2)"), (padded, "delta, full padding"),
                                      (w[::-1, ::-1], "rot180(w)"), (dx_matrix, "W.T @ delta (3x3)")]):
-    ax.imshow(array, cmap="Oranges")
+    ax.imshow(array, cmap="Oranges", vmin=0, vmax=1.6 * array.max())   # light enough to read the numbers
     for (r, c), v in np.ndenumerate(array):
         ax.text(c, r, f"{v:g}", ha="center", va="center")
     ax.set_title(title)

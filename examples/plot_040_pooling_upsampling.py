@@ -42,7 +42,7 @@ fig, axes = plt.subplots(1, 4, figsize=(12, 3.2), layout="constrained")
 sc.plot_matrix(pool, ax=axes[0], title="P (4x16): mean pooling")
 sc.plot_matrix(S, ax=axes[1], title="S (4x16): max pooling")
 for ax, (array, title) in zip(axes[2:], [(up_mean, "P.T @ delta"), (up_max, "S.T @ delta")]):
-    ax.imshow(array, cmap="Purples")
+    ax.imshow(array, cmap="Purples", vmin=0, vmax=1.6 * array.max())   # light enough to read the numbers
     for (r, c), v in np.ndenumerate(array):
         ax.text(c, r, f"{v:g}", ha="center", va="center")
     ax.set_title(title)

@@ -62,7 +62,7 @@ local = np.array(local)
 print(f"largest local stretch ||J(x)|| found {local.max():.4f} <= bound {bound:.4f}")
 
 fig, ax = plt.subplots(figsize=(8, 3.5), layout="constrained")
-ax.hist(local, bins=30, color="0.6", label="||J(x)|| at random inputs x")
+ax.hist(local, bins=np.linspace(0, 1.05 * bound, 80), color="0.6", label="||J(x)|| at random inputs x")
 ax.axvline(composed, color="C0", label=f"norm of composed linear maps ({composed:.2f})")
 ax.axvline(bound, color="C3", label=f"product of layer norms ({bound:.2f})")
 ax.set_xlabel("local stretch factor")

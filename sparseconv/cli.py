@@ -35,7 +35,8 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["main", "demo", "lenet_table", "format_tied_matrix", "build_parser", "help_text", "Checkpoint", "EXIT_INTERRUPTED"]
+__all__ = ["main", "demo", "lenet_table", "format_tied_matrix", "build_parser", "help_text", "Checkpoint",
+           "EXIT_INTERRUPTED"]
 
 #: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
 EXIT_INTERRUPTED = 130
@@ -251,14 +252,20 @@ def _checkpoint(text: str) -> Checkpoint:
     if path.stat().st_size == 0:
         raise argparse.ArgumentTypeError(f"{what}: the file is empty")
     if not zipfile.is_zipfile(path):
-        raise argparse.ArgumentTypeError(f"{what}: it is not a zip archive, or it is truncated (no zip directory at its end)")
+        raise argparse.ArgumentTypeError(
+            f"{what}: it is not a zip archive, or it is truncated (no zip directory at its end)")
     try:
         with np.load(path, allow_pickle=False) as data:
             state = {name: data[name] for name in data.files}
-    except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError) as err:
+    except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError, NotImplementedError) as err:
         raise argparse.ArgumentTypeError(f"{what}: the archive is truncated or corrupt ({err})") from None
     if not state:
         raise argparse.ArgumentTypeError(f"{what}: the archive holds no arrays")
+    for name, value in state.items():
+        # A zip member that is not an .npy file reads as bytes; parameters are real numbers.
+        if not isinstance(value, np.ndarray) or value.dtype.kind not in "fiu":
+            kind = f"an array of {value.dtype}" if isinstance(value, np.ndarray) else "not an array"
+            raise argparse.ArgumentTypeError(f"{what}: member {name!r} is {kind}, not real numbers")
     return Checkpoint(text, state)
 
 

@@ -162,6 +162,7 @@ def plot_matrix(op: Any, path: Optional[PathLike] = None, *, ax: Optional["Axes"
 
     aspect = n_rows / n_cols
     fig, ax = _new_axes(ax, (7.5, min(max(2.5, 6.5 * aspect), 9.0) + 1.0))
+    from matplotlib.ticker import MaxNLocator
     if view == "entries":
         # One square marker per entry, sized so neighbouring entries just touch.
         width_in = ax.get_position().width * fig.get_figwidth()
@@ -170,7 +171,12 @@ def plot_matrix(op: Any, path: Optional[PathLike] = None, *, ax: Optional["Axes"
         ax.set_xlim(c0 - 0.5, c1 - 0.5)
         ax.set_ylim(r1 - 0.5, r0 - 0.5)
         ax.set_aspect("equal")
-        detail = ""
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        values = np.asarray(colour[entry])
+        # One value everywhere (a pooling matrix): say it rather than draw a one-colour bar.
+        constant = values.size > 0 and label == "value" and bool(np.all(values == values[0]))
+        detail = f", every entry {values[0]:.4g}" if constant else ""
     else:
         scale = max(n_rows, n_cols) / bins
         row_bins, col_bins = max(1, round(n_rows / scale)), max(1, round(n_cols / scale))
@@ -179,6 +185,7 @@ def plot_matrix(op: Any, path: Optional[PathLike] = None, *, ax: Optional["Axes"
         artist = ax.imshow(shown, extent=(c0 - 0.5, c1 - 0.5, r1 - 0.5, r0 - 0.5), cmap="viridis",
                            interpolation="nearest", aspect="equal" if 0.1 < aspect < 10 else "auto")
         label = "stored entries per cell"
+        constant = False
         detail = f"; density view, cells of {n_rows / row_bins:.3g}x{n_cols / col_bins:.3g}"
     ax.set_xlabel("column (input c, *in)")
     ax.set_ylabel("row (output f, *out)")
@@ -187,11 +194,11 @@ def plot_matrix(op: Any, path: Optional[PathLike] = None, *, ax: Optional["Axes"
                  fontsize=10, wrap=True)
     # The colour bar as an inset of the axes: exactly their height, and it leaves the layout
     # of a caller's figure alone.
-    bar = fig.colorbar(artist, cax=ax.inset_axes((1.03, 0.0, 0.035, 1.0)), label=label)
-    if label != "value":
-        from matplotlib.ticker import MaxNLocator
-        bar.locator = MaxNLocator(integer=True)
-        bar.update_ticks()
+    if not constant:
+        bar = fig.colorbar(artist, cax=ax.inset_axes((1.03, 0.0, 0.035, 1.0)), label=label)
+        if label != "value":
+            bar.locator = MaxNLocator(integer=True)
+            bar.update_ticks()
     if path is not None:
         fig.savefig(path, dpi=dpi, bbox_inches="tight")
     return fig

@@ -80,10 +80,14 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"sparseconv {sparseconv.__version__}"
 
 
-def test_console_script_and_module_program_names(capsys):
+def test_console_script_program_name(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--epochs", "0"])  # the console script's entry point: main()
     assert capsys.readouterr().err.startswith("usage: sparseconv train")
+
+
+@pytest.mark.slow
+def test_module_program_name():
     run = subprocess.run([sys.executable, "-m", "sparseconv", "train", "--epochs", "0"], capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 2
@@ -229,6 +233,13 @@ def _corrupt_files(tmp_path, good: bytes) -> dict[str, str]:
     with zipfile.ZipFile(tmp_path / "no_arrays.npz", "w"):
         pass
     reasons["no_arrays.npz"] = "the archive holds no arrays"
+    with zipfile.ZipFile(tmp_path / "notes.zip", "w") as archive:
+        archive.writestr("readme.txt", "not an array")
+    reasons["notes.zip"] = "member 'readme.txt' is not an array, not real numbers"
+    np.savez(tmp_path / "strings.npz", weight=np.array(["a", "b"]))
+    reasons["strings.npz"] = "member 'weight' is an array of <U1, not real numbers"
+    np.savez(tmp_path / "complex.npz", weight=np.ones(2, complex))
+    reasons["complex.npz"] = "member 'weight' is an array of complex128, not real numbers"
     return reasons
 
 
@@ -257,7 +268,8 @@ def test_keyboard_interrupt_exits_130_with_one_line(monkeypatch, capsys):
     assert captured.err == "sparseconv: interrupted\n"
 
 
-def test_sigint_in_a_real_process(tmp_path):
+@pytest.mark.slow
+def test_sigint_in_a_real_process():
     """A real Ctrl-C (SIGINT) during a command: status 130, one line on stderr, no traceback."""
     script = ("import sys, time\n"
               "from sparseconv import cli\n"

@@ -191,3 +191,10 @@ def test_plotting_without_matplotlib_says_how_to_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ImportError, match=r"pip install 'sparseconv\[plot\]'"):
         sc.plot_matrix(_conv())
+
+
+def test_a_constant_matrix_states_its_value_instead_of_a_colour_bar():
+    fig = sc.plot_matrix(sc.pool_matrix((1, 4, 4), 2))
+    assert fig.axes[0].child_axes == []  # no colour bar (an inset of the axes)
+    assert fig.axes[0].get_title() == "4x16 matrix, nnz=16, every entry 0.25"
+    assert len(sc.plot_matrix(_conv()).axes[0].child_axes) == 1  # a colour bar for the tied weights
