@@ -54,10 +54,10 @@ def _unique(obj: object) -> bool:
     return not isinstance(obj, (int, float, complex, str, bytes, type(None)))
 
 
-def _api_page(module: str, heading: str, blurb: str, documented: dict[int, str]) -> str:
-    """One module's page. A class, function or constant gets one page, under the first module
-    (in page order) whose ``__all__`` lists it; later modules link to it. ``documented`` maps
-    ``id(obj)`` to that full name and is updated here."""
+def _api_page(module: str, heading: str, blurb: str, documented: dict[int, str]) -> tuple[str, list[str]]:
+    """One module's page and the full names it documents. A class, function or constant gets
+    one page, under the first module (in page order) whose ``__all__`` lists it; later modules
+    link to it. ``documented`` maps ``id(obj)`` to that full name and is updated here."""
     mod = importlib.import_module(module)
     objects = [(n, getattr(mod, n)) for n in getattr(mod, "__all__", []) if hasattr(mod, n)]
     entries, shared, modules = [], [], []
@@ -82,7 +82,7 @@ def _api_page(module: str, heading: str, blurb: str, documented: dict[int, str])
     if shared:
         lines += ["Also here, documented under their shorter names: "
                   + ", ".join(f":obj:`{full}`" for full in shared), ""]
-    return "\n".join(lines)
+    return "\n".join(lines), [f"{module}.{n}" for n in entries]
 
 
 def _cli_help() -> str:
@@ -92,23 +92,29 @@ def _cli_help() -> str:
     return help_text("sparseconv")
 
 
+def _write_if_changed(path: Path, text: str) -> None:
+    # An unchanged page keeps its mtime, so incremental builds stay incremental.
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
 def write_api_pages(out: Path = DOCS / "api") -> list[str]:
     """Write the API pages (``docs/api/*.rst``) from the modules' ``__all__``; return the modules.
 
-    Run at every build; a page whose text is unchanged is not rewritten, so incremental builds
-    stay incremental.
+    Run at every build. Pages and autosummary stubs (``generated/``) of names or modules that
+    no longer exist are removed, so a rename elsewhere never leaves an orphan page behind.
     """
     out.mkdir(exist_ok=True)
     listed = [m for m, _, _ in API_SECTIONS]
     sections = list(API_SECTIONS) + [(m, "", "") for m in public_modules() if m not in listed]
     pages: list[str] = []
+    names: set[str] = set()
     documented: dict[int, str] = {}
     for module, heading, blurb in sections:
-        page = out / f"{module}.rst"
-        text = _api_page(module, heading, blurb, documented)
-        if not page.exists() or page.read_text() != text:  # unchanged pages keep their mtime
-            page.write_text(text)
+        text, entries = _api_page(module, heading, blurb, documented)
+        _write_if_changed(out / f"{module}.rst", text)
         pages.append(module)
+        names.update(entries)
     index = textwrap.dedent("""\
         API reference
         =============
@@ -120,10 +126,12 @@ def write_api_pages(out: Path = DOCS / "api") -> list[str]:
            :maxdepth: 1
 
         """) + "".join(f"   {p}\n" for p in pages)
-    if not (out / "index.rst").exists() or (out / "index.rst").read_text() != index:
-        (out / "index.rst").write_text(index)
-    help_text = _cli_help()
-    help_file = out / "cli_help.txt"
-    if not help_file.exists() or help_file.read_text() != help_text:
-        help_file.write_text(help_text)
+    _write_if_changed(out / "index.rst", index)
+    _write_if_changed(out / "cli_help.txt", _cli_help())
+    for stale in out.glob("*.rst"):
+        if stale.stem not in pages and stale.name != "index.rst":
+            stale.unlink()
+    for stale in (out / "generated").glob("*.rst"):
+        if stale.stem not in names:
+            stale.unlink()
     return pages

@@ -67,3 +67,15 @@ def test_each_example_opens_with_a_gallery_title(path):
     lines = doc.strip("\n").splitlines()
     assert len(lines) >= 3 and set(lines[1]) == {"="} and len(lines[1]) >= len(lines[0]), path.name
     assert lines[2] == "", path.name
+
+
+def test_pages_of_names_that_no_longer_exist_are_removed(apigen, tmp_path):
+    (tmp_path / "generated").mkdir()
+    orphans = [tmp_path / "sparseconv.gone.rst", tmp_path / "generated" / "sparseconv.gone.function.rst"]
+    for orphan in orphans:
+        orphan.write_text("stale")
+    kept = tmp_path / "generated" / "sparseconv.ConvOperator.rst"
+    kept.write_text("written by autosummary")
+    apigen.write_api_pages(tmp_path)
+    assert not any(orphan.exists() for orphan in orphans)
+    assert kept.read_text() == "written by autosummary"
