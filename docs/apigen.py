@@ -65,7 +65,7 @@ def _api_page(module: str, heading: str, blurb: str, documented: dict[int, str])
         if type(obj).__name__ == "module":
             modules.append(n)
         elif _unique(obj) and id(obj) in documented:
-            shared.append(documented[id(obj)])
+            shared.append((n, documented[id(obj)]))
         else:
             entries.append(n)
             if _unique(obj):
@@ -80,8 +80,8 @@ def _api_page(module: str, heading: str, blurb: str, documented: dict[int, str])
     if modules:
         lines += ["Modules: " + ", ".join(f":mod:`{module}.{n}`" for n in modules), ""]
     if shared:
-        lines += ["Also here, documented under their shorter names: "
-                  + ", ".join(f":obj:`{full}`" for full in shared), ""]
+        lines += ["Also here, documented on one page each: "
+                  + ", ".join(f"``{n}`` (:obj:`{full}`)" for n, full in shared), ""]
     return "\n".join(lines), [f"{module}.{n}" for n in entries]
 
 

@@ -54,7 +54,7 @@ for scale in np.repeat([0.0, 0.1, 0.3, 1.0], 25):
     for stage in stages:
         z = stage.matrix @ a + stage.bias
         factors.append(stage.matrix)
-        if stage.activation == "tanh":
+        if stage.activation is not None:                # tanh, the only activation here
             a = np.tanh(z)
             factors.append(sp.diags_array(1 - a ** 2))
     local.append(sc.composed_norm(factors))
