@@ -287,3 +287,13 @@ def test_sigint_in_a_real_process():
         proc.kill()
     assert proc.returncode == 130
     assert err == "python -m sparseconv: interrupted\n"
+
+
+def test_plot_without_matplotlib_is_refused_before_training(monkeypatch, tmp_path, capsys, no_work):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    line = _refused(["train", "--plot", str(tmp_path / "curves.png")], capsys)
+    assert line == "sparseconv train: error: --plot needs matplotlib: pip install 'sparseconv[plot]'"
