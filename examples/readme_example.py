@@ -1,5 +1,10 @@
-"""The README's example: a strided, padded 2-D convolution as a sparse matrix, checked against
-the direct reference, its gradients, and the matrix handed to scipy."""
+"""
+The README's example
+====================
+
+A strided, padded 2-D convolution as a sparse matrix, checked against the direct reference,
+its gradients, and the matrix handed to scipy.
+"""
 
 import numpy as np
 from scipy.sparse.linalg import svds

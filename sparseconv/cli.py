@@ -1,4 +1,4 @@
-"""Command-line interface: ``python -m sparseconv <command>``.
+"""Command-line interface: ``sparseconv <command>`` (or ``python -m sparseconv <command>``).
 
 Commands
 --------
@@ -14,18 +14,32 @@ bench --suite NAME [--out DIR]
 spectrum [--weights FILE.npz]
     Per-layer spectral norms of LeNet-5 from the explicit matrices, the product bound on the
     network's Lipschitz constant and the exact norm of the composed linear maps.
+
+Every argument, input file and output path is checked when the command line is parsed, before
+any work starts: a bad value or an unwritable path costs nothing. ``--help`` on each command
+lists every option with its default. Ctrl-C ends a run with exit status 130 and one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import math
+import os
 import sys
+import tempfile
 import textwrap
-from typing import Optional, Sequence
+import zipfile
+from pathlib import Path
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["main", "demo", "lenet_table", "format_tied_matrix"]
+__all__ = ["main", "demo", "lenet_table", "format_tied_matrix", "build_parser", "help_text", "Checkpoint",
+           "EXIT_INTERRUPTED"]
+
+#: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
+EXIT_INTERRUPTED = 130
 
 
 def format_tied_matrix(op) -> str:
@@ -121,6 +135,141 @@ def _print_lenet() -> None:
               f"{r['connections']:>13,}{r['density']:>9.4f}{r['dense_params']:>12,}")
 
 
+# ---------------------------------------------------------------- argument checks (parse time)
+class Checkpoint(NamedTuple):
+    """A checkpoint read and checked when the command line is parsed.
+
+    Attributes
+    ----------
+    path : str
+        As the user gave it.
+    state : dict of str to ndarray
+        Every array of the file, by parameter name.
+    """
+
+    path: str
+    state: dict
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer; got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer; got {text!r}")
+    return value
+
+
+def _float_in(text: str, low: float, high: float, low_open: bool, high_open: bool, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}; got {text!r}") from None
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (math.isfinite(value) and above and below):
+        raise argparse.ArgumentTypeError(f"must be {what}; got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    return _float_in(text, 0.0, math.inf, True, True, "a positive finite number")
+
+
+def _non_negative_float(text: str) -> float:
+    return _float_in(text, 0.0, math.inf, False, True, "a non-negative finite number")
+
+
+def _momentum(text: str) -> float:
+    return _float_in(text, 0.0, 1.0, False, True, "a number in [0, 1)")
+
+
+def _rtol(text: str) -> float:
+    return _float_in(text, 0.0, 1.0, True, True, "a relative tolerance in (0, 1)")
+
+
+def _check_writable_dir(directory: Path, text: str) -> None:
+    """Refuse unless a file can be created in ``directory`` (tried, so it holds for root too)."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        raise argparse.ArgumentTypeError(
+            f"cannot write {text!r}: directory '{directory}' is not writable ({err.strerror})") from None
+
+
+def _output_file(text: str) -> str:
+    """An output file path whose directory exists and is writable; returned as given."""
+    path = Path(text)
+    if text == "" or path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file name")
+    parent = path.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: directory '{parent}' does not exist")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: the file is read-only")
+    _check_writable_dir(parent, text)
+    return text
+
+
+def _output_dir(text: str) -> Path:
+    """An output directory that exists and is writable, or can be created."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a directory")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot create {text!r}: '{existing}' is not a directory")
+    _check_writable_dir(existing, text)
+    return path
+
+
+def _existing_dir(text: str) -> str:
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a directory")
+    return text
+
+
+def _checkpoint(text: str) -> Checkpoint:
+    """Read a checkpoint written by ``train --save`` (an .npz of arrays, no pickle) in full."""
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} does not exist or is not a file")
+    what = f"{text!r} is not a checkpoint written by 'train --save' (an .npz of arrays)"
+    if path.stat().st_size == 0:
+        raise argparse.ArgumentTypeError(f"{what}: the file is empty")
+    if not zipfile.is_zipfile(path):
+        raise argparse.ArgumentTypeError(
+            f"{what}: it is not a zip archive, or it is truncated (no zip directory at its end)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            state = {name: data[name] for name in data.files}
+    except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError, NotImplementedError) as err:
+        raise argparse.ArgumentTypeError(f"{what}: the archive is truncated or corrupt ({err})") from None
+    if not state:
+        raise argparse.ArgumentTypeError(f"{what}: the archive holds no arrays")
+    for name, value in state.items():
+        # A zip member that is not an .npy file reads as bytes; parameters are real numbers.
+        if not isinstance(value, np.ndarray) or value.dtype.kind not in "fiu":
+            kind = f"an array of {value.dtype}" if isinstance(value, np.ndarray) else "not an array"
+            raise argparse.ArgumentTypeError(f"{what}: member {name!r} is {kind}, not real numbers")
+    return Checkpoint(text, state)
+
+
+# ---------------------------------------------------------------- commands
 def _train(args: argparse.Namespace) -> None:
     from .data import load_digits, load_mnist_idx
     from .models import lenet5
@@ -138,11 +287,23 @@ def _train(args: argparse.Namespace) -> None:
     print(f"final test accuracy {history.test_accuracy[-1]:.4f} after {len(history.seconds)} epochs, "
           f"{sum(history.seconds):.1f}s of training")
     if args.save:
-        net.save(args.save)
+        try:
+            net.save(args.save)
+        except OSError as err:
+            # The path was writable when the run started; say which one failed, not a temp name.
+            raise OSError(f"could not write the checkpoint to {args.save!r}: {err.strerror or err}") from err
         print(f"saved checkpoint to {args.save}")
     if args.plot:
+        import matplotlib.pyplot as plt
+
         from .plotting import plot_history
-        plot_history(history, args.plot)
+        fig = plot_history(history)
+        try:
+            fig.savefig(args.plot, dpi=120, bbox_inches="tight")
+        except OSError as err:
+            raise OSError(f"could not write the training curves to {args.plot!r}: {err.strerror or err}") from err
+        finally:
+            plt.close(fig)
         print(f"saved training curves to {args.plot}")
 
 
@@ -154,10 +315,11 @@ def _spectrum(args: argparse.Namespace) -> None:
     from .models import lenet5
     from .spectral import composed_norm, fft_singular_values, spectral_norm
 
-    net = lenet5()
+    # float64 whatever the models' default: the FFT cross-check is meant to agree to ~1e-12.
+    net = lenet5(dtype=np.float64)
     if args.weights:
-        net.load(args.weights)
-        print(f"LeNet-5 weights from {args.weights}")
+        net.load_state_dict(args.weights.state)
+        print(f"LeNet-5 weights from {args.weights.path}")
     else:
         print("LeNet-5 at its seeded initialisation (pass --weights FILE.npz for a trained checkpoint)")
     names = {0: "C1", 2: "S2", 4: "C3", 6: "S4", 8: "C5", 11: "F6", 13: "output"}
@@ -192,41 +354,140 @@ def _spectrum(args: argparse.Namespace) -> None:
           f"(bound / exact = {bound / exact:.3g}; {seconds:.2f}s)")
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sparseconv",
+# ---------------------------------------------------------------- parser and entry point
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show every option's default, unless its help text already states it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
+def _version() -> str:
+    from . import __version__
+    return f"sparseconv {__version__}"
+
+
+def build_parser(prog: str = "sparseconv") -> argparse.ArgumentParser:
+    """The command-line parser.
+
+    Parameters
+    ----------
+    prog : str, default "sparseconv"
+        Program name shown in usage and error lines (``python -m sparseconv`` when run as a module).
+
+    Returns
+    -------
+    argparse.ArgumentParser
+    """
+    return _build(prog)[0]
+
+
+def _build(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The parser and its command parsers by name."""
+    parser = argparse.ArgumentParser(prog=prog, formatter_class=_HelpFormatter,
                                      description="Convolution layers as tied-parameter sparse matrices.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_demo = sub.add_parser("demo", help="the seeds' worked examples through the sparse matrix")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,bench,spectrum}")
+
+    p_demo = sub.add_parser("demo", help="the seeds' worked examples through the sparse matrix",
+                            formatter_class=_HelpFormatter)
     p_demo.add_argument("--lenet", action="store_true", help="also print LeNet-5's layers as sparse matrices")
-    p_train = sub.add_parser("train", help="train LeNet-5 through sparse matrices")
-    p_train.add_argument("--epochs", type=int, default=10)
-    p_train.add_argument("--batch-size", type=int, default=16)
-    p_train.add_argument("--lr", type=float, default=0.02)
-    p_train.add_argument("--momentum", type=float, default=0.9)
-    p_train.add_argument("--weight-decay", type=float, default=2e-3)
-    p_train.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
-    p_train.add_argument("--shift", type=int, default=1, help="random shift augmentation in pixels (0: off)")
-    p_train.add_argument("--seed", type=int, default=0)
-    p_train.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    p_train.add_argument("--idx-dir", help="directory with MNIST IDX files (default: scikit-learn's digits)")
-    p_train.add_argument("--limit", type=int, help="use only the first LIMIT samples of each IDX split")
-    p_train.add_argument("--save", help="write a checkpoint (.npz) here")
-    p_train.add_argument("--plot", help="write the training curves (PNG) here; needs matplotlib")
+
+    p_train = sub.add_parser("train", help="train LeNet-5 through sparse matrices", formatter_class=_HelpFormatter,
+                             description="Train LeNet-5 through sparse matrices on scikit-learn's bundled digits "
+                                         "(or MNIST IDX files with --idx-dir).")
+    p_train.add_argument("--epochs", type=_positive_int, default=10, help="passes over the training set")
+    p_train.add_argument("--batch-size", type=_positive_int, default=16, help="samples per SGD step")
+    p_train.add_argument("--lr", type=_positive_float, default=0.02, help="initial learning rate")
+    p_train.add_argument("--momentum", type=_momentum, default=0.9, help="SGD momentum")
+    p_train.add_argument("--weight-decay", type=_non_negative_float, default=2e-3, help="L2 weight decay")
+    p_train.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
+                         help="learning-rate schedule (cosine: decay to 0 over all steps)")
+    p_train.add_argument("--shift", type=_non_negative_int, default=1,
+                         help="random shift augmentation in pixels (0: off)")
+    p_train.add_argument("--seed", type=int, default=0, help="seeds the initialisation, split and batch order")
+    p_train.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="precision")
+    p_train.add_argument("--idx-dir", type=_existing_dir,
+                         help="directory with MNIST IDX files (default: scikit-learn's digits)")
+    p_train.add_argument("--limit", type=_positive_int,
+                         help="use only the first LIMIT samples of each IDX split (default: all)")
+    p_train.add_argument("--save", type=_output_file, metavar="FILE.npz",
+                         help="write a checkpoint here (default: not saved)")
+    p_train.add_argument("--plot", type=_output_file, metavar="FILE.png",
+                         help="write the training curves here; needs matplotlib (default: no plot)")
     p_train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from . import bench
-    bench.add_arguments(sub.add_parser(
-        "bench", help="benchmark sparse vs dense, im2col, direct, FFT and PyTorch (table, JSON, Markdown, plots)"))
-    p_spec = sub.add_parser("spectrum", help="spectral norms of LeNet-5's layers from their sparse matrices")
-    p_spec.add_argument("--weights", help="a checkpoint written by 'train --save' (default: fresh initialisation)")
-    p_spec.add_argument("--rtol", type=float, default=1e-6, help="relative accuracy of each norm")
-    return parser
+
+    from .bench import add_arguments
+    p_bench = sub.add_parser(
+        "bench", help="benchmark sparse vs dense, im2col, direct, FFT and PyTorch (table, JSON, Markdown, plots)",
+        formatter_class=_HelpFormatter)
+    add_arguments(p_bench)
+
+    p_spec = sub.add_parser("spectrum", help="spectral norms of LeNet-5's layers from their sparse matrices",
+                            formatter_class=_HelpFormatter)
+    p_spec.add_argument("--weights", type=_checkpoint, metavar="FILE.npz",
+                        help="a checkpoint written by 'train --save' (default: the seeded initialisation)")
+    p_spec.add_argument("--rtol", type=_rtol, default=1e-6, help="relative accuracy of each norm")
+    commands = {"demo": p_demo, "train": p_train, "bench": p_bench, "spectrum": p_spec}
+    for command_parser in commands.values():
+        command_parser.set_defaults(command_parser=command_parser)
+    return parser, commands
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point; returns the process exit code."""
-    parser = _build_parser()
-    args = parser.parse_args(argv)
+def help_text(prog: str = "sparseconv") -> str:
+    """The ``--help`` text of the program and of every command, one after the other.
+
+    Parameters
+    ----------
+    prog : str, default "sparseconv"
+
+    Returns
+    -------
+    str
+    """
+    parser, commands = _build(prog)
+    return "\n".join([parser.format_help(), *(command.format_help() for command in commands.values())])
+
+
+def _check_parsed(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Checks that need more than one option, or options defined elsewhere (bench)."""
+    sub = args.command_parser  # errors then show the sub-command's usage line
+    if args.command == "train":
+        if args.limit is not None and not args.idx_dir:
+            sub.error("--limit applies to --idx-dir data only")
+        if args.plot and importlib.util.find_spec("matplotlib") is None:
+            sub.error("--plot needs matplotlib: pip install 'sparseconv[plot]'")
+    if args.command == "bench" and isinstance(getattr(args, "out", None), (str, os.PathLike)):
+        try:
+            args.out = _output_dir(os.fspath(args.out))
+        except argparse.ArgumentTypeError as err:
+            sub.error(f"argument --out: {err}")
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+    """Entry point; returns the process exit code.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        The arguments (default: ``sys.argv[1:]``).
+    prog : str, optional
+        Program name for usage and error lines (default: ``sparseconv``, the console script).
+
+    Returns
+    -------
+    int
+        0 on success, 1 when a run fails (a failed benchmark check, a diverged training),
+        2 for a usage error or an unusable input, 130 after Ctrl-C.
+    """
+    prog = prog or "sparseconv"
     try:
+        parser = build_parser(prog)
+        args = parser.parse_args(argv)
+        _check_parsed(parser, args)
         if args.command == "demo":
             demo()
             if args.lenet:
@@ -237,14 +498,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.command == "spectrum":
             _spectrum(args)
         elif args.command == "bench":
-            from . import bench
-            return bench.run_from_args(args)
+            from .bench import run_from_args
+            return run_from_args(args)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except ArithmeticError as err:
+        # TrainingDiverged and the like: the run itself failed.
+        print(f"{prog} {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except (ValueError, TypeError, ImportError, OSError) as err:
         # A user-facing mistake (bad file, missing extra, bad option value): one clear line.
-        print(f"{parser.prog} {args.command}: error: {err}", file=sys.stderr)
+        print(f"{prog} {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m sparseconv"))

@@ -1,4 +1,7 @@
-"""Training loop, command line and plots: smoke runs, failure behaviour, outputs."""
+"""Training loop and the command line's commands: smoke runs, failure behaviour, outputs.
+
+The command line's argument checking is in test_cli.py, the plots in test_plotting.py.
+"""
 
 from __future__ import annotations
 
@@ -115,6 +118,7 @@ def test_demo_lenet_table(capsys):
     assert "C3     Conv2d           1600x1176    150,000   1,516      151,600" in out
 
 
+@pytest.mark.slow
 def test_cli_train_on_digits_saves_checkpoint_and_plot(tmp_path, capsys):
     pytest.importorskip("sklearn", reason="the bundled digits need scikit-learn (pip install 'sparseconv[data]')")
     pytest.importorskip("matplotlib", reason="the training-curve plot needs matplotlib")
@@ -129,31 +133,7 @@ def test_cli_train_on_digits_saves_checkpoint_and_plot(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_plot_matrix_writes_png(tmp_path):
-    pytest.importorskip("matplotlib", reason="plot_matrix needs matplotlib")
-    op = sc.ConvOperator(np.random.default_rng(0).standard_normal((2, 2, 3, 3)), (2, 6, 6), padding=1)
-    path = sc.plot_matrix(op, tmp_path / "c.png")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    pool = sc.PoolOperator((2, 4, 4), 2)
-    assert sc.plot_matrix(pool, tmp_path / "p.png", max_rows=None, max_cols=None).exists()
-
-
-def test_plotting_without_matplotlib_says_how_to_install(monkeypatch, tmp_path):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def fake_import(name, *args, **kwargs):
-        if name == "matplotlib" or name.startswith("matplotlib."):
-            raise ImportError("no matplotlib here")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", fake_import)
-    op = sc.ConvOperator(np.ones((1, 1, 2, 2)), (1, 3, 3))
-    with pytest.raises(ImportError, match=r"pip install 'sparseconv\[plot\]'"):
-        sc.plot_matrix(op, tmp_path / "x.png")
-
-
+@pytest.mark.slow
 def test_spectrum_command_cross_checks_fft(capsys):
     assert main(["spectrum"]) == 0
     out = capsys.readouterr().out
@@ -179,6 +159,7 @@ def test_spectrum_with_a_mismatched_checkpoint_names_the_parameter(tmp_path, cap
     assert "missing parameters ['4.weight']" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_spectrum_with_a_trained_style_checkpoint(tmp_path, capsys):
     net = lenet5(seed=5)
     path = tmp_path / "w.npz"
