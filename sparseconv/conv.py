@@ -295,10 +295,8 @@ class ConvOperator(MatrixOperator):
 
     @property
     def weight(self) -> np.ndarray:
-        """A read-only view of the current weight."""
-        view = self._structure.weight.view()
-        view.flags.writeable = False
-        return view
+        """A read-only view of the current weight (it follows :meth:`set_weight`)."""
+        return self._structure.public_weight
 
     @property
     def weight_mask(self) -> Optional[np.ndarray]:
@@ -580,7 +578,7 @@ class ConvOperator(MatrixOperator):
             x = check_batch(x, self.input_shape, self.dtype, "x")
             dy = check_batch(dy, self.out_shape, self.dtype, "dy")
             n = x.shape[0]
-            xs, ds = x.reshape(n, -1).T, dy.reshape(dy.shape[0], -1).T
+            xs, ds = x.reshape(n, self.shape[1]).T, dy.reshape(dy.shape[0], self.shape[0]).T
         elif layout == "columns":
             xs = _check_columns(x, self.shape[1], self.dtype, "x")
             ds = _check_columns(dy, self.shape[0], self.dtype, "dy")

@@ -155,7 +155,7 @@ def pool_matrix(input_shape: tuple[int, ...], kernel_size: IntOrTuple, *, stride
     --------
     >>> import sparseconv as sc
     >>> P = sc.pool_matrix((1, 4, 4), 2)
-    >>> P.shape, P.nnz, P.data[0]
+    >>> P.shape, P.nnz, float(P.data[0])
     ((4, 16), 16, 0.25)
     """
     op = PoolOperator(input_shape, kernel_size, stride=stride, padding=padding, kind=kind, dtype=dtype, engine="csr")
@@ -238,7 +238,7 @@ class MaxPoolOperator:
 
     def _winners_of(self, x: np.ndarray) -> np.ndarray:
         n, c = x.shape[:2]
-        taps = np.argmax(x.reshape(n, c, -1)[..., self._windows], axis=-1)
+        taps = np.argmax(x.reshape(n, c, int(np.prod(self.geometry.in_size)))[..., self._windows], axis=-1)
         return self._windows[np.arange(self._windows.shape[0]), taps]
 
     def forward(self, x: np.ndarray) -> np.ndarray:
@@ -256,7 +256,7 @@ class MaxPoolOperator:
         win = self._winners_of(x)
         self._winners = win
         n, c = win.shape[:2]
-        return np.take_along_axis(x.reshape(n, c, -1), win, axis=-1).reshape((n, *self.out_shape))
+        return np.take_along_axis(x.reshape(n, c, int(np.prod(self.geometry.in_size))), win, axis=-1).reshape((n, *self.out_shape))
 
     def selection_matrix(self, x: Optional[np.ndarray] = None) -> sp.csr_array:
         """The 0/1 selection matrix of a batch (of the last forward batch when ``x`` is None).

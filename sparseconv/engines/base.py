@@ -165,6 +165,8 @@ class Structure:
         Read-only.
     weight : ndarray of shape ``weight_shape``
         The current weight (write it only through the operator's ``set_weight``).
+    public_weight : ndarray of shape ``weight_shape``
+        A read-only view of it that cannot be made writeable (what ``op.weight`` returns).
     spatial : SpatialPattern
         The tap-level pattern of one (filter, channel) pair (small: built at construction).
     memory_budget : int
@@ -186,12 +188,30 @@ class Structure:
                                  f"got {mask.dtype} array of shape {mask.shape}")
             self.mask = freeze(mask.copy())
         self.spatial = spatial_pattern(geometry)
-        self.weight = np.zeros(geometry.weight_shape, dtype=self.dtype)
+        self._set_weight_arrays(np.zeros(geometry.weight_shape, dtype=self.dtype))
         self.built_bytes = 0
         self._pattern: Optional[TiedPattern] = None
         self._layout: Optional[ValueLayout] = None
         self._forward_table: Optional[np.ndarray] = None
         self._adjoint_tables: Optional[AdjointTables] = None
+
+    def _set_weight_arrays(self, owner: np.ndarray) -> None:
+        # ``weight`` writes through a view taken before the owner is frozen; ``public_weight``
+        # is a view of the frozen owner, which nobody can make writeable again.
+        self.weight = owner.view()
+        self.public_weight = freeze(owner)
+
+    def __getstate__(self) -> dict:
+        # The two weight views would be copied as separate arrays: keep the values only.
+        state = dict(self.__dict__)
+        state["weight"] = np.array(self.weight)
+        del state["public_weight"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        owner = state.pop("weight")
+        self.__dict__.update(state)
+        self._set_weight_arrays(owner)
 
     # ------------------------------------------------------------------ shape facts
     @property

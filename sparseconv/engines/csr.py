@@ -46,6 +46,9 @@ class CsrEngine(Engine):
         if self._matrix is not None:
             return
         p = self.structure.pattern()
+        # The layout's checks need scratch of up to one byte per entry: run them before the
+        # values exist, so that the scratch stays under the finished matrix's peak.
+        self.structure.value_layout()
         self._matrix = GuardedMatrix(np.empty(p.nnz, dtype=self.structure.dtype), p.indices, p.indptr, p.shape)
         self.refresh(self.structure.weight)
 
