@@ -7,7 +7,8 @@ uses it for forward products, adjoints and gradients, checked against independen
 """
 
 from . import engines, models, nn, reference, testing
-from .conv import ConvOperator, MatrixModifiedError, conv_matrix
+from .conv import ConvOperator, conv_matrix
+from .engines.base import MatrixModifiedError
 from .export import MLP, Stage, to_mlp
 from .geometry import ConvGeometry, conv_geometry, conv_transpose_output_size, output_size
 from .pattern import MemoryBudgetError

@@ -30,7 +30,7 @@ from .engines.base import MatrixModifiedError
 from .geometry import (FLOAT_DTYPES, ConvGeometry, IntOrTuple, PaddingSpec, check_array_dtype, check_batch,
                        conv_geometry, resolve_dtype)
 
-__all__ = ["ConvOperator", "MatrixOperator", "MatrixModifiedError", "conv_matrix"]
+__all__ = ["ConvOperator", "MatrixOperator", "conv_matrix", "engine_keyword"]
 
 _LAYOUTS = ("batch_first", "columns")
 
@@ -234,8 +234,6 @@ class ConvOperator(MatrixOperator):
         flattened samples (``op @ v``, ``op @ X`` for blocks of shape ``(C * prod(in), N)``,
         ``op.H``, composition), without the bias.
     dtype : numpy.dtype
-    out_shape : tuple of int
-        ``(F, *out)``.
 
     Notes
     -----
@@ -281,6 +279,7 @@ class ConvOperator(MatrixOperator):
         self._auto = {p: choose_engine(self._structure, p) for p in PRODUCTS}
         self._choice = {p: self._auto[p] if default == "auto" else default for p in PRODUCTS}
         self._engines: dict[str, Engine] = {}
+        self._applicable: set[tuple[str, str]] = set()
         self.bias: Optional[np.ndarray] = None
         if bias is not None:
             self.set_bias(bias)
@@ -409,12 +408,13 @@ class ConvOperator(MatrixOperator):
         elif name == "auto":
             name = self._auto[product]
         engine = self._engines.get(name)
-        if engine is None:
-            cls = engine_class(name)
-            if not cls.applicable(self._structure, product):
+        if (name, product) not in self._applicable:
+            if not engine_class(name).applicable(self._structure, product):
                 raise ValueError(f"engine {name!r} cannot run the {product} product of this layer "
                                  f"({self.geometry.describe()})")
-            engine = cls(self._structure)
+            self._applicable.add((name, product))
+        if engine is None:
+            engine = engine_class(name)(self._structure)
         engine.prepare(product)
         self._engines[name] = engine
         return engine

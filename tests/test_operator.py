@@ -350,3 +350,16 @@ def test_non_finite_rule():
     assert np.all(np.isfinite(csr[border])) and np.all(np.isinf(csr[~border]))
     assert_allclose(csr[border], ref.conv_direct(x, np.where(np.isinf(w), 0, w), padding=1)[0, 0][border])
     assert np.all(np.isnan(fac[border])) and np.all(np.isinf(fac[~border]))
+
+
+def test_float64_blocks_on_a_float32_matrix_keep_one_promoted_copy_in_sync():
+    w = np.random.default_rng(0).standard_normal((3, 2, 3, 3)).astype(np.float32)
+    op = sc.ConvOperator(w, (2, 6, 6), padding=1, engine="csr")
+    X = np.random.default_rng(1).standard_normal((op.shape[1], 2))
+    before = op.nbytes
+    assert_allclose(op @ X, op.matrix.astype(np.float64) @ X, dtype="float64")
+    assert op.nbytes == before + op.nnz * 8
+    w2 = np.random.default_rng(2).standard_normal(w.shape).astype(np.float32)
+    op.set_weight(w2)
+    assert_allclose(op @ X, sc.conv_matrix(w2.astype(np.float64), (2, 6, 6), padding=1) @ X, dtype="float64")
+    assert_allclose(op.H @ (op @ X), op.matrix.T.astype(np.float64) @ (op.matrix.astype(np.float64) @ X), dtype="float64")

@@ -37,6 +37,9 @@ class CsrEngine(Engine):
     def __init__(self, structure: Structure) -> None:
         super().__init__(structure)
         self._matrix: Optional[GuardedMatrix] = None
+        # float64 values of a float32 matrix, for float64 blocks (LinearOperator users such as
+        # ARPACK): built at the first such product, charged to the budget, kept in sync.
+        self._promoted: Optional[sp.csr_array] = None
 
     @classmethod
     def estimate_nbytes(cls, structure: Structure, product: str) -> int:
@@ -54,7 +57,18 @@ class CsrEngine(Engine):
 
     @property
     def nbytes(self) -> int:
-        return 0 if self._matrix is None else self._matrix.nbytes
+        promoted = 0 if self._promoted is None else self._promoted.data.nbytes
+        return promoted + (0 if self._matrix is None else self._matrix.nbytes)
+
+    def _in_dtype(self, dtype: np.dtype) -> sp.csr_array:
+        """The private matrix with values in ``dtype`` (the structure's, or float64)."""
+        m = self.private
+        if dtype == m.dtype:
+            return m
+        if self._promoted is None:
+            self.structure.reserve(m.nnz * np.dtype(dtype).itemsize, "a float64 copy of the matrix values")
+            self._promoted = sp.csr_array((m.data.astype(dtype), m.indices, m.indptr), shape=m.shape)
+        return self._promoted
 
     @property
     def matrix(self) -> sp.csr_array:
@@ -104,19 +118,14 @@ class CsrEngine(Engine):
             np.take(weight.reshape(-1), p.param_index, out=data, mode="wrap")
         else:
             data[...] = p.tying @ weight.reshape(-1)
+        if self._promoted is not None:
+            self._promoted.data[...] = data
 
     def matmat(self, X: np.ndarray, threads: Optional[int]) -> np.ndarray:
-        m = self.private
-        if X.dtype != m.dtype:
-            # A float64 block on a float32 operator: scipy's product promotes the values.
-            return np.asarray(m @ X)
-        return csr_matmat(m, X, threads=threads)
+        return csr_matmat(self._in_dtype(X.dtype), X, threads=threads)
 
     def rmatmat(self, D: np.ndarray, threads: Optional[int]) -> np.ndarray:
-        m = self.private
-        if D.dtype != m.dtype:
-            return np.asarray(m.T @ D)
-        return csr_rmatmat(m, D, threads=threads)
+        return csr_rmatmat(self._in_dtype(D.dtype), D, threads=threads)
 
     def weight_grad(self, X: np.ndarray, D: np.ndarray, threads: Optional[int]) -> np.ndarray:
         m = self.private
