@@ -26,7 +26,6 @@ from scipy.sparse.linalg import LinearOperator
 
 from .engines import (LEGACY_NAMES, PRODUCTS, Engine, Structure, choose_engine, default_engine, engine_class,
                       resolve_engine_name)
-from .engines.base import MatrixModifiedError
 from .geometry import (FLOAT_DTYPES, ConvGeometry, IntOrTuple, PaddingSpec, check_array_dtype, check_batch,
                        conv_geometry, resolve_dtype)
 
@@ -322,7 +321,7 @@ class ConvOperator(MatrixOperator):
 
         Raises
         ------
-        MatrixModifiedError
+        sparseconv.engines.base.MatrixModifiedError
             When its arrays were replaced since it was handed out (see :meth:`release_matrix`).
         MemoryBudgetError
             When it does not fit in the memory budget (before allocating it).
@@ -353,6 +352,11 @@ class ConvOperator(MatrixOperator):
                 f"{self.geometry.padding_mode!r} wraps the kernel onto the same input position), so "
                 "there is no single param_index; use .tying, a sparse (nnz, n_params) matrix")
         return index[...]
+
+    @property
+    def _param_index(self) -> Optional[np.ndarray]:
+        """Deprecated private name read by ``benchmarks/bench_construction.py``: :attr:`param_index` or None."""
+        return self._structure.pattern().param_index
 
     @property
     def tying(self) -> sp.csr_array:
@@ -443,7 +447,7 @@ class ConvOperator(MatrixOperator):
 
         Raises
         ------
-        MatrixModifiedError
+        sparseconv.engines.base.MatrixModifiedError
             When the arrays of :attr:`matrix` were replaced by the caller; nothing is changed.
         """
         weight = self._checked_weight(weight)

@@ -210,7 +210,7 @@ class ConvTransposeOperator(MatrixOperator):
 
         Raises
         ------
-        MatrixModifiedError
+        sparseconv.engines.base.MatrixModifiedError
             When the arrays of :attr:`matrix` were replaced by the caller; nothing is changed.
         """
         if self._matrix is not None:

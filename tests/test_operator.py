@@ -9,7 +9,6 @@ import textwrap
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, aslinearoperator
 
 import sparseconv as sc
