@@ -104,6 +104,16 @@ class MatrixOperator(LinearOperator):
         dy = check_batch(dy, self.out_shape, self.dtype, "dy")
         return dy.sum(axis=(0, *range(2, dy.ndim)))
 
+    def set_bias(self, bias: Optional[np.ndarray]) -> None:
+        """Set (or, with None, remove) the per-channel bias of shape ``(out_shape[0],)``, added by ``forward``."""
+        if bias is None:
+            self.bias = None
+            return
+        bias = check_array_dtype(bias, self.dtype, "bias")
+        if bias.shape != (self.out_shape[0],):
+            raise ValueError(f"bias must have shape ({self.out_shape[0]},); got {bias.shape}")
+        self.bias = bias.copy()
+
     def _columns_product(self, a: np.ndarray, adjoint: bool, engine: Optional[str],
                          threads: Optional[int]) -> np.ndarray:
         """``W @ a`` (or ``W.T @ a``) for a real block of the operator's dtype or float64, N >= 1."""
@@ -456,16 +466,6 @@ class ConvOperator(MatrixOperator):
         self._structure.weight[...] = weight
         for engine in self._engines.values():
             engine.refresh(self._structure.weight)
-
-    def set_bias(self, bias: Optional[np.ndarray]) -> None:
-        """Set (or, with None, remove) the per-map bias of shape (F,)."""
-        if bias is None:
-            self.bias = None
-            return
-        bias = check_array_dtype(bias, self.dtype, "bias")
-        if bias.shape != (self.geometry.out_channels,):
-            raise ValueError(f"bias must have shape ({self.geometry.out_channels},); got {bias.shape}")
-        self.bias = bias.copy()
 
     # ------------------------------------------------------------------ products
     def _columns_product(self, a: np.ndarray, adjoint: bool, engine: Optional[str],

@@ -352,6 +352,18 @@ def _check_padding_spelling(padding: PaddingSpec, ndim: int, transposed: bool) -
     normalize_padding(padding, (1,) * ndim, (1,) * ndim, (1,) * ndim)
 
 
+def _check_output_padding(output_padding: IntOrTuple, stride: tuple[int, ...],
+                          dilation: tuple[int, ...]) -> tuple[int, ...]:
+    """``output_padding`` normalised, if ``0 <= output_padding < max(stride, dilation)`` (PyTorch's rule)."""
+    extra = normalize_tuple(output_padding, len(stride), "output_padding", minimum=0)
+    for axis, (e, s, d) in enumerate(zip(extra, stride, dilation)):
+        if e >= max(s, d):
+            raise ValueError(
+                f"output_padding must be smaller than max(stride, dilation) in every dimension (PyTorch's "
+                f"rule); spatial dimension {axis} has output_padding={e}, stride={s}, dilation={d}")
+    return extra
+
+
 def validate_conv_options(ndim: int, *, kernel_size: Optional[IntOrTuple] = None, stride: IntOrTuple = 1,
                           padding: PaddingSpec = 0, dilation: IntOrTuple = 1, groups: int = 1,
                           padding_mode: str = "zeros", flip: bool = False,
@@ -418,12 +430,7 @@ def validate_conv_options(ndim: int, *, kernel_size: Optional[IntOrTuple] = None
         if channels % groups:
             raise ValueError(f"groups={groups} must divide {name}={channels}")
     if transposed:
-        extra = normalize_tuple(output_padding, ndim, "output_padding", minimum=0)
-        for axis, (e, s, d) in enumerate(zip(extra, stride_t, dilation_t)):
-            if e >= max(s, d):
-                raise ValueError(
-                    f"output_padding must be smaller than max(stride, dilation) in every dimension (PyTorch's "
-                    f"rule); spatial dimension {axis} has output_padding={e}, stride={s}, dilation={d}")
+        _check_output_padding(output_padding, stride_t, dilation_t)
 
 
 @dataclass(frozen=True)
@@ -681,15 +688,11 @@ def conv_transpose_geometry(weight_shape: Sequence[int], input_shape: Sequence[i
     kernel = weight_shape[2:]
     stride_t = normalize_tuple(stride, ndim, "stride")
     dilation_t = normalize_tuple(dilation, ndim, "dilation")
-    extra = normalize_tuple(output_padding, ndim, "output_padding", minimum=0)
+    extra = _check_output_padding(output_padding, stride_t, dilation_t)
     pads = normalize_padding(padding, kernel, stride_t, dilation_t)
     in_size = tuple(int(v) for v in input_shape[1:])
     out = []
     for axis, (i, k, s, d, (lo, hi), e) in enumerate(zip(in_size, kernel, stride_t, dilation_t, pads, extra)):
-        if e >= max(s, d):
-            raise ValueError(
-                f"output_padding must be smaller than max(stride, dilation) in every dimension (PyTorch's "
-                f"rule); spatial dimension {axis} has output_padding={e}, stride={s}, dilation={d}")
         o = conv_transpose_output_size(i, k, s, lo, hi, d, e)
         if o < 1:
             raise ValueError(

@@ -19,7 +19,7 @@ import scipy.sparse as sp
 
 from .conv import ConvOperator, MatrixOperator, engine_keyword
 from .engines.base import GuardedMatrix, freeze
-from .geometry import IntOrTuple, PaddingSpec, check_array_dtype, check_batch, conv_transpose_geometry, resolve_dtype
+from .geometry import IntOrTuple, PaddingSpec, check_batch, conv_transpose_geometry, resolve_dtype
 
 __all__ = ["ConvTransposeOperator", "conv_transpose_matrix"]
 
@@ -218,16 +218,6 @@ class ConvTransposeOperator(MatrixOperator):
         self.conv.set_weight(weight)
         if self._matrix is not None:
             np.take(self.conv._engine("forward", "csr").private.data, self._perm, out=self._matrix.writer)
-
-    def set_bias(self, bias: Optional[np.ndarray]) -> None:
-        """Set (or, with None, remove) the per-channel bias of shape (C_out,)."""
-        if bias is None:
-            self.bias = None
-            return
-        bias = check_array_dtype(bias, self.dtype, "bias")
-        if bias.shape != (self.out_shape[0],):
-            raise ValueError(f"bias must have shape ({self.out_shape[0]},) (C_out); got {bias.shape}")
-        self.bias = bias.copy()
 
     # ------------------------------------------------------------------ products
     def _columns_product(self, a: np.ndarray, adjoint: bool, engine: Optional[str],
