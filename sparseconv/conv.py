@@ -421,16 +421,17 @@ class ConvOperator(MatrixOperator):
             name = self._choice[product]
         elif name == "auto":
             name = self._auto[product]
-        engine = self._engines.get(name)
-        if (name, product) not in self._applicable:
-            if not engine_class(name).applicable(self._structure, product):
-                raise ValueError(f"engine {name!r} cannot run the {product} product of this layer "
-                                 f"({self.geometry.describe()})")
-            self._applicable.add((name, product))
-        if engine is None:
-            engine = engine_class(name)(self._structure)
-        engine.prepare(product)
-        self._engines[name] = engine
+        with self._structure.lock:
+            engine = self._engines.get(name)
+            if (name, product) not in self._applicable:
+                if not engine_class(name).applicable(self._structure, product):
+                    raise ValueError(f"engine {name!r} cannot run the {product} product of this layer "
+                                     f"({self.geometry.describe()})")
+                self._applicable.add((name, product))
+            if engine is None:
+                engine = engine_class(name)(self._structure)
+            engine.prepare(product)
+            self._engines[name] = engine
         return engine
 
     # ------------------------------------------------------------------ values

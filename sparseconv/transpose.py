@@ -163,8 +163,9 @@ class ConvTransposeOperator(MatrixOperator):
         Read-only arrays, kept in sync by :meth:`set_weight` (see
         :attr:`sparseconv.conv.ConvOperator.matrix` for what may and may not be done with it).
         """
-        if self._matrix is None:
-            self._build_matrix()
+        with self.conv._structure.lock:
+            if self._matrix is None:
+                self._build_matrix()
         return self._matrix.public()
 
     def release_matrix(self) -> None:

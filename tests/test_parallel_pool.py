@@ -92,3 +92,23 @@ def test_a_kernel_that_disagrees_fails_the_self_check():
 def test_missing_private_module_falls_back_to_none(monkeypatch):
     monkeypatch.setitem(sys.modules, "scipy.sparse._sparsetools", None)  # import now fails
     assert _sparsetools._load() == (None, None, None, None)
+
+
+def test_concurrent_first_calls_build_once():
+    """Four threads asking a fresh operator for its matrix and products at once: one matrix,
+    charged once to the budget."""
+    w = np.random.default_rng(0).standard_normal((16, 16, 3, 3))
+    op = sc.ConvOperator(w, (16, 10, 10), padding=1)
+    up = sc.ConvTransposeOperator(w, (16, 10, 10), padding=1)
+    seen, x = [], np.ones((1, 16, 10, 10))
+
+    def work(_):
+        seen.append((op.matrix, up.matrix))
+        op.forward(x, engine="csr")
+        op.weight_grad(x, x, engine="csr")
+
+    assert _run_concurrently(work, [0, 1, 2, 3]) == []
+    assert all(m is seen[0][0] and t is seen[0][1] for m, t in seen)
+    expected = sc.ConvOperator(w, (16, 10, 10), padding=1)
+    expected.matrix
+    assert op.nbytes == expected.nbytes

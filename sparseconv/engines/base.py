@@ -16,6 +16,7 @@ whether it can run a structure at all (the policy never picks an engine that can
 
 from __future__ import annotations
 
+import threading
 from typing import ClassVar, Optional
 
 import numpy as np
@@ -172,6 +173,9 @@ class Structure:
     memory_budget : int
     built_bytes : int
         Bytes charged so far for built pattern data and engine arrays.
+    lock : threading.RLock
+        Held while anything is built (by the operator around an engine's ``prepare``), so
+        that concurrent first calls build once.
     """
 
     def __init__(self, geometry: ConvGeometry, dtype: np.dtype, *, weight_mask: Optional[np.ndarray] = None,
@@ -188,6 +192,7 @@ class Structure:
                                  f"got {mask.dtype} array of shape {mask.shape}")
             self.mask = freeze(mask.copy())
         self.spatial = spatial_pattern(geometry)
+        self.lock = threading.RLock()
         self._set_weight_arrays(np.zeros(geometry.weight_shape, dtype=self.dtype))
         self.built_bytes = 0
         self._pattern: Optional[TiedPattern] = None
@@ -205,12 +210,13 @@ class Structure:
         # The two weight views would be copied as separate arrays: keep the values only.
         state = dict(self.__dict__)
         state["weight"] = np.array(self.weight)
-        del state["public_weight"]
+        del state["public_weight"], state["lock"]
         return state
 
     def __setstate__(self, state: dict) -> None:
         owner = state.pop("weight")
         self.__dict__.update(state)
+        self.lock = threading.RLock()
         self._set_weight_arrays(owner)
 
     # ------------------------------------------------------------------ shape facts
