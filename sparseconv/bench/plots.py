@@ -28,13 +28,17 @@ _BASELINES = ("torch", "im2col")
 
 
 def _log_axis(axis, ticks=None, labels=None) -> None:
-    """Major ticks (optionally fixed) labelled, minor ticks unlabelled: no overprinting."""
-    from matplotlib.ticker import FixedLocator, NullFormatter
+    """Labels at major ticks only -- the given ones, else 1, 2, 5 per decade -- and unlabelled
+    minor ticks, so no label overprints another."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
 
     if ticks is not None:
         axis.set_major_locator(FixedLocator(ticks))
         axis.set_ticklabels(labels)
         axis.set_minor_locator(FixedLocator([]))
+    else:
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     axis.set_minor_formatter(NullFormatter())
 
 
@@ -93,7 +97,7 @@ def _crossover(result: dict, dt: str, t: int, totals: dict, layers: dict[str, di
         passes = "+".join({"forward": "fwd", "adjoint": "adj", "weight_grad": "dw"}[p]
                           for p in layers[members[0]]["passes"])
         ax.set(xlabel="weights zero (%)", ylabel=f"{passes} time (ms)")
-        ax.set_title(_shape_label(layers[members[0]]), fontsize="medium")
+        ax.set_title(f"{_shape_label(layers[members[0]])}\n{dt}, {t} thread(s)", fontsize="medium")
         ax.grid(True, which="major", alpha=0.3)
     legend_ax = axes[len(bases)]
     legend_ax.axis("off")
@@ -119,6 +123,7 @@ def _sweeps(result: dict, dt: str, t: int, totals: dict, layers: dict[str, dict]
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, sweep in zip(axes, sweeps):
         members = [name for name, layer in layers.items() if layer["sweep"] and layer["sweep"][0] == sweep]
+        ax.set_title(f"{sweep} varied ({dt}, {t} thread(s))", fontsize="medium")
         for m in result["settings"]["methods"]:
             pts = [(layers[name]["sweep"][1], totals[(name, m)] * 1e3) for name in members if (name, m) in totals]
             if pts:
@@ -154,7 +159,7 @@ def _bars(result: dict, dt: str, t: int, totals: dict, layers: dict[str, dict]):
     ax.set(xscale="log", xlabel="time of all passes / im2col's (< 1: faster than im2col)",
            title=f"{result['suite']} ({dt}, {t} thread(s))")
     _log_axis(ax.xaxis)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 
