@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 import scipy
 
-from sparseconv.bench import Layer, make_case, measure
+from sparseconv.bench import Layer, make_case, measure, resolve_budget
 from sparseconv.bench.methods import _operator
-from sparseconv.bench.run import resolve_budget
 from sparseconv.bench.timing import traced_call
 
 __all__ = ["LAYERS", "measure_layer", "main"]

@@ -25,9 +25,8 @@ from pathlib import Path
 import numpy as np
 import scipy
 
-from sparseconv.bench import Case, Layer, time_once
+from sparseconv.bench import Case, Layer, resolve_budget, time_once
 from sparseconv.bench.methods import _operator
-from sparseconv.bench.run import resolve_budget
 from sparseconv.spectral import fft_singular_values, spectral_norm
 
 __all__ = ["measure", "main"]
@@ -56,7 +55,8 @@ def measure(channels: int = 64, size: int = 56, rtol: float = 1e-6, check: bool 
     load_before = os.getloadavg()[0]
     op, build_s = time_once(lambda: _operator_of(weight, size))
     x = rng.standard_normal(op.shape[1])
-    _, pair_s = time_once(lambda: op.matrix.T @ (op.matrix @ x))
+    w_matrix = _operator.matrix(op)
+    _, pair_s = time_once(lambda: w_matrix.T @ (w_matrix @ x))
     norm, norm_s = time_once(lambda: spectral_norm(op, rtol))
     bound, fft_s = time_once(lambda: float(fft_singular_values(weight, (channels, size + 2, size + 2))[0]))
     result = {

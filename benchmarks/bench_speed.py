@@ -29,9 +29,8 @@ import numpy as np
 
 import sparseconv as sc
 from sparseconv import parallel
-from sparseconv.bench import Layer, make_case, measure, measure_interleaved, suite_layers, thread_limits
+from sparseconv.bench import Layer, make_case, measure, measure_interleaved, resolve_budget, suite_layers, thread_limits
 from sparseconv.bench.methods import PREPARERS, Settings, _operator
-from sparseconv.bench.run import resolve_budget
 from sparseconv.bench.timing import time_once, traced_call
 from sparseconv.geometry import conv_geometry
 from sparseconv.models import C3_TABLE, lenet5

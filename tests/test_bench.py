@@ -189,6 +189,19 @@ def test_an_engine_this_sparseconv_lacks_is_skipped():
         engine_method("numba", "numba")(case, bench.Settings())
 
 
+def test_engine_methods_of_one_case_share_one_operator():
+    from sparseconv.bench.methods import _operator
+
+    budget = bench.resolve_budget(None)
+    case = bench.make_case(bench.suite_layers("smoke")[0], "float64", reference=False)
+    first, csr_bytes, _ = _operator.shared_build(case, budget, "csr")
+    again, factored_bytes, _ = _operator.shared_build(case, budget, "factored")
+    assert again is first and factored_bytes > csr_bytes  # the factored engine adds its tables
+    assert _operator.build(case, budget, "csr")[0] is not first  # build() is always a new one
+    other = bench.make_case(bench.suite_layers("smoke")[0], "float64", reference=False)
+    assert _operator.shared_build(other, budget)[0] is not first
+
+
 def test_methods_are_discovered_in_rank_order():
     assert bench.METHODS[:3] == ("sparse", "csr", "factored")
     assert set(bench.METHODS) == {"sparse", "csr", "factored", "dense", "im2col", "direct", "fft", "torch", "pylops"}
@@ -334,3 +347,36 @@ def test_crossover_plot_of_a_pruning_sweep(tmp_path, monkeypatch):
     (path,) = result["files"]["plots"]
     assert path.endswith("smoke_crossover_float64_t1.png")
     assert imread(path).shape[:2] == (600, 900)
+
+
+# ---------------------------------------------------------------------- the one im2col
+@pytest.mark.parametrize("kernel, stride, dilation, padding, mode", [
+    (3, 1, 1, 1, "zeros"), (3, 2, 1, 1, "zeros"), (2, 1, 2, (1, 2), "zeros"), (3, 2, 2, 2, "circular"),
+    (3, 1, 1, 2, "reflect"), ((2, 3), (2, 1), (1, 2), 1, "replicate"),
+], ids=["3x3", "stride2", "dilated-asym", "circular", "reflect", "rect-replicate"])
+def test_im2col_layouts_and_col2im_scatter(kernel, stride, dilation, padding, mode):
+    from sparseconv import reference as ref
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 7, 6))
+    patch = dict(stride=stride, dilation=dilation, padding=padding, padding_mode=mode)
+    cols = ref.im2col(x, kernel, **patch)
+    rows = ref.im2col(x, kernel, layout="rows", **patch)
+    np.testing.assert_array_equal(rows, cols.transpose(0, 2, 1).reshape(-1, cols.shape[1]))
+    # col2im against the literal scatter: every patch entry added back, with np.add.at, at the
+    # input position im2col read it from (found by unrolling 1 + the positions' own indices;
+    # 0 is a zero-padding read, which the adjoint drops).
+    d = rng.standard_normal(cols.shape)
+    mine = ref.col2im(d, x.shape[1:], kernel, **patch)
+    index = ref.im2col(np.arange(1, x[0].size + 1, dtype=float).reshape(x[:1].shape), kernel, **patch)[0]
+    index = index.astype(np.intp)
+    read = np.broadcast_to(index > 0, d.shape)
+    literal = np.zeros((2, x[0].size))
+    np.add.at(literal, (np.broadcast_to(np.arange(2)[:, None, None], d.shape)[read],
+                        np.broadcast_to(index - 1, d.shape)[read]), d[read])
+    np.testing.assert_allclose(mine, literal.reshape(x.shape), rtol=1e-13, atol=1e-13)
+    by_rows = ref.col2im(np.ascontiguousarray(d.transpose(0, 2, 1)).reshape(-1, d.shape[1]), x.shape[1:], kernel,
+                         layout="rows", **patch)
+    np.testing.assert_array_equal(by_rows, mine)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        ref.im2col(x, kernel, layout="cols", **patch)

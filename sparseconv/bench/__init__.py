@@ -42,7 +42,7 @@ Examples
 from .cli import add_arguments, parse_bytes, parse_dtypes, parse_methods, parse_threads, run_from_args
 from .environment import environment_info
 from .methods import DEFAULT_MAX_DIRECT_MACS, DEFAULT_MEMORY_BUDGET, METHODS, MethodSkipped, Prepared, Settings
-from .methods import prepare_method
+from .methods import prepare_method, resolve_budget
 from .report import NOISY_SPREAD, format_markdown, format_table
 from .run import SCHEMA, run_suite, verify
 from .suites import (LINEAR_OPERATOR_PASSES, PASSES, PRUNED_SPARSITIES, SUITES, TOLERANCES, Case, Layer, layer_mask,
@@ -70,6 +70,7 @@ __all__ = [
     "layer_mask",
     "make_case",
     "prepare_method",
+    "resolve_budget",
     "verify",
     "measure",
     "measure_interleaved",

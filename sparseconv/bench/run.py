@@ -17,15 +17,14 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from ..geometry import default_memory_budget
 from .environment import environment_info, load_average
-from .methods import DEFAULT_MAX_DIRECT_MACS, DEFAULT_MEMORY_BUDGET, METHODS, MethodSkipped, Prepared, Settings
-from .methods import prepare_method
+from .methods import (DEFAULT_MAX_DIRECT_MACS, METHODS, MethodSkipped, Prepared, Settings, prepare_method,
+                      resolve_budget)
 from .report import add_ratios, format_table, summarise, write_outputs
 from .suites import PASSES, SUITES, TOLERANCES, Case, make_case, suite_layers
 from .timing import DEFAULT_MAX_SECONDS, MIN_REPEAT_SECONDS, measure, measure_interleaved, thread_limits, traced_call
 
-__all__ = ["SCHEMA", "verify", "resolve_budget", "run_suite"]
+__all__ = ["SCHEMA", "verify", "run_suite"]
 
 # The JSON's schema: version 2 names the passes forward / adjoint / weight_grad (version 1:
 # input_grad for the adjoint) and records each operator method's engines under info.engines.
@@ -70,21 +69,6 @@ def verify(prepared: Prepared, case: Case) -> dict[str, dict]:
                         "tol": tol, "reference": case.reference, "traced_peak_bytes": peak,
                         "first_call_s": first_s}
     return report
-
-
-def resolve_budget(memory_budget: Optional[int]) -> int:
-    """The memory budget in bytes: ``memory_budget``, or 1 GiB capped at the default budget.
-
-    Raises
-    ------
-    ValueError
-        For a budget that is not a positive int.
-    """
-    if memory_budget is None:
-        return min(DEFAULT_MEMORY_BUDGET, default_memory_budget())
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, np.integer)) or memory_budget <= 0:
-        raise ValueError(f"memory_budget must be a positive number of bytes; got {memory_budget!r}")
-    return int(memory_budget)
 
 
 def _prepare_row(method: str, case: Case, settings: Settings) -> tuple[dict, Optional[Prepared]]:

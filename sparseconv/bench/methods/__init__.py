@@ -36,10 +36,10 @@ import pkgutil
 from typing import Callable, Optional
 
 from ..suites import Case
-from ._base import DEFAULT_MAX_DIRECT_MACS, DEFAULT_MEMORY_BUDGET, MethodSkipped, Prepared, Settings
+from ._base import DEFAULT_MAX_DIRECT_MACS, DEFAULT_MEMORY_BUDGET, MethodSkipped, Prepared, Settings, resolve_budget
 
 __all__ = ["METHODS", "PREPARERS", "DEFAULT_MEMORY_BUDGET", "DEFAULT_MAX_DIRECT_MACS", "MethodSkipped",
-           "Prepared", "Settings", "prepare_method"]
+           "Prepared", "Settings", "prepare_method", "resolve_budget"]
 
 
 def _discover() -> dict[str, Callable[[Case, Settings], Prepared]]:

@@ -7,14 +7,31 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from ...geometry import default_memory_budget
+
 __all__ = ["DEFAULT_MEMORY_BUDGET", "DEFAULT_MAX_DIRECT_MACS", "MethodSkipped", "Settings", "Prepared",
-           "check_budget", "format_bytes", "pad", "dilated_kernel"]
+           "check_budget", "format_bytes", "pad", "dilated_kernel", "resolve_budget"]
 
 # Bytes any one method's main buffer may take; also capped at half the physical memory.
 DEFAULT_MEMORY_BUDGET = 1 << 30
 # scipy.signal's N-d direct correlation runs at well under 0.1 GMAC/s: beyond this many
 # multiply-adds per pass (stride and dilation waste included) it would dominate the run.
 DEFAULT_MAX_DIRECT_MACS = 30_000_000
+
+
+def resolve_budget(memory_budget: Optional[int]) -> int:
+    """The memory budget in bytes: ``memory_budget``, or 1 GiB capped at the default budget.
+
+    Raises
+    ------
+    ValueError
+        For a budget that is not a positive int.
+    """
+    if memory_budget is None:
+        return min(DEFAULT_MEMORY_BUDGET, default_memory_budget())
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, np.integer)) or memory_budget <= 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes; got {memory_budget!r}")
+    return int(memory_budget)
 
 
 class MethodSkipped(Exception):
@@ -31,7 +48,7 @@ class Settings:
         Thread count in force (``scipy.fft`` workers; BLAS, torch and sparseconv's pool are
         set by :func:`sparseconv.bench.timing.thread_limits`).
     budget : int
-        Bytes the method's main buffer may take.
+        Bytes the method's main buffer may take; default :func:`resolve_budget` of None.
     repeats : int
         Repeats of the construction and refresh timings (at most 3 are used).
     max_seconds : float
@@ -41,7 +58,7 @@ class Settings:
     """
 
     threads: int = 1
-    budget: int = DEFAULT_MEMORY_BUDGET
+    budget: int = field(default_factory=lambda: resolve_budget(None))
     repeats: int = 3
     max_seconds: float = 3.0
     max_direct_macs: int = DEFAULT_MAX_DIRECT_MACS

@@ -30,20 +30,26 @@ def engine_method(name: str, engine: Optional[str]) -> Callable[[Case, Settings]
     -------
     callable
         ``prepare(case, settings) -> Prepared``: the operator and its tables built (their
-        construction timed separately and counted in the method's buffer), one callable per
-        pass, ``set_weight`` as the refresh.
+        construction timed -- the median of up to three builds, or the first alone when it
+        takes over a third of ``settings.max_seconds`` -- and counted in the method's buffer),
+        one callable per pass, ``set_weight`` as the refresh. The engine methods of one case
+        share one operator (:func:`._operator.shared_build`).
     """
 
     def prepare(case: Case, settings: Settings) -> Prepared:
-        op, held = _operator.build(case, settings.budget, engine)
-        build = measure(lambda: _operator.build(case, settings.budget, engine), repeats=min(settings.repeats, 3),
-                        max_seconds=settings.max_seconds, warmup=False)
+        op, held, build_s = _operator.shared_build(case, settings.budget, engine)
+        if settings.repeats > 1 and 3 * build_s < settings.max_seconds:
+            # Cheap enough to repeat: the median of up to three builds is less noisy than the first.
+            # (A large operator is built once: two alive at once would double the peak memory.)
+            build_s = measure(lambda: _operator.build(case, settings.budget, engine),
+                              repeats=min(settings.repeats, 3), max_seconds=settings.max_seconds,
+                              warmup=False)["median_s"]
         engines = _operator.engines_in_force(op, case.layer.passes, case.layer.interface, engine)
         w = case.w
         return Prepared(
             method=name, passes=_operator.passes(op, case, engine), flat=case.layer.interface == "linear_operator",
             buffer_name="sparse matrix (values, indices, indptr, tying map) and the factored engine's tables",
-            buffer_bytes=held, build_s=build["median_s"], refresh=lambda: _operator.set_weight(op, w),
+            buffer_bytes=held, build_s=build_s, refresh=lambda: _operator.set_weight(op, w),
             info={**_operator.matrix_facts(op), "engines": engines, "interface": case.layer.interface})
 
     prepare.__name__ = f"prepare_{name}"
