@@ -64,8 +64,9 @@ def paired(a: Callable[[], Any], b: Callable[[], Any], repeats: int, *, a_thread
            b_threads: int = CORES, min_seconds: float = 0.05) -> tuple[float, float]:
     """Minimum times of ``a`` and ``b``, measured in alternating rounds so that both see the
     same machine load; each under :func:`~sparseconv.bench.thread_limits` of its thread count."""
+    contexts = {"a": lambda: thread_limits(a_threads), "b": lambda: thread_limits(b_threads)}
     result = measure_interleaved({"a": a, "b": b}, repeats=repeats, max_seconds=1e9, min_repeat_seconds=min_seconds,
-                                 contexts={"a": lambda: thread_limits(a_threads), "b": lambda: thread_limits(b_threads)})
+                                 contexts=contexts)
     return result["a"]["min_s"], result["b"]["min_s"]
 
 

@@ -107,6 +107,10 @@ def test_pylops_runs_on_the_image_layer_only(smoke):
     image = [r for r in rows if r["layer"] == "smoke image k5"]
     assert image and all(r["status"] == "ok" for r in image)
     assert all(r["status"] == "skipped" and "single-channel" in r["reason"] for r in rows if r not in image)
+    for config in result["summary"]["configs"]:
+        compared = {e["layer"] for e in config["layers"] if e["sparse_over_pylops"] is not None}
+        assert compared == {"smoke image k5"}
+    assert "Against PyLops" in (smoke[1] / "smoke.md").read_text(encoding="utf-8")
 
 
 def test_summary_has_a_ratio_per_layer(smoke):

@@ -14,11 +14,14 @@ from .methods._base import format_bytes
 from .plots import plot
 from .suites import PASSES
 
-__all__ = ["NOISY_SPREAD", "add_ratios", "summarise", "format_table", "format_markdown", "write_outputs"]
+__all__ = ["NOISY_SPREAD", "BASELINES", "add_ratios", "summarise", "format_table", "format_markdown", "write_outputs"]
 
 # A pass whose median is this many times its minimum was disturbed by other work while it ran;
 # the summary counts such measurements so that an unreliable configuration says so.
 NOISY_SPREAD = 1.5
+# Every timed row is divided by these methods' times on the same layer, dtype and threads
+# (PyLops only runs on single-channel image layers: its ratios are None elsewhere).
+BASELINES = ("im2col", "torch", "pylops")
 
 
 def _timed_passes(row: dict) -> list[str]:
@@ -31,7 +34,7 @@ def _median(timing: dict, name: str) -> Optional[float]:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Ratio of every timed row to im2col (and to torch) of the same layer, dtype and threads.
+    """Ratio of every timed row to each of :data:`BASELINES` on the same layer, dtype and threads.
 
     ``ratio_to_X`` divides medians, ``ratio_to_X_min`` minima (the less noise-sensitive one).
 
@@ -44,7 +47,7 @@ def add_ratios(rows: list[dict]) -> None:
     for r in rows:
         if r["status"] != "ok":
             continue
-        for other in ("im2col", "torch"):
+        for other in BASELINES:
             base = by_key.get((r["layer"], r["dtype"], r["threads"], other))
             ok = base is not None and base["status"] == "ok"
             for name in (*_timed_passes(r), "total"):
@@ -61,7 +64,7 @@ def _geomean(values: Sequence[float]) -> Optional[float]:
 
 
 def summarise(rows: list[dict], dtypes: Sequence[str], threads: Sequence[int]) -> dict:
-    """Per (dtype, threads): sparse's ratios to im2col and torch, per layer and as geometric means.
+    """Per (dtype, threads): sparse's ratios to each of :data:`BASELINES`, per layer and as geometric means.
 
     Parameters
     ----------
@@ -77,7 +80,7 @@ def summarise(rows: list[dict], dtypes: Sequence[str], threads: Sequence[int]) -
     """
     configs = []
     layers = list(dict.fromkeys(r["layer"] for r in rows))
-    keys = [f"sparse_over_{other}{suffix}" for other in ("im2col", "torch") for suffix in ("", "_min")]
+    keys = [f"sparse_over_{other}{suffix}" for other in BASELINES for suffix in ("", "_min")]
     for dt in dtypes:
         for t in threads:
             per_layer = []
@@ -88,7 +91,7 @@ def summarise(rows: list[dict], dtypes: Sequence[str], threads: Sequence[int]) -
                 sparse = group.get("sparse")
                 timing = sparse["timing"] if sparse and sparse["status"] == "ok" else None
                 entry = {"layer": name, "total_s": timed, "fastest": min(timed, key=timed.get) if timed else None}
-                for other in ("im2col", "torch"):
+                for other in BASELINES:
                     for suffix in ("", "_min"):
                         entry[f"sparse_over_{other}{suffix}"] = (
                             timing["total"][f"ratio_to_{other}{suffix}"] if timing else None)
@@ -102,12 +105,12 @@ def summarise(rows: list[dict], dtypes: Sequence[str], threads: Sequence[int]) -
                                       "measurements": len(spreads)}
             for key in keys:
                 config[f"geomean_{key}"] = _geomean([e[key] for e in per_layer])
-            for other in ("im2col", "torch"):
+            for other in BASELINES:
                 values = [e[f"sparse_over_{other}"] for e in per_layer if e[f"sparse_over_{other}"] is not None]
                 config[f"sparse_faster_than_{other}"] = sum(v < 1 for v in values)
                 config[f"compared_with_{other}"] = len(values)
-                by_pass = [e[f"sparse_over_{other}_by_pass"] for e in per_layer
-                           if e[f"sparse_over_{other}_by_pass"] and None not in e[f"sparse_over_{other}_by_pass"].values()]
+                by_pass = [b for b in (e[f"sparse_over_{other}_by_pass"] for e in per_layer)
+                           if b and None not in b.values()]
                 config[f"geomean_sparse_over_{other}_by_pass"] = {
                     p: _geomean([b[p] for b in by_pass if p in b]) for p in PASSES}
             configs.append(config)
@@ -227,6 +230,20 @@ def format_markdown(result: dict) -> str:
                 else:
                     cells.append(row["status"])
             out.append(f"| {entry['layer']} | " + " | ".join(cells) + f" | {entry['fastest'] or '-'} |")
+    pylops = [(c, e) for c in result["summary"]["configs"] for e in c["layers"] if e["sparse_over_pylops"] is not None]
+    if pylops:
+        out += ["", "## Against PyLops (one vector at a time through the LinearOperator)", "",
+                "Per pass: sparse time / PyLops `Convolve2D(method=\"fft\")` time (< 1: sparse is faster), and "
+                "sparse's adjoint time / its forward time.", "",
+                "| dtype | threads | layer | forward | adjoint | sparse adjoint / forward |",
+                "|---|---|---|---|---|---|"]
+        for c, e in pylops:
+            row = next(r for r in result["results"] if r["layer"] == e["layer"] and r["method"] == "sparse"
+                       and r["dtype"] == c["dtype"] and r["threads"] == c["threads"])
+            own = row["timing"]["adjoint"]["median_s"] / row["timing"]["forward"]["median_s"]
+            by_pass = e["sparse_over_pylops_by_pass"]
+            out.append(f"| {c['dtype']} | {c['threads']} | {e['layer']} | {_ratio(by_pass.get('forward'))} | "
+                       f"{_ratio(by_pass.get('adjoint'))} | {_ratio(own)} |")
     out += ["", "## Where sparse wins and loses", ""]
     for c in result["summary"]["configs"]:
         rated = [(e["sparse_over_im2col"], e["layer"]) for e in c["layers"] if e["sparse_over_im2col"] is not None]
