@@ -348,9 +348,11 @@ def test_crossover_plot_of_a_pruning_sweep(tmp_path, monkeypatch):
     monkeypatch.setitem(suites._SUITE_BUILDERS, "smoke", lambda: sweep)
     result = bench.run_suite("smoke", dtypes=("float64",), threads=(1,), repeats=1, out_dir=tmp_path,
                              progress=False, verbose=False, methods=("sparse", "factored", "im2col"))
-    (path,) = result["files"]["plots"]
-    assert path.endswith("smoke_crossover_float64_t1.png")
-    assert imread(path).shape[:2] == (600, 900)
+    names = sorted(os.path.basename(p) for p in result["files"]["plots"])
+    assert names == sorted(f"smoke_crossover{tag}_float64_t1.png"
+                           for tag in ("", "_forward", "_adjoint", "_weight_grad"))
+    for path in result["files"]["plots"]:
+        assert imread(path).shape[:2] == (600, 900)
 
 
 # ---------------------------------------------------------------------- the one im2col

@@ -2,9 +2,10 @@
 
 One figure per (dtype, threads), chosen by the suite's layers:
 
-- a **crossover** plot where layers of one shape differ only in pruning (the ``pruned``
+- **crossover** plots where layers of one shape differ only in pruning (the ``pruned``
   suite): time against the fraction of zero weights, one panel per shape, the sparse
-  operator's engines against PyTorch and im2col;
+  operator's engines against PyTorch and im2col -- one figure for all passes together and
+  one per pass;
 - **sweep** lines where layers vary one quantity (the ``scaling`` suite), one panel each;
 - otherwise **bars** of every method's time relative to im2col, per layer.
 
@@ -42,8 +43,13 @@ def _log_axis(axis, ticks=None, labels=None) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
-def _totals(rows: list[dict]) -> dict[tuple[str, str], float]:
-    return {(r["layer"], r["method"]): r["timing"]["total"]["median_s"] for r in rows if r["status"] == "ok"}
+_PASS_LABELS = {"forward": "fwd", "adjoint": "adj", "weight_grad": "dw"}
+
+
+def _times(rows: list[dict], key: str = "total") -> dict[tuple[str, str], float]:
+    """Median seconds of ``key`` (a pass, or "total") per (layer, method) that ran."""
+    return {(r["layer"], r["method"]): r["timing"][key]["median_s"] for r in rows
+            if r["status"] == "ok" and key in r["timing"]}
 
 
 def _engine_methods(result: dict) -> list[str]:
@@ -69,7 +75,7 @@ def _shape_label(layer: dict) -> str:
             + (f", stride {layer['stride']}" if layer["stride"] != 1 else ""))
 
 
-def _crossover(result: dict, dt: str, t: int, totals: dict, layers: dict[str, dict]):
+def _crossover(result: dict, dt: str, t: int, totals: dict, layers: dict[str, dict], what: str = "total"):
     from matplotlib.figure import Figure
 
     bases = _pruning_bases(layers)
@@ -94,8 +100,8 @@ def _crossover(result: dict, dt: str, t: int, totals: dict, layers: dict[str, di
         ax.invert_xaxis()  # sparser to the right
         _log_axis(ax.xaxis, kept, [f"{round(100 - v)}" for v in kept])
         _log_axis(ax.yaxis)
-        passes = "+".join({"forward": "fwd", "adjoint": "adj", "weight_grad": "dw"}[p]
-                          for p in layers[members[0]]["passes"])
+        passes = ("+".join(_PASS_LABELS[p] for p in layers[members[0]]["passes"]) if what == "total"
+                  else _PASS_LABELS[what])
         ax.set(xlabel="weights zero (%)", ylabel=f"{passes} time (ms)")
         ax.set_title(f"{_shape_label(layers[members[0]])}\n{dt}, {t} thread(s)", fontsize="medium")
         ax.grid(True, which="major", alpha=0.3)
@@ -110,7 +116,8 @@ def _crossover(result: dict, dt: str, t: int, totals: dict, layers: dict[str, di
                              "multiply the zeros.", transform=legend_ax.transAxes, fontsize="small", va="bottom")
     for ax in axes[len(bases) + 1:]:
         ax.axis("off")
-    fig.suptitle(f"{result['suite']}: where sparse overtakes dense ({dt}, {t} thread(s))")
+    shown = "all passes" if what == "total" else f"the {what} pass"
+    fig.suptitle(f"{result['suite']}: where sparse overtakes dense, {shown} ({dt}, {t} thread(s))")
     return fig
 
 
@@ -176,8 +183,9 @@ def plot(result: dict, out_dir: Path) -> list[str]:
     Returns
     -------
     list of str
-        Paths written: ``<suite>_crossover_<dtype>_t<threads>.png`` for pruning sweeps and
-        scaling sweeps, ``<suite>_<dtype>_t<threads>.png`` otherwise.
+        Paths written: ``<suite>_crossover_<dtype>_t<threads>.png`` for pruning sweeps (plus
+        ``<suite>_crossover_<pass>_<dtype>_t<threads>.png`` per pass) and scaling sweeps,
+        ``<suite>_<dtype>_t<threads>.png`` otherwise.
 
     Raises
     ------
@@ -190,15 +198,19 @@ def plot(result: dict, out_dir: Path) -> list[str]:
     crossover = bool(_pruning_bases(layers))
     for config in result["summary"]["configs"]:
         dt, t = config["dtype"], config["threads"]
-        totals = _totals([r for r in result["results"] if r["dtype"] == dt and r["threads"] == t])
+        rows = [r for r in result["results"] if r["dtype"] == dt and r["threads"] == t]
+        figures = {}
         if crossover:
-            fig = _crossover(result, dt, t, totals, layers)
+            figures["_crossover"] = _crossover(result, dt, t, _times(rows), layers)
+            # One per pass too: issue 11's targets are per pass.
+            for name in dict.fromkeys(p for layer in layers.values() for p in layer["passes"]):
+                figures[f"_crossover_{name}"] = _crossover(result, dt, t, _times(rows, name), layers, name)
         elif sweeps:
-            fig = _sweeps(result, dt, t, totals, layers, sweeps)
+            figures["_crossover"] = _sweeps(result, dt, t, _times(rows), layers, sweeps)
         else:
-            fig = _bars(result, dt, t, totals, layers)
-        tag = "_crossover" if crossover or sweeps else ""
-        path = out_dir / f"{result['suite']}{tag}_{dt}_t{t}.png"
-        fig.savefig(path, dpi=DPI)
-        paths.append(str(path))
+            figures[""] = _bars(result, dt, t, _times(rows), layers)
+        for tag, fig in figures.items():
+            path = out_dir / f"{result['suite']}{tag}_{dt}_t{t}.png"
+            fig.savefig(path, dpi=DPI)
+            paths.append(str(path))
     return paths
