@@ -7,30 +7,28 @@ float64 reference (:mod:`sparseconv.reference`) *before* it is timed; a method w
 is wrong is recorded as failed and not timed, one that cannot run (optional package missing,
 memory budget exceeded, too slow) is recorded as skipped with the reason.
 
-Layout
-------
-:mod:`.suites`
+Its modules:
+
+:mod:`sparseconv.bench.suites`
     The layers (:class:`Layer`), the suites, and each layer's data and reference results.
-:mod:`.methods`
+:mod:`sparseconv.bench.methods`
     One module per method (``sparse``, ``csr``, ``factored``, ``dense``, ``im2col``,
     ``direct``, ``fft``, ``torch``, ``pylops``); every call into the operator's API is in
     ``methods/_operator.py``.
-:mod:`.timing`
+:mod:`sparseconv.bench.timing`
     The one timing loop (calibrate, interleave, repeat) and the thread limits.
-:mod:`.environment`, :mod:`.report`, :mod:`.plots`
+:mod:`sparseconv.bench.environment`, :mod:`sparseconv.bench.report`, :mod:`sparseconv.bench.plots`
     What the run ran on; tables, Markdown and JSON; PNG plots.
-:mod:`.run`, :mod:`.cli`
+:mod:`sparseconv.bench.run`, :mod:`sparseconv.bench.cli`
     A suite end to end; the ``python -m sparseconv bench`` options.
 
-Measurements
-------------
-Median and minimum over repeats after a warm-up outside the timed region (fast calls are
-looped so that one repeat lasts a few milliseconds, as ``timeit`` does); useful GFLOP/s,
-``2 * MACs / median`` with the MACs of the dense convolution; the bytes of each method's main
-buffer and the numpy allocations traced by ``tracemalloc`` during one call; construction
-time; and for every row the ratio to im2col measured in the same run. BLAS and OpenMP pools
-are limited with threadpoolctl, torch with ``torch.set_num_threads``, ``scipy.fft`` with
-``workers``; sparseconv's own pool with :func:`sparseconv.parallel.threads`.
+What is measured: the median and minimum over repeats after a warm-up outside the timed region
+(fast calls are looped so that one repeat lasts a few milliseconds, as ``timeit`` does); useful
+GFLOP/s, ``2 * MACs / median`` with the MACs of the dense convolution; the bytes of each
+method's main buffer and the numpy allocations traced by ``tracemalloc`` during one call;
+construction time; and for every row the ratio to im2col measured in the same run. BLAS and
+OpenMP pools are limited with threadpoolctl, torch with ``torch.set_num_threads``,
+``scipy.fft`` with ``workers``; sparseconv's own pool with :func:`sparseconv.parallel.threads`.
 
 Examples
 --------

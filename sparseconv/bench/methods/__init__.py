@@ -4,11 +4,11 @@ Every public module of this package is a method: it defines ``NAME`` (as results
 ``--methods`` call it), ``RANK`` (its place in tables) and ``prepare(case, settings) ->
 Prepared``, raising :class:`MethodSkipped` with the reason where it cannot run. The sparse
 operator's engines are methods of three lines each (``sparse.py`` runs the operator's
-defaults, ``csr.py`` and ``factored.py`` one engine each, see :mod:`._engine`); a new engine
-is a new module. Every call into the operator's API is in :mod:`._operator`.
+defaults, ``csr.py`` and ``factored.py`` one engine each, see ``methods/_engine.py``); a new engine
+is a new module. Every call into the operator's API is in ``methods/_operator.py``.
 
-Methods
--------
+The methods:
+
 sparse
     :class:`sparseconv.ConvOperator` with its defaults (engine ``"auto"``; the engine each
     product ran on is recorded).

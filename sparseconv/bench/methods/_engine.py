@@ -33,7 +33,7 @@ def engine_method(name: str, engine: Optional[str]) -> Callable[[Case, Settings]
         construction timed -- the median of up to three builds, or the first alone when it
         takes over a third of ``settings.max_seconds`` -- and counted in the method's buffer),
         one callable per pass, ``set_weight`` as the refresh. The engine methods of one case
-        share one operator (:func:`._operator.shared_build`).
+        share one operator (``_operator.shared_build``).
     """
 
     def prepare(case: Case, settings: Settings) -> Prepared:
