@@ -436,7 +436,9 @@ def im2col(x: np.ndarray, kernel_size: IntOrTuple, *, stride: IntOrTuple = 1, pa
     x = x.astype(resolve_dtype(x, "x"), copy=False)
     geom = _patch_geometry(x.shape[1:], kernel_size, stride, padding, dilation, padding_mode)
     x = check_batch(x, geom.input_shape, x.dtype, "x")
-    return _windows(pad(x, geom.padding, geom.padding_mode), geom.kernel_size, geom.stride, geom.dilation, layout)
+    # Without padding the window view reads x itself: no copy before the one of the unrolling.
+    xp = pad(x, geom.padding, geom.padding_mode) if any(lo or hi for lo, hi in geom.padding) else x
+    return _windows(xp, geom.kernel_size, geom.stride, geom.dilation, layout)
 
 
 def col2im(cols: np.ndarray, input_shape: Sequence[int], kernel_size: IntOrTuple, *, stride: IntOrTuple = 1,
