@@ -17,15 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
-import tracemalloc
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import scipy
 
-import sparseconv as sc
+from sparseconv.bench import Layer, make_case, measure, resolve_budget
+from sparseconv.bench.methods import _operator
+from sparseconv.bench.timing import traced_call
 
 __all__ = ["LAYERS", "measure_layer", "main"]
 
@@ -36,44 +35,27 @@ LAYERS = [
 ]
 
 
-def _median_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up outside the timed region
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
-def _matrix_bytes(op: sc.ConvOperator) -> int:
-    m = op.matrix
-    tying = op.param_index.nbytes if op._param_index is not None else op.tying.data.nbytes
-    return m.data.nbytes + m.indices.nbytes + m.indptr.nbytes + tying
+def _median_time(fn, repeats: int) -> float:
+    """Median of ``repeats`` single calls after one warm-up (the harness's timing loop)."""
+    return measure(fn, repeats=repeats, max_seconds=1e9, min_repeat_seconds=0.0)["median_s"]
 
 
 def measure_layer(name: str, f: int, c: int, size: int, k: int, pad: int, *, batch: int = 64,
                   repeats: int = 3, dtype: str = "float64") -> dict:
     """Measure one layer; returns a JSON-ready dict."""
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((f, c, k, k)).astype(dtype)
-    shape = (c, size, size)
-    build_s = _median_time(lambda: sc.ConvOperator(w, shape, padding=pad), repeats)
-
-    tracemalloc.start()
-    op = sc.ConvOperator(w, shape, padding=pad)
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    final = _matrix_bytes(op)
-
-    w2 = rng.standard_normal(w.shape).astype(dtype)
-    set_weight_s = _median_time(lambda: op.set_weight(w2), repeats)
-    copy_s = _median_time(lambda: op.matrix.data.copy(), repeats)
-    x = rng.standard_normal((batch, *shape)).astype(dtype)
-    forward_s = _median_time(lambda: op.forward(x), repeats)
+    case = make_case(Layer(name, batch, c, f, size, k, padding=pad), dtype, reference=False)
+    budget = resolve_budget(None)
+    # engine "csr": the operator with its explicit matrix, no factored tables.
+    build_s = _median_time(lambda: _operator.build(case, budget, "csr"), repeats)
+    peak, _, (op, final) = traced_call(lambda: _operator.build(case, budget, "csr"))
+    w2 = np.random.default_rng(1).standard_normal(case.w.shape).astype(dtype)
+    set_weight_s = _median_time(lambda: _operator.set_weight(op, w2), repeats)
+    copy_s = _median_time(lambda: _operator.value_array(op).copy(), repeats)
+    forward_s = _median_time(lambda: _operator.forward(op, case.x), repeats)
+    nnz = _operator.matrix_facts(op)["nnz"]
     return {
-        "layer": name, "dtype": dtype, "nnz": op.nnz, "matrix_bytes": final, "batch": batch,
-        "build_s": build_s, "nnz_per_s": op.nnz / build_s, "peak_bytes": peak, "peak_over_matrix": peak / final,
+        "layer": name, "dtype": dtype, "nnz": nnz, "matrix_bytes": final, "batch": batch,
+        "build_s": build_s, "nnz_per_s": nnz / build_s, "peak_bytes": peak, "peak_over_matrix": peak / final,
         "set_weight_s": set_weight_s, "forward_s": forward_s, "set_weight_over_forward": set_weight_s / forward_s,
         "value_copy_s": copy_s, "set_weight_over_copy": set_weight_s / copy_s,
     }

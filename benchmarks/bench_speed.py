@@ -10,27 +10,28 @@ pool and ``torch.set_num_threads`` limits PyTorch. Times are the minimum over re
 so that both see the same machine load. The run starts by measuring how many cores are
 really free (two independent single-threaded jobs at once against one): on a shared machine
 the thread speed-ups cannot exceed that number.
+
+Layers, data, the im2col method, the timing loop and the thread limits are
+:mod:`sparseconv.bench`'s; every operator call goes through ``sparseconv.bench.methods._operator``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
 import sys
-import time
-import tracemalloc
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
-from threadpoolctl import threadpool_limits
 
 import sparseconv as sc
 from sparseconv import parallel
+from sparseconv.bench import Layer, make_case, measure, measure_interleaved, resolve_budget, suite_layers, thread_limits
+from sparseconv.bench.methods import PREPARERS, Settings, _operator
+from sparseconv.bench.timing import time_once, traced_call
 from sparseconv.geometry import conv_geometry
 from sparseconv.models import C3_TABLE, lenet5
 from sparseconv.nn import SGD, CrossEntropyLoss
@@ -47,55 +48,26 @@ __all__ = ["main"]
 CORES = parallel.available_cores()
 RESULTS = Path(__file__).resolve().parent / "results" / "speed.json"
 
-# (name, N, C, F, size, kernel, stride, padding, mask) as in sparseconv.bench's suites.
-LENET = [(f"{name} N{n}", n, c, f, s, 5, 1, 0, table)
-         for n in (1, 64, 256)
-         for name, c, f, s, table in (("C1", 1, 6, 32, False), ("C3", 6, 16, 14, False),
-                                      ("C3-table", 6, 16, 14, True), ("C5", 16, 120, 5, False))]
-CIFAR = [(f"{label} N{n}", n, c, f, s, 3, st, 1, False)
-         for n in (1, 32)
-         for label, c, f, s, st in (("16->16 32x32", 16, 16, 32, 1), ("16->32 s2 32x32", 16, 32, 32, 2),
-                                    ("32->32 16x16", 32, 32, 16, 1), ("32->64 s2 16x16", 32, 64, 16, 2),
-                                    ("64->64 8x8", 64, 64, 8, 1))]
+# The layers of sparseconv.bench's lenet and cifar suites.
+LENET = suite_layers("lenet")
+CIFAR = suite_layers("cifar")
 
 
 # ---------------------------------------------------------------------- measuring
 def timed(fn: Callable[[], Any], repeats: int, min_seconds: float = 0.05) -> dict:
-    """Warm up, then time ``repeats`` rounds of enough calls to last ``min_seconds``."""
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - t0, 1e-7)
-    number = max(1, int(min_seconds / once))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        times.append((time.perf_counter() - t0) / number)
-    return {"min_s": float(np.min(times)), "median_s": float(np.median(times))}
+    """Warm up, then time ``repeats`` rounds of enough calls to last ``min_seconds`` (the harness's loop)."""
+    result = measure(fn, repeats=repeats, max_seconds=1e9, min_repeat_seconds=min_seconds)
+    return {"min_s": result["min_s"], "median_s": result["median_s"]}
 
 
 def paired(a: Callable[[], Any], b: Callable[[], Any], repeats: int, *, a_threads: int = CORES,
            b_threads: int = CORES, min_seconds: float = 0.05) -> tuple[float, float]:
     """Minimum times of ``a`` and ``b``, measured in alternating rounds so that both see the
-    same machine load; each under :func:`limits` of its thread count."""
-    calls = []
-    for fn, n in ((a, a_threads), (b, b_threads)):
-        with limits(n):
-            fn()
-            t0 = time.perf_counter()
-            fn()
-            calls.append(max(1, int(min_seconds / max(time.perf_counter() - t0, 1e-7))))
-    best = [float("inf"), float("inf")]
-    for _ in range(repeats):
-        for i, (fn, n) in enumerate(((a, a_threads), (b, b_threads))):
-            with limits(n):
-                t0 = time.perf_counter()
-                for _ in range(calls[i]):
-                    fn()
-                best[i] = min(best[i], (time.perf_counter() - t0) / calls[i])
-    return best[0], best[1]
+    same machine load; each under :func:`~sparseconv.bench.thread_limits` of its thread count."""
+    contexts = {"a": lambda: thread_limits(a_threads), "b": lambda: thread_limits(b_threads)}
+    result = measure_interleaved({"a": a, "b": b}, repeats=repeats, max_seconds=1e9, min_repeat_seconds=min_seconds,
+                                 contexts=contexts)
+    return result["a"]["min_s"], result["b"]["min_s"]
 
 
 def parallel_capacity(repeats: int) -> float:
@@ -107,7 +79,7 @@ def parallel_capacity(repeats: int) -> float:
     from concurrent.futures import ThreadPoolExecutor
 
     def job() -> None:
-        op.forward(x, method="csr", threads=1)
+        _operator.forward(op, x, "csr", threads=1)
 
     with ThreadPoolExecutor(CORES) as pool:
         def many() -> None:
@@ -116,20 +88,6 @@ def parallel_capacity(repeats: int) -> float:
 
         one, all_cores = paired(job, many, repeats, a_threads=1, b_threads=1)
     return CORES * one / all_cores
-
-
-@contextlib.contextmanager
-def limits(n: int) -> Iterator[None]:
-    """Every pool (BLAS, sparseconv, torch) on ``n`` threads inside the block."""
-    previous = torch.get_num_threads() if torch is not None else None
-    try:
-        if torch is not None:
-            torch.set_num_threads(n)
-        with threadpool_limits(limits=n), parallel.threads(n):
-            yield
-    finally:
-        if torch is not None:
-            torch.set_num_threads(previous)
 
 
 # Cores found free by parallel_capacity() at the start of the run (set by main()).
@@ -153,64 +111,22 @@ def target(number: int, name: str, value: float, goal: str, passed: bool, **deta
 
 
 # ---------------------------------------------------------------------- cases
-def make(layer: tuple, dtype: str, prune: float = 0.0) -> dict:
-    name, n, c, f, s, k, st, p, table = layer
-    rng = np.random.default_rng(0)
-    mask = None
-    if table:
-        mask = np.broadcast_to(C3_TABLE.T[:, :, None, None], (f, c, k, k)).copy()
-    elif prune:
-        size = f * c * k * k
-        flat = np.ones(size, dtype=bool)
-        flat[np.random.default_rng(1).permutation(size)[:round(prune * size)]] = False
-        mask = flat.reshape(f, c, k, k)
-    w = (rng.standard_normal((f, c, k, k)) / np.sqrt(c * k * k))
-    if mask is not None:
-        w = w * mask
-    w = w.astype(dtype)
-    x = rng.standard_normal((n, c, s, s)).astype(dtype)
-    op = sc.ConvOperator(w, (c, s, s), stride=st, padding=p, weight_mask=mask)
-    dy = rng.standard_normal((n, *op.out_shape)).astype(dtype)
-    return dict(name=name, n=n, c=c, f=f, s=s, k=k, stride=st, padding=p, w=w, x=x, dy=dy, op=op, mask=mask)
+def make(layer: Layer, dtype: str) -> dict:
+    """A layer's data (:func:`sparseconv.bench.make_case`, no reference) and its operator (defaults)."""
+    case = make_case(layer, dtype, reference=False)
+    op, _ = _operator.build(case, resolve_budget(None))
+    return dict(name=layer.name, n=layer.batch, c=layer.in_channels, f=layer.out_channels, k=layer.kernel,
+                x=case.x, w=case.w, dy=case.dy, op=op, case=case, nnz=_operator.matrix_facts(op)["nnz"])
 
 
 def sparse_passes(case: dict) -> dict[str, Callable[[], Any]]:
-    op, x, dy = case["op"], case["x"], case["dy"]
-    return {"forward": lambda: op.forward(x), "input_grad": lambda: op.backward_input(dy),
-            "weight_grad": lambda: op.weight_grad(x, dy)}
+    """The operator's passes with its default engines."""
+    return _operator.passes(case["op"], case["case"])
 
 
 def im2col_passes(case: dict) -> dict[str, Callable[[], Any]]:
-    """numpy + BLAS im2col (one GEMM per pass), the same as ``sparseconv.bench``'s."""
-    n, c, f, h, k, s, p = (case[key] for key in ("n", "c", "f", "s", "k", "stride", "padding"))
-    x, dy, w = case["x"], case["dy"], case["w"]
-    o = case["op"].out_shape[1]
-    wmat = w.reshape(f, c * k * k)
-
-    def unroll() -> np.ndarray:
-        xp = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p))) if p else x
-        win = sliding_window_view(xp, (k, k), axis=(2, 3))[:, :, ::s, ::s]
-        return win.transpose(0, 2, 3, 1, 4, 5).reshape(n * o * o, c * k * k)
-
-    def dy_rows() -> np.ndarray:
-        return dy.transpose(0, 2, 3, 1).reshape(n * o * o, f)
-
-    def forward() -> np.ndarray:
-        return np.ascontiguousarray((unroll() @ wmat.T).reshape(n, o * o, f).transpose(0, 2, 1))
-
-    def input_grad() -> np.ndarray:
-        dcols = (dy_rows() @ wmat).reshape(n, o, o, c, k, k)
-        dxp = np.zeros((n, c, h + 2 * p, h + 2 * p), dtype=x.dtype)
-        span = s * (o - 1) + 1
-        for ky in range(k):
-            for kx in range(k):
-                dxp[:, :, ky:ky + span:s, kx:kx + span:s] += dcols[:, :, :, :, ky, kx].transpose(0, 3, 1, 2)
-        return np.ascontiguousarray(dxp[:, :, p:p + h, p:p + h])
-
-    def weight_grad() -> np.ndarray:
-        return (dy_rows().T @ unroll()).reshape(w.shape)
-
-    return {"forward": forward, "input_grad": input_grad, "weight_grad": weight_grad}
+    """The harness's im2col method (:func:`sparseconv.reference.im2col`, one GEMM per pass)."""
+    return PREPARERS["im2col"](case["case"], Settings()).passes
 
 
 # ---------------------------------------------------------------------- targets
@@ -219,16 +135,16 @@ def target_threads(repeats: int) -> dict:
     rows = []
     for layer in LENET + CIFAR:
         case = make(layer, "float32")
-        if case["op"].nnz < 100_000:
+        if case["nnz"] < 100_000:
             continue
-        row = {"layer": case["name"], "nnz": case["op"].nnz}
+        row = {"layer": case["name"], "nnz": case["nnz"]}
         for pass_name, fn in sparse_passes(case).items():
             t1, tn = paired(fn, fn, repeats, a_threads=1, b_threads=CORES)
             row[pass_name] = {"t1_s": t1, f"t{CORES}_s": tn, "speedup": t1 / tn}
         rows.append(row)
         print(f"    {row['layer']:<22} nnz {row['nnz']:>9,}  speed-up fwd {row['forward']['speedup']:.2f}  "
-              f"dx {row['input_grad']['speedup']:.2f}  dw {row['weight_grad']['speedup']:.2f}", flush=True)
-    speedups = [r[p]["speedup"] for r in rows for p in ("forward", "input_grad", "weight_grad")]
+              f"adj {row['adjoint']['speedup']:.2f}  dw {row['weight_grad']['speedup']:.2f}", flush=True)
+    speedups = [r[p]["speedup"] for r in rows for p in ("forward", "adjoint", "weight_grad")]
     return target(1, f"smallest speed-up 1 -> {CORES} threads over {len(rows)} layers x 3 passes",
                   min(speedups), ">= 1.8", min(speedups) >= 1.8, median=float(np.median(speedups)), layers=rows)
 
@@ -268,19 +184,15 @@ def target_weight_grad(repeats: int) -> dict:
     what else runs on the machine; the all-cores ratio is recorded too.
     """
     rows = []
-    for layer in [lay for lay in LENET + CIFAR if lay[1] in (32, 64)]:
+    for layer in [lay for lay in LENET + CIFAR if lay.batch in (32, 64)]:
         case = make(layer, "float32")
         passes = sparse_passes(case)
         fwd1, dw1 = paired(passes["forward"], passes["weight_grad"], repeats, a_threads=1, b_threads=1)
         fwd, dw = paired(passes["forward"], passes["weight_grad"], repeats)
-        tracemalloc.start()
-        passes["weight_grad"]()
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        op = case["op"]
+        peak, _, _ = traced_call(passes["weight_grad"])
         rows.append({"layer": case["name"], "ratio_1_thread": dw1 / fwd1, f"ratio_{CORES}_threads": dw / fwd,
                      "forward_s": fwd1, "weight_grad_s": dw1, "scratch_peak_bytes": peak,
-                     "nnz_x_batch_bytes": op.nnz * case["n"] * case["x"].itemsize})
+                     "nnz_x_batch_bytes": case["nnz"] * case["n"] * case["x"].itemsize})
     worst = max(r["ratio_1_thread"] for r in rows)
     bounded = all(r["scratch_peak_bytes"] <= 64 << 20 for r in rows)
     return target(3, "largest weight-gradient / forward time, 1 thread (lenet N64 + cifar N32, float32)", worst,
@@ -311,7 +223,7 @@ def target_construction(repeats: int) -> list[dict]:
     for layer in CIFAR[5:]:
         case = make(layer, "float32")
         op, w = case["op"], case["w"]
-        tw, tc = paired(lambda: op.set_weight(w), lambda: op.matrix.data.copy(), repeats)
+        tw, tc = paired(lambda: _operator.set_weight(op, w), lambda: _operator.value_array(op).copy(), repeats)
         ratios.append({"layer": case["name"], "set_weight_s": tw, "copy_s": tc, "ratio": tw / tc})
     worst = max(r["ratio"] for r in ratios)
     out.append(target(4, "set_weight / copy of the value array (largest, cifar N32)", worst, "<= 2", worst <= 2,
@@ -329,15 +241,16 @@ def target_gemm_efficiency(repeats: int) -> dict:
         case = make(layer, "float32")
         op = case["op"]
         n, f = case["n"], case["f"]
-        o2 = int(np.prod(op.out_shape[1:]))
+        o2 = layer.out_size ** 2
         kdim = case["c"] * case["k"] ** 2
         rng = np.random.default_rng(0)
         a = rng.standard_normal((n * o2, kdim)).astype(np.float32)
         b = rng.standard_normal((kdim, f)).astype(np.float32)
         row = {"layer": case["name"]}
         for t in THREAD_COUNTS:
-            ts, tg = paired(lambda: op.forward(case["x"]), lambda: a @ b, repeats, a_threads=t, b_threads=t)
-            sparse_gf = 2 * op.nnz * n / ts / 1e9
+            ts, tg = paired(lambda: _operator.forward(op, case["x"]), lambda: a @ b, repeats, a_threads=t,
+                            b_threads=t)
+            sparse_gf = 2 * case["nnz"] * n / ts / 1e9
             dense_gf = 2 * a.shape[0] * kdim * f / tg / 1e9
             row[t] = {"sparse_gflops": sparse_gf, "gemm_gflops": dense_gf, "fraction": sparse_gf / dense_gf}
         rows.append(row)
@@ -361,7 +274,7 @@ def target_im2col(repeats: int) -> dict:
         rows.append(row)
     medians = {t: float(np.median([r[t]["ratio"] for r in rows])) for t in THREAD_COUNTS}
     value, t = judged(medians)
-    return target(6, f"sparse / im2col, fwd+dx+dw (lenet + cifar median, float32, {t} thread(s))", value, "<= 1.0",
+    return target(6, f"sparse / im2col, fwd+adj+dw (lenet + cifar median, float32, {t} thread(s))", value, "<= 1.0",
                   value <= 1.0, medians=medians, layers=rows)
 
 
@@ -423,17 +336,16 @@ def target_torch(repeats: int) -> list[dict]:
     value, t = judged({t: ts / tt for t, (ts, tt) in steps.items()})
     out.append(target(7, f"LeNet-5 training step, batch 64 float32: sparse / torch ({t} thread(s))", value, "<= 1.5",
                       value <= 1.5, seconds={t: {"sparse_s": ts, "torch_s": tt} for t, (ts, tt) in steps.items()}))
-    base = ("pruned", 16, 32, 32, 16, 3, 1, 1, False)
     for prune, goal in ((0.9, 1.0), (0.95, 2.0)):
-        case = make(base, "float32", prune=prune)
+        case = make(Layer("pruned", 16, 32, 32, 16, 3, padding=1, prune=prune), "float32")
         xt = torch.from_numpy(case["x"])
         wt = torch.from_numpy(case["w"])
         with torch.no_grad():
-            fwd = {t: paired(lambda: case["op"].forward(case["x"]), lambda: tf.conv2d(xt, wt, padding=1), repeats,
+            fwd = {t: paired(sparse_passes(case)["forward"], lambda: tf.conv2d(xt, wt, padding=1), repeats,
                              a_threads=t, b_threads=t) for t in THREAD_COUNTS}
         value, t = judged({t: ttc / tsp for t, (tsp, ttc) in fwd.items()})
         out.append(target(7, f"pruned {round(prune * 100)}% forward: torch / sparse ({t} thread(s))", value,
-                          f">= {goal:g}", value >= goal, nnz=case["op"].nnz,
+                          f">= {goal:g}", value >= goal, nnz=case["nnz"],
                           seconds={t: {"sparse_s": a, "torch_s": b} for t, (a, b) in fwd.items()}))
     return out
 
@@ -477,13 +389,10 @@ def target_training(epochs: int) -> dict:
     data = load_digits(dtype=np.float32, seed=0)
     runs = {}
     for t in THREAD_COUNTS:
-        with limits(t):
-            t0 = time.perf_counter()
-            history = train(lenet5(dtype=np.float32, seed=0), data, epochs=epochs, progress=False, log=None)
-            ts = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            acc = _torch_train(lenet5(dtype=np.float32, seed=0), data, epochs)
-            tt = time.perf_counter() - t0
+        with thread_limits(t):
+            history, ts = time_once(lambda: train(lenet5(dtype=np.float32, seed=0), data, epochs=epochs,
+                                                  progress=False, log=None))
+            acc, tt = time_once(lambda: _torch_train(lenet5(dtype=np.float32, seed=0), data, epochs))
         runs[t] = {"sparse_s": ts, "torch_s": tt, "sparse_test_accuracy": history.test_accuracy[-1],
                    "torch_test_accuracy": acc}
     value, t = judged({t: r["sparse_s"] / r["torch_s"] for t, r in runs.items()})

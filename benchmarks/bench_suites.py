@@ -2,7 +2,8 @@
 
 Each class is one suite; asv (or any runner that follows its conventions) calls ``setup``
 with one ``(layer, method, dtype)`` combination and then times ``time_forward``,
-``time_input_grad`` and ``time_weight_grad``. ``setup`` also runs every pass once and checks
+``time_adjoint`` and ``time_weight_grad`` (``time_forward`` and ``time_adjoint`` alone for
+the image suite, whose layers are timed through the LinearOperator). ``setup`` also runs every pass once and checks
 it against the float64 reference, so the timed calls are warm and known to be right; a method
 that cannot run (optional package missing, over the memory budget, too slow) raises
 ``NotImplementedError``, asv's way of skipping a combination. BLAS, OpenMP and torch run on
@@ -22,14 +23,14 @@ from pathlib import Path
 
 from sparseconv import bench
 
-__all__ = ["Smoke", "LeNet", "Cifar", "ImageNet", "Pruned", "Grouped", "Scaling", "main"]
+__all__ = ["Smoke", "SmokeImage", "LeNet", "Cifar", "ImageNet", "Pruned", "Image", "Grouped", "Scaling", "main"]
 
 DTYPES = ["float32", "float64"]
 THREADS = 1
 
 
-class _SuiteBenchmark:
-    """Times the three passes of one method on one layer of :attr:`suite` (private: asv skips it).
+class _LinearOperatorBenchmark:
+    """Times the forward and adjoint of one method on one layer of :attr:`suite` (private: asv skips it).
 
     Parameters (asv ``params``)
     ---------------------------
@@ -53,7 +54,7 @@ class _SuiteBenchmark:
         self._limits.enter_context(bench.thread_limits(THREADS))
         self.case = bench.make_case(layers[layer], dtype)
         try:
-            self.prepared = bench.prepare_method(method, self.case, threads=THREADS)
+            self.prepared = bench.prepare_method(method, self.case, bench.Settings(threads=THREADS))
         except bench.MethodSkipped as err:
             self._limits.close()
             raise NotImplementedError(str(err)) from None
@@ -69,11 +70,8 @@ class _SuiteBenchmark:
     def time_forward(self, layer: str, method: str, dtype: str) -> None:
         self.prepared.passes["forward"]()
 
-    def time_input_grad(self, layer: str, method: str, dtype: str) -> None:
-        self.prepared.passes["input_grad"]()
-
-    def time_weight_grad(self, layer: str, method: str, dtype: str) -> None:
-        self.prepared.passes["weight_grad"]()
+    def time_adjoint(self, layer: str, method: str, dtype: str) -> None:
+        self.prepared.passes["adjoint"]()
 
     def track_buffer_bytes(self, layer: str, method: str, dtype: str) -> float:
         """Bytes of the method's main buffer (im2col buffer, sparse or dense matrix, spectra)."""
@@ -82,13 +80,27 @@ class _SuiteBenchmark:
     track_buffer_bytes.unit = "bytes"
 
 
-def _params(suite: str) -> list:
-    return [[layer.name for layer in bench.suite_layers(suite)], list(bench.METHODS), DTYPES]
+class _SuiteBenchmark(_LinearOperatorBenchmark):
+    """Times the three passes of one method on one layer of :attr:`suite` (private: asv skips it)."""
+
+    def time_weight_grad(self, layer: str, method: str, dtype: str) -> None:
+        self.prepared.passes["weight_grad"]()
+
+
+def _params(suite: str, interface: str = "batch") -> list:
+    """asv parameters: the suite's layers called through ``interface``, every method, both dtypes."""
+    layers = [layer.name for layer in bench.suite_layers(suite) if layer.interface == interface]
+    return [layers, list(bench.METHODS), DTYPES]
 
 
 class Smoke(_SuiteBenchmark):
     suite = "smoke"
     params = _params("smoke")
+
+
+class SmokeImage(_LinearOperatorBenchmark):
+    suite = "smoke"
+    params = _params("smoke", "linear_operator")
 
 
 class LeNet(_SuiteBenchmark):
@@ -109,6 +121,11 @@ class ImageNet(_SuiteBenchmark):
 class Pruned(_SuiteBenchmark):
     suite = "pruned"
     params = _params("pruned")
+
+
+class Image(_LinearOperatorBenchmark):
+    suite = "image"
+    params = _params("image", "linear_operator")
 
 
 class Grouped(_SuiteBenchmark):

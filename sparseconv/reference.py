@@ -351,18 +351,34 @@ def conv_direct_backward(x: np.ndarray, weight: np.ndarray, dy: np.ndarray, *, s
 
 
 # ---------------------------------------------------------------------- im2col
-def _windows(xp: np.ndarray, kernel_size: Sequence[int], stride: Sequence[int],
-             dilation: Sequence[int]) -> np.ndarray:
-    """Unroll ``(N, C, *P)`` into ``(N, C * prod(k), prod(out))`` columns, rows ordered ``(c, *k)``."""
+_LAYOUTS = ("columns", "rows")
+
+
+def _check_layout(layout: str) -> str:
+    if layout not in _LAYOUTS:
+        raise ValueError(f"layout must be one of {_LAYOUTS}; got {layout!r}")
+    return layout
+
+
+def _windows(xp: np.ndarray, kernel_size: Sequence[int], stride: Sequence[int], dilation: Sequence[int],
+             layout: str = "columns") -> np.ndarray:
+    """Unroll ``(N, C, *P)`` into patches with one copy of a ``sliding_window_view``.
+
+    ``layout="columns"``: ``(N, C * prod(k), prod(out))``, rows ordered ``(c, *k)``;
+    ``layout="rows"``: ``(N * prod(out), C * prod(k))``, rows ordered ``(n, *out)``.
+    """
     nd = len(kernel_size)
     extent = tuple(d * (k - 1) + 1 for k, d in zip(kernel_size, dilation))
     win = sliding_window_view(xp, extent, axis=tuple(range(2, 2 + nd)))  # (N, C, *positions, *extent)
     win = win[(slice(None), slice(None), *(slice(None, None, s) for s in stride),
                *(slice(None, None, d) for d in dilation))]  # (N, C, *out, *k)
     n, c = xp.shape[:2]
-    out = win.shape[2:2 + nd]
+    out = int(np.prod(win.shape[2:2 + nd]))
+    taps = c * int(np.prod(kernel_size))
+    if layout == "rows":
+        return win.transpose(0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)).reshape(n * out, taps)
     win = win.transpose(0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))
-    return win.reshape(n, c * int(np.prod(kernel_size)), int(np.prod(out)))
+    return win.reshape(n, taps, out)
 
 
 def _patch_geometry(input_shape: Sequence[int], kernel_size: IntOrTuple, stride: IntOrTuple, padding: PaddingSpec,
@@ -378,8 +394,11 @@ def _patch_geometry(input_shape: Sequence[int], kernel_size: IntOrTuple, stride:
 
 
 def im2col(x: np.ndarray, kernel_size: IntOrTuple, *, stride: IntOrTuple = 1, padding: PaddingSpec = 0,
-           dilation: IntOrTuple = 1, padding_mode: str = "zeros") -> np.ndarray:
-    """Unroll every (strided, dilated) patch of the padded input into a column.
+           dilation: IntOrTuple = 1, padding_mode: str = "zeros", layout: str = "columns") -> np.ndarray:
+    """Unroll every (strided, dilated) patch of the padded input into a column (or a row).
+
+    One copy of a ``sliding_window_view`` of the padded input: fast enough to be the im2col
+    the benchmarks time.
 
     Parameters
     ----------
@@ -388,36 +407,57 @@ def im2col(x: np.ndarray, kernel_size: IntOrTuple, *, stride: IntOrTuple = 1, pa
     stride, padding, dilation, padding_mode
         As in :func:`sparseconv.geometry.conv_geometry`. Groups and flip do not change the
         patches, so they are not options here.
+    layout : {"columns", "rows"}, default "columns"
+        ``"columns"``: one ``(C * prod(kernel_size), prod(out_size))`` matrix of patch
+        columns per sample. ``"rows"``: one patch per row, the samples stacked -- the layout
+        in which a whole batch is one GEMM with the ``(F, C * prod(kernel_size))`` kernel
+        matrix.
 
     Returns
     -------
-    cols : ndarray of shape (N, C * prod(kernel_size), prod(out_size))
+    cols : ndarray
+        ``layout="columns"``: shape ``(N, C * prod(kernel_size), prod(out_size))`` with
         ``cols[n, (c, *k), (*o)] = xpad[n, c, o * s + k * d]``, C order on both axes.
+        ``layout="rows"``: shape ``(N * prod(out_size), C * prod(kernel_size))`` with
+        ``cols[(n, *o), (c, *k)]`` the same value.
 
     Examples
     --------
     >>> im2col(np.arange(4.0)[None, None], 2)
     array([[[0., 1., 2.],
             [1., 2., 3.]]])
+    >>> im2col(np.arange(4.0)[None, None], 2, layout="rows")
+    array([[0., 1.],
+           [1., 2.],
+           [2., 3.]])
     """
+    _check_layout(layout)
     x = np.asarray(x)
     x = x.astype(resolve_dtype(x, "x"), copy=False)
     geom = _patch_geometry(x.shape[1:], kernel_size, stride, padding, dilation, padding_mode)
     x = check_batch(x, geom.input_shape, x.dtype, "x")
-    return _windows(pad(x, geom.padding, geom.padding_mode), geom.kernel_size, geom.stride, geom.dilation)
+    # Without padding the window view reads x itself: no copy before the one of the unrolling.
+    xp = pad(x, geom.padding, geom.padding_mode) if any(lo or hi for lo, hi in geom.padding) else x
+    return _windows(xp, geom.kernel_size, geom.stride, geom.dilation, layout)
 
 
 def col2im(cols: np.ndarray, input_shape: Sequence[int], kernel_size: IntOrTuple, *, stride: IntOrTuple = 1,
-           padding: PaddingSpec = 0, dilation: IntOrTuple = 1, padding_mode: str = "zeros") -> np.ndarray:
-    """Adjoint of :func:`im2col`: add every column entry back into the input position it came from.
+           padding: PaddingSpec = 0, dilation: IntOrTuple = 1, padding_mode: str = "zeros",
+           layout: str = "columns") -> np.ndarray:
+    """Adjoint of :func:`im2col`: add every patch entry back into the input position it came from.
+
+    One strided slice add per kernel tap, in tap order (the order ``np.add.at`` over the
+    unrolled index would use, so the sums are the same to the last bit).
 
     Parameters
     ----------
-    cols : ndarray of shape (N, C * prod(kernel_size), prod(out_size))
+    cols : ndarray
+        Shape ``(N, C * prod(kernel_size), prod(out_size))`` for ``layout="columns"``,
+        ``(N * prod(out_size), C * prod(kernel_size))`` for ``layout="rows"``.
     input_shape : sequence of int
         ``(C, *in_size)``, one sample (the batch size is taken from ``cols``).
     kernel_size : int or tuple of int
-    stride, padding, dilation, padding_mode
+    stride, padding, dilation, padding_mode, layout
         As given to :func:`im2col`.
 
     Returns
@@ -425,21 +465,34 @@ def col2im(cols: np.ndarray, input_shape: Sequence[int], kernel_size: IntOrTuple
     ndarray of shape (N, C, *in_size)
         Satisfies ``<im2col(x), cols> == <x, col2im(cols)>``.
     """
+    _check_layout(layout)
     cols = np.asarray(cols)
     cols = cols.astype(resolve_dtype(cols, "cols"), copy=False)
     geom = _patch_geometry(input_shape, kernel_size, stride, padding, dilation, padding_mode)
-    c = geom.in_channels
-    rows, n_out = c * int(np.prod(geom.kernel_size)), int(np.prod(geom.out_size))
-    if cols.ndim != 3 or cols.shape[1:] != (rows, n_out):
-        raise ValueError(f"cols must have shape (N, C * prod(kernel), prod(out)) = (N, {rows}, {n_out}); "
-                         f"got {cols.shape}")
-    n_padded = int(np.prod(geom.padded_size))
-    # Flat index of each padded position, unrolled exactly as im2col unrolls values.
-    index = _windows(np.arange(c * n_padded).reshape(1, c, *geom.padded_size), geom.kernel_size, geom.stride,
-                     geom.dilation)[0]
-    xp = np.zeros((cols.shape[0], c * n_padded), dtype=cols.dtype)
-    np.add.at(xp, (slice(None), index), cols)
-    return pad_adjoint(xp.reshape(-1, c, *geom.padded_size), geom.in_size, geom.padding, geom.padding_mode)
+    c, nd = geom.in_channels, len(geom.kernel_size)
+    taps, n_out = c * int(np.prod(geom.kernel_size)), int(np.prod(geom.out_size))
+    if layout == "columns":
+        if cols.ndim != 3 or cols.shape[1:] != (taps, n_out):
+            raise ValueError(f"cols must have shape (N, C * prod(kernel), prod(out)) = (N, {taps}, {n_out}); "
+                             f"got {cols.shape}")
+        n = cols.shape[0]
+        # (N, C, *k, *out): tap axes right after the channel.
+        patches = cols.reshape(n, c, *geom.kernel_size, *geom.out_size)
+    else:
+        if cols.ndim != 2 or cols.shape[1] != taps or cols.shape[0] % n_out:
+            raise ValueError(f"cols must have shape (N * prod(out), C * prod(kernel)) = (N * {n_out}, {taps}); "
+                             f"got {cols.shape}")
+        n = cols.shape[0] // n_out
+        # (N, *out, C, *k) -> (N, C, *k, *out) as a view.
+        patches = cols.reshape(n, *geom.out_size, c, *geom.kernel_size)
+        patches = patches.transpose(0, 1 + nd, *range(2 + nd, 2 + 2 * nd), *range(1, 1 + nd))
+    xp = np.zeros((n, c, *geom.padded_size), dtype=cols.dtype)
+    for tap in np.ndindex(*geom.kernel_size):
+        # Tap k reads positions k * d, k * d + s, ... of the padded input: one strided slice.
+        target = tuple(slice(k * d, k * d + s * (o - 1) + 1, s)
+                       for k, d, s, o in zip(tap, geom.dilation, geom.stride, geom.out_size))
+        xp[(slice(None), slice(None), *target)] += patches[(slice(None), slice(None), *tap)]
+    return pad_adjoint(xp, geom.in_size, geom.padding, geom.padding_mode)
 
 
 def _group_blocks(geom: ConvGeometry) -> list[tuple[slice, slice]]:

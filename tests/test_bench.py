@@ -3,24 +3,36 @@
 import argparse
 import json
 import math
+import os
 import sys
 
 import numpy as np
 import pytest
 
 from sparseconv import bench
+from sparseconv.bench import methods, suites
 
 ROW_KEYS = {"layer", "layer_id", "method", "dtype", "threads", "status", "reason", "macs", "shapes",
             "buffer_name", "buffer_bytes", "build_s", "refresh_s", "verification", "timing", "info"}
 TIMING_KEYS = {"median_s", "min_s", "times_s", "repeats", "number", "gflops", "ratio_to_im2col",
                "ratio_to_im2col_min", "ratio_to_torch", "ratio_to_torch_min", "spread"}
-OPTIONAL = ("torch", "matplotlib", "tqdm", "threadpoolctl")
+OPTIONAL = ("torch", "pylops", "pylops.signalprocessing", "matplotlib", "tqdm", "threadpoolctl")
+# Methods needing nothing optional: they run on every smoke layer.
+CORE_METHODS = ("sparse", "csr", "factored", "dense", "im2col", "direct", "fft")
 
 
 def _strict_json(path):
     def reject(constant):
         raise ValueError(f"non-standard JSON constant {constant} in {path}")
     return json.loads(path.read_text(encoding="utf-8"), parse_constant=reject)
+
+
+def _installed(name):
+    try:
+        __import__(name)
+    except ImportError:
+        return False
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +46,8 @@ def smoke(tmp_path_factory):
 def test_smoke_writes_valid_json_and_markdown(smoke):
     result, out = smoke
     data = _strict_json(out / "smoke.json")
-    assert data["suite"] == "smoke"
-    for key in ("schema", "settings", "environment", "thread_configs", "layers", "results", "summary", "files"):
+    assert data["suite"] == "smoke" and data["schema"] == bench.SCHEMA
+    for key in ("settings", "environment", "thread_configs", "layers", "results", "summary", "files"):
         assert key in data
     env = data["environment"]
     assert env["versions"]["numpy"] == np.__version__ and env["versions"]["scipy"]
@@ -43,6 +55,9 @@ def test_smoke_writes_valid_json_and_markdown(smoke):
     assert set(data["thread_configs"]) == {"1"}
     assert data["thread_configs"]["1"]["sparseconv_threads"] == 1
     assert data["settings"]["dtypes"] == ["float32", "float64"]
+    assert data["settings"]["passes"] == ["forward", "adjoint", "weight_grad"]
+    assert [layer["name"] for layer in data["layers"]] == [layer.name for layer in bench.suite_layers("smoke")]
+    assert {tuple(layer["passes"]) for layer in data["layers"]} == {bench.PASSES, bench.LINEAR_OPERATOR_PASSES}
     markdown = (out / "smoke.md").read_text(encoding="utf-8")
     assert "# sparseconv benchmark: `smoke`" in markdown and "Key ratios" in markdown
 
@@ -50,7 +65,7 @@ def test_smoke_writes_valid_json_and_markdown(smoke):
 def test_every_method_verified_or_skipped_with_reason(smoke):
     result, out = smoke
     rows = _strict_json(out / "smoke.json")["results"]
-    layers = [layer.name for layer in bench.suite_layers("smoke")]
+    layers = {layer.name: layer for layer in bench.suite_layers("smoke")}
     keys = [(r["layer"], r["dtype"], r["threads"], r["method"]) for r in rows]
     assert sorted(keys) == sorted((layer, dt, 1, m) for layer in layers for dt in ("float32", "float64")
                                   for m in bench.METHODS)
@@ -60,19 +75,42 @@ def test_every_method_verified_or_skipped_with_reason(smoke):
         if row["status"] == "skipped":
             assert row["reason"]
             continue
-        assert set(row["verification"]) == set(bench.PASSES)
+        passes = layers[row["layer"]].passes
+        assert set(row["verification"]) == set(passes)
         for check in row["verification"].values():
             assert check["ok"] and check["rel_err"] <= check["tol"]
-        assert set(row["timing"]) == {*bench.PASSES, "total"}
-        for name in bench.PASSES:
+        assert set(row["timing"]) == {*passes, "total"}
+        for name in passes:
             timing = row["timing"][name]
             assert TIMING_KEYS <= set(timing)
             assert timing["repeats"] == len(timing["times_s"]) >= 1
             assert timing["ratio_to_im2col"] is not None
         assert row["timing"]["total"]["ratio_to_im2col"] is not None
-    # The methods that need nothing optional always run on the smoke layers.
-    for method in ("sparse", "dense", "im2col", "direct", "fft"):
-        assert all(r["status"] == "ok" for r in rows if r["method"] == method)
+    for method in CORE_METHODS:
+        assert all(r["status"] == "ok" for r in rows if r["method"] == method), method
+
+
+def test_operator_methods_record_their_engines(smoke):
+    result, _ = smoke
+    for row in result["results"]:
+        if row["method"] in ("csr", "factored"):
+            layer = next(x for x in bench.suite_layers("smoke") if x.name == row["layer"])
+            assert row["info"]["engines"] == {p: row["method"] for p in layer.passes}
+        if row["method"] == "sparse":
+            assert set(row["info"]["engines"].values()) <= {"csr", "factored"}
+
+
+@pytest.mark.skipif(not _installed("pylops"), reason="pylops is not installed")
+def test_pylops_runs_on_the_image_layer_only(smoke):
+    result, _ = smoke
+    rows = [r for r in result["results"] if r["method"] == "pylops"]
+    image = [r for r in rows if r["layer"] == "smoke image k5"]
+    assert image and all(r["status"] == "ok" for r in image)
+    assert all(r["status"] == "skipped" and "single-channel" in r["reason"] for r in rows if r not in image)
+    for config in result["summary"]["configs"]:
+        compared = {e["layer"] for e in config["layers"] if e["sparse_over_pylops"] is not None}
+        assert compared == {"smoke image k5"}
+    assert "Against PyLops" in (smoke[1] / "smoke.md").read_text(encoding="utf-8")
 
 
 def test_summary_has_a_ratio_per_layer(smoke):
@@ -87,47 +125,184 @@ def test_summary_has_a_ratio_per_layer(smoke):
         assert 0 <= config["noisy_measurements"] <= config["measurements"]
 
 
+def test_plots_are_readable_size(smoke):
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
+    result, out = smoke
+    assert result["files"]["plots"]
+    for path in result["files"]["plots"]:
+        height, width = imread(path).shape[:2]
+        assert width == 900 and height >= 600
+
+
 def test_runs_without_optional_extras(tmp_path, monkeypatch):
     for name in OPTIONAL:
         monkeypatch.setitem(sys.modules, name, None)  # makes "import name" raise ImportError
     result = bench.run_suite("smoke", dtypes=("float64",), threads=(1,), repeats=1, out_dir=tmp_path,
                              progress=True, verbose=False)
-    torch_rows = [r for r in result["results"] if r["method"] == "torch"]
-    assert torch_rows and all(r["status"] == "skipped" and "not installed" in r["reason"] for r in torch_rows)
+    for method in ("torch", "pylops"):
+        rows = [r for r in result["results"] if r["method"] == method]
+        assert rows and all(r["status"] == "skipped" for r in rows)
+    assert all("not installed" in r["reason"] for r in result["results"] if r["method"] == "torch"
+               or r["method"] == "pylops" and r["layer"] == "smoke image k5")
     notes = " ".join(result["notes"])
     for name in ("tqdm", "threadpoolctl", "matplotlib"):
         assert name in notes
     assert result["files"]["plots"] == [] and "matplotlib" in result["files"]["plots_skipped"]
     assert result["thread_configs"]["1"]["pools"] is None
-    assert all(r["status"] == "ok" for r in result["results"] if r["method"] != "torch")
+    assert all(r["status"] == "ok" for r in result["results"] if r["method"] not in ("torch", "pylops"))
     _strict_json(tmp_path / "smoke.json")
     assert (tmp_path / "smoke.md").exists()
 
 
-def test_wrong_answer_is_failed_and_not_timed(tmp_path, monkeypatch):
-    original = bench._PREPARERS["fft"]
+@pytest.mark.parametrize("method, pass_name", [("fft", "forward"), ("sparse", "adjoint"),
+                                               ("csr", "weight_grad")], ids=["fft-forward", "sparse-adjoint",
+                                                                             "csr-weight_grad"])
+def test_wrong_answer_is_failed_and_not_timed(monkeypatch, method, pass_name):
+    original = methods.PREPARERS[method]
 
-    def wrong_fft(case, **kwargs):
-        prepared = original(case, **kwargs)
-        forward = prepared.passes["forward"]
-        prepared.passes["forward"] = lambda: forward() * 1.01
+    def wrong(case, settings):
+        prepared = original(case, settings)
+        if pass_name in prepared.passes:
+            right = prepared.passes[pass_name]
+            prepared.passes[pass_name] = lambda: right() * 1.01
         return prepared
 
-    monkeypatch.setitem(bench._PREPARERS, "fft", wrong_fft)
+    monkeypatch.setitem(methods.PREPARERS, method, wrong)
     result = bench.run_suite("smoke", dtypes=("float64",), threads=(1,), repeats=1, out_dir=None,
-                             progress=False, verbose=False, methods=("im2col", "fft"))
-    fft_rows = [r for r in result["results"] if r["method"] == "fft"]
-    assert fft_rows and all(r["status"] == "failed" and r["timing"] is None for r in fft_rows)
-    assert all("forward" in r["reason"] and not r["verification"]["forward"]["ok"] for r in fft_rows)
+                             progress=False, verbose=False, methods=("im2col", method))
+    rows = [r for r in result["results"] if r["method"] == method and pass_name in r["verification"]]
+    assert rows and all(r["status"] == "failed" and r["timing"] is None for r in rows)
+    assert all(pass_name in r["reason"] and not r["verification"][pass_name]["ok"] for r in rows)
+    assert all(r["status"] == "ok" for r in result["results"] if r["method"] == "im2col")
 
 
 def test_memory_budget_skips_with_reason():
     case = bench.make_case(bench.suite_layers("smoke")[0], "float64")
-    for method in ("sparse", "dense", "im2col", "fft"):
+    for method in ("sparse", "csr", "factored", "dense", "im2col", "fft"):
         with pytest.raises(bench.MethodSkipped, match="budget"):
-            bench.prepare_method(method, case, memory_budget=64)
+            bench.prepare_method(method, case, bench.Settings(budget=64))
 
 
+def test_an_engine_this_sparseconv_lacks_is_skipped():
+    from sparseconv.bench.methods._engine import engine_method
+
+    case = bench.make_case(bench.suite_layers("smoke")[0], "float64")
+    with pytest.raises(bench.MethodSkipped, match="'numba' is not in this sparseconv"):
+        engine_method("numba", "numba")(case, bench.Settings())
+
+
+def test_engine_methods_of_one_case_share_one_operator():
+    from sparseconv.bench.methods import _operator
+
+    budget = bench.resolve_budget(None)
+    case = bench.make_case(bench.suite_layers("smoke")[0], "float64", reference=False)
+    first, csr_bytes, _ = _operator.shared_build(case, budget, "csr")
+    again, factored_bytes, _ = _operator.shared_build(case, budget, "factored")
+    assert again is first and factored_bytes > csr_bytes  # the factored engine adds its tables
+    assert _operator.build(case, budget, "csr")[0] is not first  # build() is always a new one
+    other = bench.make_case(bench.suite_layers("smoke")[0], "float64", reference=False)
+    assert _operator.shared_build(other, budget)[0] is not first
+
+
+def test_methods_are_discovered_in_rank_order():
+    assert bench.METHODS[:3] == ("sparse", "csr", "factored")
+    assert set(bench.METHODS) == {"sparse", "csr", "factored", "dense", "im2col", "direct", "fft", "torch", "pylops"}
+    with pytest.raises(ValueError, match="method must be one of"):
+        bench.prepare_method("magic", bench.make_case(bench.suite_layers("smoke")[0], "float64"))
+
+
+# ---------------------------------------------------------------------- suites and cases
+def test_pruned_suite_sweeps_the_issue_sparsities():
+    layers = bench.suite_layers("pruned")
+    assert bench.PRUNED_SPARSITIES == (0.0, 0.5, 0.75, 0.9, 0.95, 0.99)
+    shapes = {}
+    for layer in layers:
+        shapes.setdefault(layer.describe(pruning=False), []).append(layer.prune)
+    assert sorted(shapes) == sorted(["N32-C64-32x32-F64-k3-s1-p1", "N64-C6-14x14-F16-k5-s1-p0",
+                                     "N64-C16-5x5-F120-k5-s1-p0"])
+    assert all(v == list(bench.PRUNED_SPARSITIES) for v in shapes.values())
+    assert all(layer.prune_by == "magnitude" for layer in layers)
+
+
+def test_image_suite_is_single_channel_true_convolution_through_the_linear_operator():
+    layers = bench.suite_layers("image")
+    assert [layer.kernel for layer in layers] == [7, 15]
+    for layer in layers:
+        assert (layer.batch, layer.in_channels, layer.out_channels, layer.size) == (1, 1, 1, 512)
+        assert layer.flip and layer.interface == "linear_operator" and layer.out_size == 512
+        assert layer.passes == ("forward", "adjoint")
+
+
+@pytest.mark.parametrize("prune_by", suites.PRUNE_BY)
+@pytest.mark.parametrize("prune", [0.5, 0.9, 0.99])
+def test_masks_prune_exactly_the_fraction(prune, prune_by):
+    layer = bench.Layer("m", 2, 8, 8, 6, 3, prune=prune, prune_by=prune_by)
+    case = bench.make_case(layer, "float64", reference=False)
+    size = int(np.prod(layer.weight_shape))
+    assert case.mask.sum() == size - round(prune * size)
+    assert np.all(case.w[~case.mask] == 0)
+    if prune_by == "magnitude":
+        rng = np.random.default_rng(0)
+        drawn = np.abs(rng.standard_normal(layer.weight_shape))
+        assert drawn[case.mask].min() >= drawn[~case.mask].max()
+    again = bench.make_case(layer, "float32", reference=False)
+    np.testing.assert_array_equal(again.mask, case.mask)  # fixed seed, same in every dtype
+
+
+def test_flip_case_expects_true_convolution():
+    from sparseconv import reference as ref
+
+    layer = bench.suite_layers("smoke")[-1]
+    case = bench.make_case(layer, "float64")
+    flipped = case.w[:, :, ::-1, ::-1]
+    np.testing.assert_allclose(case.expected["forward"], ref.conv_im2col(case.x, flipped, padding=layer.padding),
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(case.kernel, flipped)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prune=1.0), "prune must be in"),
+    (dict(prune_by="largest"), "prune_by must be one of"),
+    (dict(interface="rows"), "interface must be one of"),
+    (dict(interface="linear_operator"), "batch=1"),
+    (dict(flip=True), "flip=True layers"),
+], ids=["prune", "prune_by", "interface", "linop-batch", "flip-batch"])
+def test_bad_layers_raise_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        bench.Layer("bad", 2, 2, 2, 8, 3, **kwargs)
+
+
+# ---------------------------------------------------------------------- timing
+def test_interleaved_timing_takes_repeats_in_turn_under_each_context():
+    import contextlib
+
+    calls, entered = [], []
+
+    @contextlib.contextmanager
+    def tagged(tag):
+        entered.append(tag)
+        yield
+
+    result = bench.measure_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                       repeats=3, min_repeat_seconds=0.0,
+                                       contexts={"a": lambda: tagged("a"), "b": lambda: tagged("b")})
+    assert {k: v["repeats"] for k, v in result.items()} == {"a": 3, "b": 3}
+    assert all(v["number"] == 1 for v in result.values())
+    timed = calls[-6:]
+    assert timed == ["a", "b"] * 3  # round-robin, not all of a then all of b
+    assert entered.count("a") == entered.count("b") == 4  # calibration + 3 repeats each
+    with pytest.raises(ValueError, match="contexts must be keyed"):
+        bench.measure_interleaved({"a": lambda: None}, contexts={"z": contextlib.nullcontext})
+
+
+def test_time_once_returns_the_result():
+    value, seconds = bench.time_once(lambda: 42)
+    assert value == 42 and seconds >= 0
+
+
+# ---------------------------------------------------------------------- settings and command line
 @pytest.mark.parametrize("kwargs, match", [
     (dict(name="nope"), "suite must be one of"),
     (dict(name="smoke", dtypes=("float16",)), "dtypes must be among"),
@@ -144,10 +319,12 @@ def test_bad_settings_raise_value_error(kwargs, match):
 
 def test_parsers():
     assert bench.parse_threads("1,2") == [1, 2]
-    assert bench.parse_threads("all") == [bench.os.cpu_count()]
+    assert bench.parse_threads("all") == [os.cpu_count()]
     assert bench.parse_dtypes("f32,float64") == ["float32", "float64"]
     assert bench.parse_bytes("1GiB") == 2 ** 30 and bench.parse_bytes("5e8") == 500_000_000
-    for parse, text in ((bench.parse_threads, "x"), (bench.parse_dtypes, "float16"), (bench.parse_bytes, "lots")):
+    assert bench.parse_methods("sparse,factored") == ["sparse", "factored"]
+    for parse, text in ((bench.parse_threads, "x"), (bench.parse_dtypes, "float16"), (bench.parse_bytes, "lots"),
+                        (bench.parse_methods, "taps")):
         with pytest.raises(ValueError, match=repr(text)):
             parse(text)
 
@@ -160,3 +337,52 @@ def test_command_line_wiring(tmp_path):
     data = _strict_json(tmp_path / "smoke.json")
     assert {r["method"] for r in data["results"]} == {"sparse", "im2col"}
     assert math.isfinite(data["wall_s"])
+
+
+def test_crossover_plot_of_a_pruning_sweep(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
+    sweep = [bench.Layer(f"tiny zero {round(q * 100)}%", 2, 4, 4, 6, 3, padding=1, prune=q, prune_by="magnitude")
+             for q in (0.0, 0.5, 0.9)]
+    monkeypatch.setitem(suites._SUITE_BUILDERS, "smoke", lambda: sweep)
+    result = bench.run_suite("smoke", dtypes=("float64",), threads=(1,), repeats=1, out_dir=tmp_path,
+                             progress=False, verbose=False, methods=("sparse", "factored", "im2col"))
+    names = sorted(os.path.basename(p) for p in result["files"]["plots"])
+    assert names == sorted(f"smoke_crossover{tag}_float64_t1.png"
+                           for tag in ("", "_forward", "_adjoint", "_weight_grad"))
+    for path in result["files"]["plots"]:
+        assert imread(path).shape[:2] == (600, 900)
+
+
+# ---------------------------------------------------------------------- the one im2col
+@pytest.mark.parametrize("kernel, stride, dilation, padding, mode", [
+    (3, 1, 1, 1, "zeros"), (3, 2, 1, 1, "zeros"), (2, 1, 2, (1, 2), "zeros"), (3, 2, 2, 2, "circular"),
+    (3, 1, 1, 2, "reflect"), ((2, 3), (2, 1), (1, 2), 1, "replicate"),
+], ids=["3x3", "stride2", "dilated-asym", "circular", "reflect", "rect-replicate"])
+def test_im2col_layouts_and_col2im_scatter(kernel, stride, dilation, padding, mode):
+    from sparseconv import reference as ref
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 7, 6))
+    patch = dict(stride=stride, dilation=dilation, padding=padding, padding_mode=mode)
+    cols = ref.im2col(x, kernel, **patch)
+    rows = ref.im2col(x, kernel, layout="rows", **patch)
+    np.testing.assert_array_equal(rows, cols.transpose(0, 2, 1).reshape(-1, cols.shape[1]))
+    # col2im against the literal scatter: every patch entry added back, with np.add.at, at the
+    # input position im2col read it from (found by unrolling 1 + the positions' own indices;
+    # 0 is a zero-padding read, which the adjoint drops).
+    d = rng.standard_normal(cols.shape)
+    mine = ref.col2im(d, x.shape[1:], kernel, **patch)
+    index = ref.im2col(np.arange(1, x[0].size + 1, dtype=float).reshape(x[:1].shape), kernel, **patch)[0]
+    index = index.astype(np.intp)
+    read = np.broadcast_to(index > 0, d.shape)
+    literal = np.zeros((2, x[0].size))
+    np.add.at(literal, (np.broadcast_to(np.arange(2)[:, None, None], d.shape)[read],
+                        np.broadcast_to(index - 1, d.shape)[read]), d[read])
+    np.testing.assert_allclose(mine, literal.reshape(x.shape), rtol=1e-13, atol=1e-13)
+    by_rows = ref.col2im(np.ascontiguousarray(d.transpose(0, 2, 1)).reshape(-1, d.shape[1]), x.shape[1:], kernel,
+                         layout="rows", **patch)
+    np.testing.assert_array_equal(by_rows, mine)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        ref.im2col(x, kernel, layout="cols", **patch)
