@@ -14,7 +14,7 @@ from .pattern import MemoryBudgetError
 from .plotting import plot_history, plot_matrix
 from .pooling import MaxPoolOperator, PoolOperator, pool_matrix
 from .spectral import composed_norm, fft_singular_values, network_lipschitz_bound, singular_values, spectral_norm
-from .torch_bridge import from_torch
+from .torch_bridge import from_torch, to_torch
 from .transpose import ConvTransposeOperator, conv_transpose_matrix
 
 __all__ = [
@@ -46,5 +46,6 @@ __all__ = [
     "spectral_norm",
     "testing",
     "to_mlp",
+    "to_torch",
 ]
 __version__ = "0.1.0"
