@@ -6,7 +6,7 @@ uses it for forward products, adjoints and gradients, checked against independen
 (:mod:`sparseconv.reference`) with the checkers in :mod:`sparseconv.testing`.
 """
 
-from . import models, nn, reference, testing
+from . import models, nn, prune, reference, testing
 from .conv import ConvOperator, SparseLinearOperator, conv_matrix
 from .export import MLP, Stage, to_mlp
 from .geometry import ConvGeometry, conv_geometry, conv_transpose_output_size, output_size
@@ -40,6 +40,7 @@ __all__ = [
     "output_size",
     "plot_history",
     "plot_matrix",
+    "prune",
     "pool_matrix",
     "reference",
     "singular_values",
