@@ -9,7 +9,9 @@ but matrix products -- the statement "a CNN is an MLP with sparse, tied weights"
 
 Max pooling is data dependent (its selection matrix changes with every input), so it has no
 fixed matrix: :func:`to_mlp` refuses it. For one given batch, its selection matrix is
-available from :meth:`sparseconv.pooling.MaxPoolOperator.selection_matrix`.
+available from :meth:`sparseconv.pooling.MaxPoolOperator.selection_matrix`. Dropout in
+training mode is random, so it is refused too; in evaluation mode it is the identity and,
+like ``Identity`` and ``Flatten``, contributes no stage.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Optional, Union
 import numpy as np
 import scipy.sparse as sp
 
-from .nn import ACTIVATIONS, Activation, Flatten, MaxPool2d, Module, Sequential
+from .nn import Activation, Dropout, Flatten, Identity, Module, Sequential
+from .nn.layers import _MaxPoolNd
 
 __all__ = ["Stage", "MLP", "to_mlp"]
 
@@ -35,14 +38,16 @@ class Stage:
     ----------
     matrix : scipy.sparse.csr_array or ndarray of shape (n_out, n_in)
     bias : ndarray of shape (n_out,) or None
-    activation : {"relu", "sigmoid", "tanh"} or None
+    activation : Activation or None
+        The activation layer that follows (its ``name``, e.g. ``"tanh"``, says which; its
+        options, e.g. ``LeakyReLU``'s slope, are kept).
     source : str
         The layer(s) this stage came from.
     """
 
     matrix: Matrix
     bias: Optional[np.ndarray]
-    activation: Optional[str]
+    activation: Optional[Activation]
     source: str
 
     @property
@@ -56,7 +61,7 @@ class Stage:
     def __repr__(self) -> str:
         kind = "sparse" if sp.issparse(self.matrix) else "dense"
         return (f"Stage({self.source}: {kind} {self.shape[0]}x{self.shape[1]}, nnz={self.nnz}, "
-                f"bias={'yes' if self.bias is not None else 'no'}, activation={self.activation})")
+                f"bias={'yes' if self.bias is not None else 'no'}, activation={self.activation!r})")
 
 
 class MLP:
@@ -74,6 +79,7 @@ class MLP:
         self.stages = stages
         self.input_shape = tuple(input_shape)
         self.n_in = int(np.prod(self.input_shape))
+        self.n_out = int(stages[-1].shape[0]) if stages else self.n_in
         self._cache: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
     def forward(self, x: np.ndarray) -> np.ndarray:
@@ -86,7 +92,7 @@ class MLP:
             z = np.asarray((st.matrix @ x.T).T)
             if st.bias is not None:
                 z = z + st.bias
-            a = z if st.activation is None else ACTIVATIONS[st.activation][0](z)
+            a = z if st.activation is None else st.activation.function(z)
             self._cache.append((x, z, a))
             x = a
         return x
@@ -95,9 +101,14 @@ class MLP:
         """Input gradient ``dJ/dx`` of shape (N, n_in) for ``dy = dJ/d(output)``."""
         if not self._cache:
             raise ValueError("MLP.backward() called before forward()")
+        n = self._cache[0][0].shape[0]
+        dy = np.asarray(dy)
+        if dy.shape != (n, self.n_out):
+            raise ValueError(f"MLP.backward: dy must have the shape of the matching forward's output, "
+                             f"{(n, self.n_out)}; got {dy.shape}")
         for st, (_, z, a) in zip(reversed(self.stages), reversed(self._cache)):
             if st.activation is not None:
-                dy = dy * ACTIVATIONS[st.activation][1](z, a)
+                dy = dy * st.activation.derivative(z, a)
             dy = np.asarray((st.matrix.T @ dy.T).T)
         return dy
 
@@ -118,6 +129,23 @@ def _compose(first: Stage, second: Stage) -> Stage:
     return Stage(matrix, bias, second.activation, f"{first.source}+{second.source}")
 
 
+def _flatten(net: Module) -> list[Module]:
+    """The layers of ``net`` in order, nested Sequentials expanded."""
+    if not isinstance(net, Sequential):
+        return [net]
+    return [layer for child in net for layer in _flatten(child)]
+
+
+def _network_dtype(layers: list[Module]) -> np.dtype:
+    for layer in layers:
+        dtype = getattr(layer, "dtype", None)
+        if dtype is not None:
+            return np.dtype(dtype)
+        for p in layer.params.values():
+            return p.dtype
+    return np.dtype(np.float64)
+
+
 def to_mlp(net: Module, input_shape: tuple[int, ...], *, compose: bool = False) -> MLP:
     """Export a network of linear layers and element-wise activations as an :class:`MLP`.
 
@@ -136,23 +164,34 @@ def to_mlp(net: Module, input_shape: tuple[int, ...], *, compose: bool = False) 
     Raises
     ------
     ValueError
-        For a layer with no fixed matrix (max pooling) or an unsupported layer type.
+        For a layer with no fixed matrix (max pooling, dropout in training mode) or an
+        unsupported layer type.
+
+    Notes
+    -----
+    An activation with no linear stage before it (the first layer, or two activations in a
+    row) gets an identity stage in the network's dtype (that of its first parameter or
+    operator layer; float64 when it has none).
     """
-    layers = list(net) if isinstance(net, Sequential) else [net]
+    layers = _flatten(net)
+    dtype = _network_dtype(layers)
     shape = tuple(input_shape)
     stages: list[Stage] = []
     for i, layer in enumerate(layers):
         name = f"{i}:{type(layer).__name__}"
-        if isinstance(layer, MaxPool2d):
+        if isinstance(layer, _MaxPoolNd):
             raise ValueError(f"layer {name} is max pooling, which has no fixed matrix (its selection matrix depends "
-                             "on the input); replace it with AvgPool2d/SumPool2d/Subsampling2d to export, or use "
+                             "on the input); replace it with AvgPool/SumPool2d/Subsampling2d to export, or use "
                              "MaxPoolOperator.selection_matrix(x) for one given batch")
+        if isinstance(layer, Dropout) and not layer.is_identity:
+            raise ValueError(f"layer {name} is dropout in training mode, which is random and has no fixed matrix; "
+                             "call net.eval() first (dropout is then the identity)")
         if isinstance(layer, Activation):
             if not stages or stages[-1].activation is not None:
                 n = int(np.prod(shape))
-                stages.append(Stage(sp.eye_array(n, format="csr"), None, None, f"{i}:identity"))
-            stages[-1].activation = layer.name
-        elif isinstance(layer, Flatten):
+                stages.append(Stage(sp.eye_array(n, dtype=dtype, format="csr"), None, None, f"{i}:identity"))
+            stages[-1].activation = layer
+        elif isinstance(layer, (Flatten, Identity, Dropout)):
             pass
         elif hasattr(layer, "export"):
             matrix, bias = layer.export(shape)
@@ -161,7 +200,8 @@ def to_mlp(net: Module, input_shape: tuple[int, ...], *, compose: bool = False) 
                 stage = _compose(stages.pop(), stage)
             stages.append(stage)
         else:
-            raise ValueError(f"layer {name} cannot be exported: to_mlp handles convolutions, Linear, "
-                             "AvgPool2d/SumPool2d, Subsampling2d, activations and Flatten")
+            raise ValueError(f"layer {name} cannot be exported: to_mlp handles convolutions (also transposed), "
+                             "Linear, AvgPool/SumPool2d, AdaptiveAvgPool, Subsampling2d, ChannelAffine, "
+                             "activations, Flatten, Identity and Dropout in eval mode")
         shape = layer.output_shape(shape)
     return MLP(stages, input_shape)

@@ -13,7 +13,7 @@ from typing import Union
 
 import numpy as np
 
-from .nn import Conv2d, Flatten, Linear, Sequential, Subsampling2d, Tanh
+from .nn import Conv2d, Flatten, Linear, OperatorLayer, Sequential, Subsampling2d, Tanh
 
 __all__ = ["C3_TABLE", "LENET5_TABLE", "lenet5"]
 
@@ -44,7 +44,7 @@ LENET5_TABLE = {
 LENET5_LAYERS = {"C1": 0, "S2": 2, "C3": 4, "S4": 6, "C5": 8, "F6": 11, "OUT": 13}
 
 
-def lenet5(*, classes: int = 10, dtype: object = np.float64, seed: Union[None, int, np.random.Generator] = 0,
+def lenet5(*, classes: int = 10, dtype: object = np.float32, seed: Union[None, int, np.random.Generator] = 0,
            build: bool = True) -> Sequential:
     """LeNet-5 with C3's partial connection table, every convolution a sparse matrix.
 
@@ -52,7 +52,8 @@ def lenet5(*, classes: int = 10, dtype: object = np.float64, seed: Union[None, i
     ----------
     classes : int, default 10
         Output units.
-    dtype : {float64, float32}
+    dtype : {float32, float64}, default float32
+        float32 is what :func:`sparseconv.train.train` and the command line train in.
     seed : int or numpy Generator, optional
         Seeds the initialisation; the same seed gives the same network.
     build : bool, default True
@@ -65,9 +66,8 @@ def lenet5(*, classes: int = 10, dtype: object = np.float64, seed: Union[None, i
         sit at the positions given by ``LENET5_LAYERS``.
     """
     rng = np.random.default_rng(seed)
-    size = (32, 32) if build else None
     net = Sequential(
-        Conv2d(1, 6, 5, dtype=dtype, rng=rng, input_size=size),
+        Conv2d(1, 6, 5, dtype=dtype, rng=rng),
         Tanh(),
         Subsampling2d(6, 2, dtype=dtype),
         Tanh(),
@@ -83,5 +83,9 @@ def lenet5(*, classes: int = 10, dtype: object = np.float64, seed: Union[None, i
         Linear(84, classes, dtype=dtype, rng=rng),
     )
     if build:
-        net.output_shape((1, 32, 32))
+        shape: tuple[int, ...] = (1, 32, 32)
+        for layer in net:
+            if isinstance(layer, OperatorLayer):
+                layer.build(shape)
+            shape = layer.output_shape(shape)
     return net

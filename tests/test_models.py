@@ -147,6 +147,6 @@ def test_same_seed_same_network():
 
 def test_unbuilt_network_builds_on_first_forward():
     net = lenet5(build=False, seed=0)
-    assert net.forward(np.zeros((1, 1, 32, 32))).shape == (1, 10)
-    np.testing.assert_array_equal(net.forward(np.ones((2, 1, 32, 32))),
-                                  lenet5(seed=0).forward(np.ones((2, 1, 32, 32))))
+    assert net.forward(np.zeros((1, 1, 32, 32), dtype=np.float32)).shape == (1, 10)
+    np.testing.assert_array_equal(net.forward(np.ones((2, 1, 32, 32), dtype=np.float32)),
+                                  lenet5(seed=0).forward(np.ones((2, 1, 32, 32), dtype=np.float32)))

@@ -1,10 +1,15 @@
 """Layers: convolutions and pooling through sparse operators, plus dense and element-wise layers.
 
-Every layer takes and returns batches (``N`` first) in NCHW layout and computes in its own
-dtype (float64 unless asked; float32 stays float32). Convolution and pooling layers build
-their sparse operator for the input size they first see (or the ``input_size`` given) and
-rebuild it only if that size changes; ``set_weight`` refreshes the values when an optimiser
-has changed the weights.
+Every layer takes and returns batches (``N`` first, ``N = 0`` allowed) in NC... layout and
+computes in its own dtype (float64 unless asked; float32 stays float32).
+
+Layers that own a sparse operator (convolutions, pooling, sub-sampling) derive from
+:class:`OperatorLayer`: one operator per input shape, built on first use and kept in a small
+cache; shape queries (:meth:`~OperatorLayer.output_shape`) are answered from the geometry
+alone, without building anything; an operator's values are refreshed only when a parameter's
+:attr:`~sparseconv.nn.Parameter.version` says they changed. Each forward call keeps its own
+context (see :class:`~sparseconv.nn.Module`), so one instance may appear several times in a
+network.
 
 Each linear layer can also describe itself as a matrix on flattened samples
 (:meth:`export`), which is how :func:`sparseconv.to_mlp` turns a network into an MLP.
@@ -12,29 +17,50 @@ Each linear layer can also describe itself as a matrix on flattened samples
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+import math
+import numbers
+from collections import OrderedDict
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import scipy.sparse as sp
+from scipy.special import erf
 
 from ..conv import ConvOperator
-from ..geometry import IntOrTuple, PaddingSpec, check_batch, normalize_tuple
-from ..pooling import MaxPoolOperator, PoolOperator
+from ..geometry import (PADDING_MODES, IntOrTuple, PaddingSpec, check_array_dtype, conv_geometry,
+                        normalize_padding, normalize_tuple)
+from ..pooling import MaxPoolOperator, PoolOperator, pool_geometry
 from .module import Module, Parameter
 
 __all__ = [
     "ACTIVATIONS",
     "check_sample_shape",
+    "adaptive_avg_pool_matrix",
+    "OperatorLayer",
     "Activation",
+    "AdaptiveAvgPool1d",
+    "AdaptiveAvgPool2d",
+    "AdaptiveAvgPool3d",
+    "AvgPool1d",
     "AvgPool2d",
+    "AvgPool3d",
+    "ChannelAffine",
     "Conv1d",
     "Conv2d",
     "Conv3d",
+    "Dropout",
+    "ELU",
     "Flatten",
+    "GELU",
+    "Identity",
+    "LeakyReLU",
     "Linear",
+    "MaxPool1d",
     "MaxPool2d",
+    "MaxPool3d",
     "ReLU",
     "Sigmoid",
+    "Softplus",
     "Subsampling2d",
     "SumPool2d",
     "Tanh",
@@ -43,15 +69,49 @@ __all__ = [
 Seed = Union[None, int, np.random.Generator]
 
 
+# ---------------------------------------------------------------------- validation helpers
 def _float_dtype(dtype: object) -> np.dtype:
-    dt = np.dtype(dtype)
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be float32 or float64; got {dtype!r}") from None
     if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise TypeError(f"dtype must be float32 or float64; got {dt}")
     return dt
 
 
-def _uniform(rng: Seed, bound: float, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    return np.random.default_rng(rng).uniform(-bound, bound, size=shape).astype(dtype)
+def _is_int(value: object) -> bool:
+    return isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _positive_int(value: object, name: str) -> int:
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive int; got {value!r}")
+    return int(value)
+
+
+def _real(value: object, name: str, *, minimum: Optional[float] = None, strict: bool = False) -> float:
+    """A finite real number (not a bool), optionally bounded below."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a real number; got {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite; got {value!r}")
+    if minimum is not None and (v < minimum or (strict and v == minimum)):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}; got {value!r}")
+    return v
+
+
+def _memory_budget(value: object) -> Optional[int]:
+    if value is None:
+        return None
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"memory_budget must be None or a positive int (bytes); got {value!r}")
+    return int(value)
+
+
+def _uniform(rng: np.random.Generator, bound: float, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    return rng.uniform(-bound, bound, size=shape).astype(dtype)
 
 
 def check_sample_shape(input_shape: tuple[int, ...], ndim: int, channels: Optional[int] = None) -> None:
@@ -62,103 +122,228 @@ def check_sample_shape(input_shape: tuple[int, ...], ndim: int, channels: Option
                          f"got a sample of shape {tuple(input_shape)}")
 
 
-def _require_forward(cache: object, layer: Module) -> None:
-    if cache is None:
-        raise ValueError(f"{layer!r}: backward() called before forward()")
+def _as_batch(x: object, dtype: Optional[np.dtype], name: str = "x") -> np.ndarray:
+    """``x`` as an ndarray with a batch axis (``N = 0`` allowed), in ``dtype`` when given."""
+    arr = np.asarray(x)
+    if arr.ndim < 1:
+        raise ValueError(f"{name} must be a batch of shape (N, ...); got a scalar")
+    if dtype is None:
+        if arr.dtype.kind != "f":
+            raise TypeError(f"{name} must be a floating array; got dtype {arr.dtype}")
+        return arr
+    return check_array_dtype(arr, dtype, name)
+
+
+def _check_dy(layer: Module, dy: object, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """The one check every ``backward`` makes: ``dy`` has the shape its forward produced."""
+    arr = np.asarray(dy)
+    if arr.shape != tuple(shape):
+        raise ValueError(f"{type(layer).__name__}.backward: dy must have the shape of the matching forward's "
+                         f"output, {tuple(shape)}; got {arr.shape}")
+    return check_array_dtype(arr, dtype, "dy")
+
+
+def _channel_view(values: np.ndarray, ndim: int) -> np.ndarray:
+    """Per-channel values shaped to broadcast over ``(N, C, *spatial)`` with ``ndim`` spatial axes."""
+    return values.reshape((-1,) + (1,) * ndim)
+
+
+# ---------------------------------------------------------------------- operator layers
+class OperatorLayer(Module):
+    """Base of layers that own a sparse operator per input shape.
+
+    Subclasses implement :meth:`_make_operator` (build one for a sample shape),
+    :meth:`_check_sample` and :meth:`output_shape` (from geometry, never by building), and,
+    when the operator holds parameter values, :meth:`_operator_parameters` and
+    :meth:`_refresh`.
+
+    Notes
+    -----
+    The cache keeps the :data:`CACHE_SIZE` most recently used shapes. Each entry records the
+    parameter versions its values were written from; :meth:`build` refreshes an entry whose
+    versions are stale. A forward call keeps its entry and versions, so its backward uses the
+    operator it ran with even if another shape has been built (or evicted) since, and refuses
+    clearly if the parameters were changed between the two.
+    """
+
+    CACHE_SIZE = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._operators: OrderedDict[tuple[int, ...], list] = OrderedDict()
+        self._last: Optional[list] = None
+
+    # subclass hooks
+    def _make_operator(self, input_shape: tuple[int, ...]) -> Any:
+        raise NotImplementedError
+
+    def _check_sample(self, input_shape: tuple[int, ...]) -> None:
+        raise NotImplementedError
+
+    def _operator_parameters(self) -> tuple[Parameter, ...]:
+        """Parameters whose values the operator holds (refreshed when their version changes)."""
+        return ()
+
+    def _refresh(self, op: Any) -> None:
+        """Write the current parameter values into ``op``."""
+
+    def _versions(self) -> tuple[int, ...]:
+        return tuple(p.version for p in self._operator_parameters())
+
+    def _entry(self, input_shape: Sequence[int]) -> list:
+        shape = tuple(int(v) for v in input_shape)
+        self._check_sample(shape)
+        versions = self._versions()
+        entry = self._operators.get(shape)
+        if entry is None:
+            entry = [self._make_operator(shape), versions]
+            self._operators[shape] = entry
+            while len(self._operators) > self.CACHE_SIZE:
+                self._operators.popitem(last=False)
+        else:
+            self._operators.move_to_end(shape)
+            if entry[1] != versions:
+                self._refresh(entry[0])
+                entry[1] = versions
+        self._last = entry
+        return entry
+
+    def build(self, input_shape: tuple[int, ...]) -> Any:
+        """The sparse operator for one sample's input shape, built once per shape, values current."""
+        return self._entry(input_shape)[0]
+
+    @property
+    def op(self) -> Any:
+        """The operator most recently built or used (None before the first)."""
+        return None if self._last is None else self._last[0]
+
+    def _restore_entry(self) -> tuple[list, Any]:
+        """Pop this call's context and check that its operator still holds the forward's values."""
+        entry, versions, ctx = self._restore()
+        if entry[1] != versions:
+            raise ValueError(f"{self!r}: its parameters were changed between forward() and backward(); run "
+                             "forward() again before backward()")
+        return entry[0], ctx
+
+    def _forward_batch(self, op: Any, x: np.ndarray) -> np.ndarray:
+        """``op.forward(x)``, with an empty batch answered here (operators may refuse ``N = 0``)."""
+        if x.shape[0] == 0:
+            return np.zeros((0, *op.out_shape), dtype=self.dtype)
+        return op.forward(x)
+
+    def _backward_batch(self, op: Any, dy: np.ndarray) -> np.ndarray:
+        if dy.shape[0] == 0:
+            return np.zeros((0, *op.input_shape), dtype=self.dtype)
+        return op.backward_input(dy)
+
+    def export(self, input_shape: tuple[int, ...]) -> tuple[sp.csr_array, Optional[np.ndarray]]:
+        """The layer as ``(matrix, bias)`` on flattened samples (a copy; bias None here)."""
+        return sp.csr_array(self.build(input_shape).matrix, copy=True), None
+
+    def connections(self, input_shape: tuple[int, ...]) -> int:
+        """LeCun's connection count: stored entries of the matrix."""
+        return int(self.build(input_shape).nnz)
 
 
 # ---------------------------------------------------------------------- convolution
-class _ConvNd(Module):
-    """Shared implementation of :class:`Conv1d`, :class:`Conv2d` and :class:`Conv3d`."""
+def _combined_mask(shape: tuple[int, ...], ndim: int, connection: Optional[np.ndarray],
+                   weight_mask: Optional[np.ndarray], groups: int) -> Optional[np.ndarray]:
+    """The element-wise mask of a weight of ``shape``: the connection table AND ``weight_mask``."""
+    mask = None
+    if connection is not None:
+        table = np.asarray(connection)
+        expected = (shape[0], shape[1] * groups)
+        if table.dtype != bool or table.shape != expected:
+            raise ValueError(f"connection must be a bool table of shape (out_channels, in_channels) = {expected}; "
+                             f"got {table.dtype} array of shape {table.shape}")
+        if groups != 1:
+            raise ValueError(f"connection tables need groups=1; got groups={groups}")
+        mask = np.broadcast_to(table.reshape(table.shape + (1,) * ndim), shape).copy()
+    if weight_mask is not None:
+        m = np.asarray(weight_mask)
+        if m.dtype != bool or m.shape != shape:
+            raise ValueError(f"weight_mask must be a bool array of the weight's shape {shape}; got {m.dtype} array "
+                             f"of shape {m.shape}")
+        mask = m.copy() if mask is None else mask & m
+    return mask
+
+
+class _ConvBase(OperatorLayer):
+    """What convolution and transposed-convolution layers share: weight, bias, mask, cache."""
 
     ndim = 0
-    # Options left out of the repr when they have these values.
-    _option_defaults = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, "padding_mode": "zeros",
-                        "flip": False}
+    _option_defaults: dict[str, object] = {}
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrTuple, *, stride: IntOrTuple = 1,
-                 padding: PaddingSpec = 0, dilation: IntOrTuple = 1, groups: int = 1, padding_mode: str = "zeros",
-                 flip: bool = False, bias: bool = True, connection: Optional[np.ndarray] = None,
-                 input_size: Optional[Sequence[int]] = None, dtype: object = np.float64, rng: Seed = None):
-        super().__init__()
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int; got {value!r}")
-        if not isinstance(groups, (int, np.integer)) or groups < 1 or in_channels % groups or out_channels % groups:
-            raise ValueError(f"groups must be a positive int dividing in_channels={in_channels} and "
-                             f"out_channels={out_channels}; got {groups!r}")
-        self.dtype = _float_dtype(dtype)
-        kernel = normalize_tuple(kernel_size, self.ndim, "kernel_size")
-        self.options = dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
-                            padding_mode=padding_mode, flip=flip)
-        shape = (out_channels, in_channels // groups, *kernel)
-        mask = None
-        if connection is not None:
-            table = np.asarray(connection)
-            if table.dtype != bool or table.shape != (out_channels, in_channels):
-                raise ValueError(f"connection must be a bool table of shape (out_channels, in_channels) = "
-                                 f"{(out_channels, in_channels)}; got {table.dtype} array of shape {table.shape}")
-            if groups != 1:
-                raise ValueError(f"connection tables need groups=1; got groups={groups}")
-            mask = np.broadcast_to(table.reshape(table.shape + (1,) * self.ndim), shape).copy()
-        # fan-in counts only the connected inputs, so partially connected maps start at the
-        # same scale as fully connected ones (LeCun 1998 sets the range by fan-in too).
-        fan_in = (mask.reshape(out_channels, -1).sum(axis=1).min() if mask is not None
-                  else int(np.prod(shape[1:])))
+    def _init_parameters(self, shape: tuple[int, ...], mask: Optional[np.ndarray], fan_in: int, bias: bool,
+                         rng: Seed, n_bias: int) -> None:
         bound = 1.0 / np.sqrt(max(int(fan_in), 1))
-        rng = np.random.default_rng(rng)
-        weight = _uniform(rng, bound, shape, self.dtype)
+        gen = np.random.default_rng(rng)
+        weight = _uniform(gen, bound, shape, self.dtype)
         if mask is not None:
             weight[~mask] = 0
         self.params["weight"] = Parameter(weight, mask)
         if bias:
-            self.params["bias"] = Parameter(_uniform(rng, bound, (out_channels,), self.dtype))
-        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel
-        self.op: Optional[ConvOperator] = None
-        self._x: Optional[np.ndarray] = None
-        if input_size is not None:
-            self.build((in_channels, *normalize_tuple(input_size, self.ndim, "input_size")))
+            self.params["bias"] = Parameter(_uniform(gen, bound, (n_bias,), self.dtype))
 
     @property
     def weight(self) -> Parameter:
+        """The kernel."""
         return self.params["weight"]
 
     @property
     def bias(self) -> Optional[Parameter]:
+        """The per-channel bias, or None."""
         return self.params.get("bias")
 
-    def build(self, input_shape: tuple[int, ...]) -> ConvOperator:
-        """The sparse operator for one sample's input shape ``(C, *in)``, built once per shape."""
-        input_shape = tuple(input_shape)
-        if self.op is None or self.op.input_shape != input_shape:
-            check_sample_shape(input_shape, self.ndim, self.in_channels)
-            self.op = self._make_operator(input_shape)
-        elif not np.array_equal(self.op.weight, self.weight.data):
-            # The optimiser changed the weights in place: refresh the values, keep the pattern.
-            self.op.set_weight(self.weight.data)
-        return self.op
+    @property
+    def weight_mask(self) -> Optional[np.ndarray]:
+        """The element-wise mask in force (connection table and ``weight_mask`` combined), or None."""
+        return self.weight.mask
 
-    def _make_operator(self, input_shape: tuple[int, ...]) -> ConvOperator:
-        return ConvOperator(self.weight.data, input_shape, weight_mask=self.weight.mask, **self.options)
+    def set_weight_mask(self, weight_mask: Optional[np.ndarray]) -> None:
+        """Replace the element-wise mask (pruning); the connection table, if any, still applies.
 
-    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
-        return self.build(input_shape).out_shape
+        Weights where the new mask is False are set to zero and stay there; the cached
+        operators are dropped and rebuilt with the new mask on next use.
+
+        Parameters
+        ----------
+        weight_mask : ndarray of bool, shape of the weight, or None
+        """
+        mask = _combined_mask(self.weight.shape, self.ndim, self._connection, weight_mask, self._groups)
+        self.weight._set_mask(mask)
+        self._operators.clear()
+        self._last = None
+
+    def _operator_parameters(self) -> tuple[Parameter, ...]:
+        return (self.weight,)
+
+    def _refresh(self, op: Any) -> None:
+        op.set_weight(self.weight.data)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x)
-        op = self.build(x.shape[1:])
-        self._x = check_batch(x, op.input_shape, self.dtype, "x")
-        z = op.forward(self._x)
+        x = _as_batch(x, self.dtype)
+        check_sample_shape(x.shape[1:], self.ndim, self.in_channels)
+        entry = self._entry(x.shape[1:])
+        op = entry[0]
+        z = self._forward_batch(op, x)
         if self.bias is not None:
-            z += self.bias.data.reshape((-1,) + (1,) * self.ndim)
+            z += _channel_view(self.bias.data, self.ndim)
+        self._save((entry, entry[1], x))
         return z
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
-        _require_forward(self._x, self)
-        self.weight.grad += self.op.weight_grad(self._x, dy)
+        op, x = self._restore_entry()
+        dy = _check_dy(self, dy, (x.shape[0], *op.out_shape), self.dtype)
         if self.bias is not None:
-            self.bias.grad += self.op.bias_grad(dy)
-        return self.op.backward_input(dy)
+            self.bias.grad += dy.sum(axis=(0, *range(2, dy.ndim)))
+        if x.shape[0] == 0:
+            return np.zeros(x.shape, dtype=self.dtype)
+        grad = op.weight_grad(x, dy)
+        if self.weight.mask is not None:
+            grad[~self.weight.mask] = 0
+        self.weight.grad += grad
+        return op.backward_input(dy)
 
     def export(self, input_shape: tuple[int, ...]) -> tuple[sp.csr_array, Optional[np.ndarray]]:
         """The layer as ``(matrix, bias)`` on flattened samples (bias repeated per position)."""
@@ -166,18 +351,93 @@ class _ConvNd(Module):
         bias = None
         if self.bias is not None:
             bias = np.repeat(self.bias.data, int(np.prod(op.out_shape[1:])))
-        return op.matrix.copy(), bias
+        return sp.csr_array(op.matrix, copy=True), bias
 
     def connections(self, input_shape: tuple[int, ...]) -> int:
         """LeCun's connection count: ``nnz`` of the matrix plus the biased outputs."""
         op = self.build(input_shape)
-        return op.nnz + (int(np.prod(op.out_shape)) if self.bias is not None else 0)
+        return int(op.nnz) + (int(np.prod(op.out_shape)) if self.bias is not None else 0)
+
+    def _check_sample(self, input_shape: tuple[int, ...]) -> None:
+        check_sample_shape(input_shape, self.ndim, self.in_channels)
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items() if v != self._option_defaults[k])
-        conn = ", connection=table" if self.weight.mask is not None else ""
+        extras = ""
+        if self._connection is not None:
+            extras += ", connection=table"
+        if self._has_weight_mask:
+            extras += ", weight_mask=mask"
         return (f"{type(self).__name__}({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
-                f"{', ' + opts if opts else ''}{conn}{'' if self.bias is not None else ', bias=False'})")
+                f"{', ' + opts if opts else ''}{extras}{'' if self.bias is not None else ', bias=False'})")
+
+
+def _validate_conv_options(weight_shape: tuple[int, ...], in_channels: int, options: dict) -> None:
+    """Every convolution option checked without an input: on a synthetic input large enough
+    for any kernel, so only the input-size rules are left for the first forward."""
+    ndim = len(weight_shape) - 2
+    kernel = weight_shape[2:]
+    stride = normalize_tuple(options["stride"], ndim, "stride")
+    dilation = normalize_tuple(options["dilation"], ndim, "dilation")
+    pads = normalize_padding(options["padding"], kernel, stride, dilation)
+    sizes = [d * (k - 1) + 1 + lo + hi + 1 for k, d, (lo, hi) in zip(kernel, dilation, pads)]
+    conv_geometry(weight_shape, (in_channels, *sizes), **options)
+
+
+class _ConvNd(_ConvBase):
+    """Shared implementation of :class:`Conv1d`, :class:`Conv2d` and :class:`Conv3d`."""
+
+    _option_defaults = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, "padding_mode": "zeros",
+                        "flip": False}
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrTuple, *, stride: IntOrTuple = 1,
+                 padding: PaddingSpec = 0, dilation: IntOrTuple = 1, groups: int = 1, padding_mode: str = "zeros",
+                 flip: bool = False, bias: bool = True, connection: Optional[np.ndarray] = None,
+                 weight_mask: Optional[np.ndarray] = None, input_size: Optional[Sequence[int]] = None,
+                 dtype: object = np.float64, rng: Seed = None, memory_budget: Optional[int] = None):
+        super().__init__()
+        in_channels = _positive_int(in_channels, "in_channels")
+        out_channels = _positive_int(out_channels, "out_channels")
+        if not _is_int(groups) or groups < 1 or in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups must be a positive int dividing in_channels={in_channels} and "
+                             f"out_channels={out_channels}; got {groups!r}")
+        groups = int(groups)
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}; got {padding_mode!r}")
+        if not isinstance(bias, (bool, np.bool_)):
+            raise TypeError(f"bias must be a bool; got {bias!r}")
+        self.dtype = _float_dtype(dtype)
+        self.memory_budget = _memory_budget(memory_budget)
+        kernel = normalize_tuple(kernel_size, self.ndim, "kernel_size")
+        self.options = dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
+                            padding_mode=padding_mode, flip=flip)
+        shape = (out_channels, in_channels // groups, *kernel)
+        _validate_conv_options(shape, in_channels, self.options)
+        self._connection = None if connection is None else np.asarray(connection).copy()
+        self._groups = groups
+        self._has_weight_mask = weight_mask is not None
+        mask = _combined_mask(shape, self.ndim, connection, weight_mask, groups)
+        # fan-in counts only the connected inputs, so partially connected maps start at the
+        # same scale as fully connected ones (LeCun 1998 sets the range by fan-in too); an
+        # element-wise weight_mask (pruning) masks an initialisation of the unpruned scale.
+        if connection is not None:
+            structural = _combined_mask(shape, self.ndim, connection, None, groups)
+            fan_in = int(structural.reshape(out_channels, -1).sum(axis=1).min())
+        else:
+            fan_in = int(np.prod(shape[1:]))
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel
+        self._init_parameters(shape, mask, fan_in, bool(bias), rng, out_channels)
+        if input_size is not None:
+            self.build((in_channels, *normalize_tuple(input_size, self.ndim, "input_size")))
+
+    def _make_operator(self, input_shape: tuple[int, ...]) -> ConvOperator:
+        return ConvOperator(self.weight.data, input_shape, weight_mask=self.weight.mask,
+                            memory_budget=self.memory_budget, **self.options)
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        input_shape = tuple(input_shape)
+        check_sample_shape(input_shape, self.ndim, self.in_channels)
+        return conv_geometry(self.weight.shape, input_shape, **self.options).output_shape
 
 
 class Conv1d(_ConvNd):
@@ -188,16 +448,22 @@ class Conv1d(_ConvNd):
     in_channels, out_channels : int
     kernel_size : int or tuple of int
     stride, padding, dilation, groups, padding_mode, flip
-        As for :class:`sparseconv.ConvOperator`.
+        As for :class:`sparseconv.ConvOperator`; validated at construction.
     bias : bool, default True
     connection : ndarray of bool, shape (out_channels, in_channels), optional
         Which (output map, input map) pairs are connected; unconnected pairs have no entries
         in the matrix and no trainable weights (LeNet-5's C3). Needs ``groups=1``.
+    weight_mask : ndarray of bool, shape of the weight ``(F, C // groups, *kernel)``, optional
+        Element-wise mask (pruning): weights where it is False have no entries in the matrix,
+        are held at exactly zero and get zero gradient. Combined with ``connection`` (both
+        must allow a weight).
     input_size : tuple of int, optional
         Build the matrix now instead of at the first forward.
     dtype : {float64, float32}
     rng : int or numpy Generator, optional
         Seeds the uniform ``+-1/sqrt(fan_in)`` initialisation.
+    memory_budget : int, optional
+        Bytes each operator may use (see :class:`sparseconv.ConvOperator`).
 
     Notes
     -----
@@ -249,17 +515,15 @@ class Linear(Module):
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True, dtype: object = np.float64,
                  rng: Seed = None):
         super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        in_features = _positive_int(in_features, "in_features")
+        out_features = _positive_int(out_features, "out_features")
         self.dtype = _float_dtype(dtype)
         self.in_features, self.out_features = in_features, out_features
         bound = 1.0 / np.sqrt(in_features)
-        rng = np.random.default_rng(rng)
-        self.params["weight"] = Parameter(_uniform(rng, bound, (out_features, in_features), self.dtype))
+        gen = np.random.default_rng(rng)
+        self.params["weight"] = Parameter(_uniform(gen, bound, (out_features, in_features), self.dtype))
         if bias:
-            self.params["bias"] = Parameter(_uniform(rng, bound, (out_features,), self.dtype))
-        self._x: Optional[np.ndarray] = None
+            self.params["bias"] = Parameter(_uniform(gen, bound, (out_features,), self.dtype))
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         if tuple(input_shape) != (self.in_features,):
@@ -267,26 +531,34 @@ class Linear(Module):
         return (self.out_features,)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        self._x = check_batch(x, (self.in_features,), self.dtype, "x")
-        y = self._x @ self.params["weight"].data.T
+        x = _as_batch(x, self.dtype)
+        if x.shape[1:] != (self.in_features,):
+            raise ValueError(f"x must have shape (N, {self.in_features}); got {x.shape}")
+        y = x @ self.params["weight"].data.T
         if "bias" in self.params:
             y += self.params["bias"].data
+        self._save((x, self.params["weight"].version))
         return y
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
-        _require_forward(self._x, self)
-        dy = check_batch(dy, (self.out_features,), self.dtype, "dy")
-        self.params["weight"].grad += dy.T @ self._x
+        x, version = self._restore()
+        if version != self.params["weight"].version:
+            raise ValueError(f"{self!r}: its parameters were changed between forward() and backward(); run "
+                             "forward() again before backward()")
+        dy = _check_dy(self, dy, (x.shape[0], self.out_features), self.dtype)
+        self.params["weight"].grad += dy.T @ x
         if "bias" in self.params:
             self.params["bias"].grad += dy.sum(axis=0)
         return dy @ self.params["weight"].data
 
     def export(self, input_shape: tuple[int, ...]) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """``(W, b)`` as dense arrays (copies)."""
         self.output_shape(input_shape)
         bias = self.params["bias"].data.copy() if "bias" in self.params else None
         return self.params["weight"].data.copy(), bias
 
     def connections(self, input_shape: tuple[int, ...]) -> int:
+        """``in * out`` weights plus the biased outputs."""
         self.output_shape(input_shape)
         return self.in_features * self.out_features + (self.out_features if "bias" in self.params else 0)
 
@@ -296,103 +568,317 @@ class Linear(Module):
 
 
 # ---------------------------------------------------------------------- pooling
-class _Pool2d(Module):
+class _PoolBase(OperatorLayer):
+    """Options and shapes shared by the fixed (average/sum) and max pooling layers."""
+
+    ndim = 0
+
+    def __init__(self, kernel_size: IntOrTuple, stride: Optional[IntOrTuple] = None, padding: PaddingSpec = 0, *,
+                 dtype: object = np.float64):
+        super().__init__()
+        self.dtype = _float_dtype(dtype)
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        # Validate every option now, on a synthetic input large enough for any window.
+        kernel = normalize_tuple(kernel_size, self.ndim, "kernel_size")
+        step = kernel if stride is None else normalize_tuple(stride, self.ndim, "stride")
+        pads = normalize_padding(padding, kernel, step, (1,) * self.ndim)
+        pool_geometry((1, *[k + lo + hi + 1 for k, (lo, hi) in zip(kernel, pads)]), kernel_size, stride=stride,
+                      padding=padding)
+
+    def _check_sample(self, input_shape: tuple[int, ...]) -> None:
+        check_sample_shape(input_shape, self.ndim)
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        input_shape = tuple(input_shape)
+        self._check_sample(input_shape)
+        return pool_geometry(input_shape, self.kernel_size, stride=self.stride, padding=self.padding).output_shape
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(kernel_size={self.kernel_size!r}, stride={self.stride!r}, "
+                f"padding={self.padding!r})")
+
+
+class _FixedPool(_PoolBase):
     """Average / sum pooling through a fixed sparse matrix."""
 
     kind = ""
 
-    def __init__(self, kernel_size: IntOrTuple, stride: Optional[IntOrTuple] = None, padding: PaddingSpec = 0, *,
-                 dtype: object = np.float64):
-        super().__init__()
-        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
-        self.dtype = _float_dtype(dtype)
-        self.op: Optional[PoolOperator] = None
-        self._batch: Optional[int] = None
-
-    def build(self, input_shape: tuple[int, ...]) -> PoolOperator:
-        input_shape = tuple(input_shape)
-        if self.op is None or self.op.input_shape != input_shape:
-            check_sample_shape(input_shape, 2)
-            self.op = PoolOperator(input_shape, self.kernel_size, stride=self.stride, padding=self.padding,
-                                   kind=self.kind, dtype=self.dtype)
-        return self.op
-
-    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
-        return self.build(input_shape).out_shape
+    def _make_operator(self, input_shape: tuple[int, ...]) -> PoolOperator:
+        return PoolOperator(input_shape, self.kernel_size, stride=self.stride, padding=self.padding, kind=self.kind,
+                            dtype=self.dtype)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x)
-        self._batch = x.shape[0] if x.ndim else None
-        return self.build(x.shape[1:]).forward(x)
+        x = _as_batch(x, self.dtype)
+        check_sample_shape(x.shape[1:], self.ndim)
+        entry = self._entry(x.shape[1:])
+        self._save((entry, entry[1], x.shape[0]))
+        return self._forward_batch(entry[0], x)
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
-        _require_forward(self._batch, self)
-        return self.op.backward_input(dy)
-
-    def export(self, input_shape: tuple[int, ...]) -> tuple[sp.csr_array, None]:
-        return self.build(input_shape).matrix.copy(), None
-
-    def connections(self, input_shape: tuple[int, ...]) -> int:
-        return self.build(input_shape).nnz
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(kernel_size={self.kernel_size!r}, stride={self.stride!r}, padding={self.padding!r})"
+        op, n = self._restore_entry()
+        dy = _check_dy(self, dy, (n, *op.out_shape), self.dtype)
+        return self._backward_batch(op, dy)
 
 
-class AvgPool2d(_Pool2d):
-    """Average pooling, ``x : (N, C, H, W) -> (N, C, Ho, Wo)``; zero padding counts in the mean."""
+class AvgPool1d(_FixedPool):
+    """Average pooling, ``x : (N, C, L) -> (N, C, Lo)``; zero padding counts in the mean.
 
+    Parameters
+    ----------
+    kernel_size : int or tuple of int
+    stride : int or tuple of int, optional
+        Defaults to ``kernel_size``.
+    padding : int, tuple or str, default 0
+    dtype : {float64, float32}
+
+    Notes
+    -----
+    PyTorch's ``AvgPool1d/2d/3d`` with ``count_include_pad=True`` and ``ceil_mode=False``.
+    """
+
+    ndim = 1
     kind = "avg"
 
 
-class SumPool2d(_Pool2d):
-    """Sum pooling, ``x : (N, C, H, W) -> (N, C, Ho, Wo)``."""
+class AvgPool2d(_FixedPool):
+    """Average pooling, ``x : (N, C, H, W) -> (N, C, Ho, Wo)``; parameters as :class:`AvgPool1d`."""
 
+    ndim = 2
+    kind = "avg"
+
+
+class AvgPool3d(_FixedPool):
+    """Average pooling, ``x : (N, C, D, H, W) -> (N, C, Do, Ho, Wo)``; parameters as :class:`AvgPool1d`."""
+
+    ndim = 3
+    kind = "avg"
+
+
+class SumPool2d(_FixedPool):
+    """Sum pooling, ``x : (N, C, H, W) -> (N, C, Ho, Wo)``; parameters as :class:`AvgPool1d`."""
+
+    ndim = 2
     kind = "sum"
 
 
-class MaxPool2d(Module):
+class _MaxPoolNd(_PoolBase):
     """Max pooling through a per-batch selection matrix.
 
     Ties go to the first position of the window in row-major order (see
     :class:`sparseconv.pooling.MaxPoolOperator`). Max pooling is not linear, so
-    :func:`sparseconv.to_mlp` refuses it.
+    :func:`sparseconv.to_mlp` refuses it. Each forward keeps its own selection matrix, so one
+    instance may be used twice in a network.
     """
 
-    def __init__(self, kernel_size: IntOrTuple, stride: Optional[IntOrTuple] = None, padding: PaddingSpec = 0, *,
-                 dtype: object = np.float64):
-        super().__init__()
-        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
-        self.dtype = _float_dtype(dtype)
-        self.op: Optional[MaxPoolOperator] = None
-        self._fresh = False
-
-    def build(self, input_shape: tuple[int, ...]) -> MaxPoolOperator:
-        input_shape = tuple(input_shape)
-        if self.op is None or self.op.input_shape != input_shape:
-            check_sample_shape(input_shape, 2)
-            self.op = MaxPoolOperator(input_shape, self.kernel_size, stride=self.stride, padding=self.padding,
-                                      dtype=self.dtype)
-        return self.op
-
-    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
-        return self.build(input_shape).out_shape
+    def _make_operator(self, input_shape: tuple[int, ...]) -> MaxPoolOperator:
+        return MaxPoolOperator(input_shape, self.kernel_size, stride=self.stride, padding=self.padding,
+                               dtype=self.dtype)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x)
-        y = self.build(x.shape[1:]).forward(x)
-        self._fresh = True
+        x = _as_batch(x, self.dtype)
+        check_sample_shape(x.shape[1:], self.ndim)
+        entry = self._entry(x.shape[1:])
+        op = entry[0]
+        if x.shape[0] == 0:
+            y, selection = np.zeros((0, *op.out_shape), dtype=self.dtype), None
+        else:
+            y = op.forward(x)
+            selection = op.selection_matrix()
+        self._save((entry, entry[1], (x.shape, selection)))
         return y
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
-        _require_forward(self.op if self._fresh else None, self)
-        return self.op.backward_input(dy)
+        op, (x_shape, selection) = self._restore_entry()
+        dy = _check_dy(self, dy, (x_shape[0], *op.out_shape), self.dtype)
+        if selection is None:
+            return np.zeros(x_shape, dtype=self.dtype)
+        return np.asarray(selection.T @ dy.reshape(-1)).reshape(x_shape)
+
+
+class MaxPool1d(_MaxPoolNd):
+    """Max pooling, ``x : (N, C, L) -> (N, C, Lo)``.
+
+    Parameters
+    ----------
+    kernel_size : int or tuple of int
+    stride : int or tuple of int, optional
+        Defaults to ``kernel_size``.
+    padding : int, tuple or str, default 0
+        Padded positions never win.
+    dtype : {float64, float32}
+
+    Notes
+    -----
+    PyTorch's ``MaxPool1d/2d/3d`` with ``dilation=1`` and ``ceil_mode=False``. Ties go to the
+    first position of the window in row-major order; not linear, so
+    :func:`sparseconv.to_mlp` refuses it.
+    """
+
+    ndim = 1
+
+
+class MaxPool2d(_MaxPoolNd):
+    """Max pooling, ``x : (N, C, H, W) -> (N, C, Ho, Wo)``; parameters as :class:`MaxPool1d`."""
+
+    ndim = 2
+
+
+class MaxPool3d(_MaxPoolNd):
+    """Max pooling, ``x : (N, C, D, H, W) -> (N, C, Do, Ho, Wo)``; parameters as :class:`MaxPool1d`."""
+
+    ndim = 3
+
+
+def adaptive_avg_pool_matrix(in_size: Sequence[int], out_size: Sequence[int], *,
+                             dtype: object = np.float64) -> sp.csr_array:
+    """The averaging matrix of adaptive average pooling on one channel's spatial positions.
+
+    Parameters
+    ----------
+    in_size, out_size : sequence of int
+        Spatial sizes, one entry per dimension (1 to 3), all positive.
+    dtype : {float64, float32}
+
+    Returns
+    -------
+    scipy.sparse.csr_array of shape (prod(out_size), prod(in_size))
+        Row ``o`` averages the window ``[floor(o i / m), ceil((o + 1) i / m))`` along each
+        dimension (``i`` input, ``m`` output size): PyTorch's rule for
+        ``adaptive_avg_pool1d/2d/3d``. Windows may overlap when ``i`` is not a multiple of
+        ``m``; the matrix is the Kronecker product of one such matrix per dimension.
+
+    Examples
+    --------
+    >>> adaptive_avg_pool_matrix((5,), (3,)).toarray()
+    array([[0.5       , 0.5       , 0.        , 0.        , 0.        ],
+           [0.        , 0.        , 1.        , 0.        , 0.        ],
+           [0.        , 0.        , 0.        , 0.5       , 0.5       ]])
+    """
+    dt = _float_dtype(dtype)
+    in_size, out_size = tuple(in_size), tuple(out_size)
+    if len(in_size) != len(out_size) or not 1 <= len(in_size) <= 3:
+        raise ValueError(f"in_size and out_size must have the same length, 1 to 3; got {in_size} and {out_size}")
+    for name, sizes in (("in_size", in_size), ("out_size", out_size)):
+        if not all(_is_int(v) and v >= 1 for v in sizes):
+            raise ValueError(f"{name} must hold positive ints; got {sizes}")
+    matrix = sp.csr_array(np.ones((1, 1), dtype=dt))
+    for i, m in zip(in_size, out_size):
+        o = np.arange(m)
+        start = (o * i) // m
+        end = -((-(o + 1) * i) // m)
+        counts = end - start
+        rows = np.repeat(o, counts)
+        cols = np.concatenate([np.arange(s, e) for s, e in zip(start, end)])
+        values = np.repeat(1.0 / counts, counts).astype(dt)
+        axis = sp.csr_array((values, (rows, cols)), shape=(m, i))
+        matrix = sp.csr_array(sp.kron(matrix, axis, format="csr"))
+    return matrix.astype(dt)
+
+
+class _ChannelwiseOperator:
+    """The same spatial matrix applied to every channel of every sample (adaptive pooling)."""
+
+    def __init__(self, spatial: sp.csr_array, input_shape: tuple[int, ...], out_shape: tuple[int, ...]):
+        self.spatial = spatial
+        self.spatial_t = sp.csr_array(spatial.T)
+        self.input_shape, self.out_shape = input_shape, out_shape
+        self.dtype = spatial.dtype
+
+    @property
+    def matrix(self) -> sp.csr_array:
+        """Block diagonal over channels: ``kron(I_C, spatial)``."""
+        return sp.csr_array(sp.kron(sp.eye_array(self.input_shape[0], dtype=self.dtype), self.spatial, format="csr"))
+
+    @property
+    def nnz(self) -> int:
+        return int(self.spatial.nnz) * self.input_shape[0]
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        n, c = x.shape[:2]
+        y = self.spatial @ x.reshape(n * c, -1).T
+        return np.ascontiguousarray(y.T).reshape((n, *self.out_shape))
+
+    def backward_input(self, dy: np.ndarray) -> np.ndarray:
+        n, c = dy.shape[:2]
+        dx = self.spatial_t @ dy.reshape(n * c, -1).T
+        return np.ascontiguousarray(dx.T).reshape((n, *self.input_shape))
+
+
+class _AdaptiveAvgPoolNd(_FixedPool):
+    """Adaptive average pooling through a fixed averaging matrix per input shape."""
+
+    kind = "adaptive"
+
+    def __init__(self, output_size: Union[int, Sequence[Optional[int]]], *, dtype: object = np.float64):
+        OperatorLayer.__init__(self)
+        self.dtype = _float_dtype(dtype)
+        if _is_int(output_size):
+            sizes: tuple = (int(output_size),) * self.ndim
+        elif isinstance(output_size, (tuple, list)) and len(output_size) == self.ndim:
+            sizes = tuple(None if v is None else v for v in output_size)
+        else:
+            raise TypeError(f"output_size must be an int or a sequence of {self.ndim} ints (None keeps the "
+                            f"input size); got {output_size!r}")
+        for v in sizes:
+            if v is not None and (not _is_int(v) or v < 1):
+                raise ValueError(f"output_size must hold positive ints (or None); got {output_size!r}")
+        self.output_size = tuple(None if v is None else int(v) for v in sizes)
+
+    def _out_size(self, in_size: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(i if m is None else m for i, m in zip(in_size, self.output_size))
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        input_shape = tuple(input_shape)
+        self._check_sample(input_shape)
+        return (input_shape[0], *self._out_size(input_shape[1:]))
+
+    def _check_sample(self, input_shape: tuple[int, ...]) -> None:
+        check_sample_shape(input_shape, self.ndim)
+        if any(v < 1 for v in input_shape):
+            raise ValueError(f"input sizes must be positive; got a sample of shape {input_shape}")
+
+    def _make_operator(self, input_shape: tuple[int, ...]) -> _ChannelwiseOperator:
+        out = self._out_size(input_shape[1:])
+        spatial = adaptive_avg_pool_matrix(input_shape[1:], out, dtype=self.dtype)
+        return _ChannelwiseOperator(spatial, input_shape, (input_shape[0], *out))
 
     def __repr__(self) -> str:
-        return f"MaxPool2d(kernel_size={self.kernel_size!r}, stride={self.stride!r}, padding={self.padding!r})"
+        return f"{type(self).__name__}(output_size={self.output_size!r})"
 
 
-class Subsampling2d(Module):
+class AdaptiveAvgPool1d(_AdaptiveAvgPoolNd):
+    """Adaptive average pooling to a fixed output size, ``x : (N, C, L) -> (N, C, *output_size)``.
+
+    Parameters
+    ----------
+    output_size : int or tuple of (int or None)
+        Output size per spatial dimension; ``None`` keeps that dimension's input size.
+    dtype : {float64, float32}
+
+    Notes
+    -----
+    PyTorch's window rule: output ``o`` of a dimension with input size ``i`` and output size
+    ``m`` averages ``[floor(o i / m), ceil((o + 1) i / m))``. For a given input shape this is
+    a fixed matrix (:func:`adaptive_avg_pool_matrix` per channel), so
+    :func:`sparseconv.to_mlp` exports it.
+    """
+
+    ndim = 1
+
+
+class AdaptiveAvgPool2d(_AdaptiveAvgPoolNd):
+    """Adaptive average pooling, ``x : (N, C, H, W) -> (N, C, *output_size)``; see :class:`AdaptiveAvgPool1d`."""
+
+    ndim = 2
+
+
+class AdaptiveAvgPool3d(_AdaptiveAvgPoolNd):
+    """Adaptive average pooling, ``x : (N, C, D, H, W) -> (N, C, *output_size)``; see :class:`AdaptiveAvgPool1d`."""
+
+    ndim = 3
+
+
+class Subsampling2d(OperatorLayer):
     """LeNet-5 / Bouvrie trainable sub-sampling: ``out[c] = beta[c] * down(x)[c] + b[c]``.
 
     ``down`` sums each ``kernel_size`` window (non-overlapping by default), as LeNet-5's S2
@@ -417,52 +903,140 @@ class Subsampling2d(Module):
     def __init__(self, channels: int, kernel_size: IntOrTuple = 2, stride: Optional[IntOrTuple] = None, *,
                  dtype: object = np.float64):
         super().__init__()
-        if not isinstance(channels, (int, np.integer)) or isinstance(channels, bool) or channels < 1:
-            raise ValueError(f"channels must be a positive int; got {channels!r}")
+        channels = _positive_int(channels, "channels")
         self.dtype = _float_dtype(dtype)
         self.channels, self.kernel_size, self.stride = channels, kernel_size, stride
-        window = int(np.prod(normalize_tuple(kernel_size, 2, "kernel_size")))
+        kernel = normalize_tuple(kernel_size, 2, "kernel_size")
+        step = kernel if stride is None else normalize_tuple(stride, 2, "stride")
+        pool_geometry((channels, *[k + s for k, s in zip(kernel, step)]), kernel_size, stride=stride)
+        window = int(np.prod(kernel))
         self.params["beta"] = Parameter(np.full(channels, 1.0 / window, dtype=self.dtype))
         self.params["bias"] = Parameter(np.zeros(channels, dtype=self.dtype))
-        self.op: Optional[PoolOperator] = None
-        self._down: Optional[np.ndarray] = None
 
-    def build(self, input_shape: tuple[int, ...]) -> PoolOperator:
-        input_shape = tuple(input_shape)
-        if self.op is None or self.op.input_shape != input_shape:
-            check_sample_shape(input_shape, 2, self.channels)
-            self.op = PoolOperator(input_shape, self.kernel_size, stride=self.stride, kind="sum", dtype=self.dtype)
-        return self.op
+    def _check_sample(self, input_shape: tuple[int, ...]) -> None:
+        check_sample_shape(input_shape, 2, self.channels)
+
+    def _make_operator(self, input_shape: tuple[int, ...]) -> PoolOperator:
+        return PoolOperator(input_shape, self.kernel_size, stride=self.stride, kind="sum", dtype=self.dtype)
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
-        return self.build(input_shape).out_shape
+        input_shape = tuple(input_shape)
+        self._check_sample(input_shape)
+        return pool_geometry(input_shape, self.kernel_size, stride=self.stride).output_shape
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x)
-        self._down = self.build(x.shape[1:]).forward(x)
+        x = _as_batch(x, self.dtype)
+        self._check_sample(x.shape[1:])
+        entry = self._entry(x.shape[1:])
+        down = self._forward_batch(entry[0], x)
         beta, b = self.params["beta"].data, self.params["bias"].data
-        return self._down * beta[:, None, None] + b[:, None, None]
+        self._save((entry, entry[1], (down, self.params["beta"].version)))
+        return down * beta[:, None, None] + b[:, None, None]
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
-        _require_forward(self._down, self)
-        dy = check_batch(dy, self.op.out_shape, self.dtype, "dy")
-        self.params["beta"].grad += (dy * self._down).sum(axis=(0, 2, 3))
+        op, (down, beta_version) = self._restore_entry()
+        if beta_version != self.params["beta"].version:
+            raise ValueError(f"{self!r}: its parameters were changed between forward() and backward(); run "
+                             "forward() again before backward()")
+        dy = _check_dy(self, dy, down.shape, self.dtype)
+        self.params["beta"].grad += (dy * down).sum(axis=(0, 2, 3))
         self.params["bias"].grad += dy.sum(axis=(0, 2, 3))
-        return self.op.backward_input(dy * self.params["beta"].data[:, None, None])
+        return self._backward_batch(op, dy * self.params["beta"].data[:, None, None])
 
     def export(self, input_shape: tuple[int, ...]) -> tuple[sp.csr_array, np.ndarray]:
         """``diag(beta per map) @ P_sum``: each entry is tied to its map's ``beta``."""
         op = self.build(input_shape)
         per_map = int(np.prod(op.out_shape[1:]))
         scale = sp.diags_array(np.repeat(self.params["beta"].data, per_map)).tocsr()
-        return (scale @ op.matrix).tocsr(), np.repeat(self.params["bias"].data, per_map)
+        return sp.csr_array(scale @ op.matrix), np.repeat(self.params["bias"].data, per_map)
 
     def connections(self, input_shape: tuple[int, ...]) -> int:
+        """Stored entries of the sum matrix plus the biased outputs."""
         op = self.build(input_shape)
-        return op.nnz + int(np.prod(op.out_shape))
+        return int(op.nnz) + int(np.prod(op.out_shape))
 
     def __repr__(self) -> str:
         return f"Subsampling2d({self.channels}, kernel_size={self.kernel_size!r})"
+
+
+# ---------------------------------------------------------------------- per-channel affine
+class ChannelAffine(Module):
+    """Per-channel scale and shift, ``y[:, c] = scale[c] * x[:, c] + shift[c]``.
+
+    What a batch-normalisation layer computes in evaluation mode
+    (``scale = gamma / sqrt(running_var + eps)``, ``shift = beta - running_mean * scale``)
+    when it cannot be folded into the layer before it. Both are trainable.
+
+    Parameters
+    ----------
+    scale : array_like of shape (C,)
+    shift : array_like of shape (C,), optional
+        Default zeros.
+    dtype : {float64, float32}, optional
+        Default: ``scale``'s dtype when it is float32 or float64, else float64.
+
+    Notes
+    -----
+    ``x : ndarray of shape (N, C, *spatial)`` with any number (0 to 3) of spatial axes.
+    """
+
+    def __init__(self, scale: object, shift: Optional[object] = None, *, dtype: object = None):
+        super().__init__()
+        s = np.asarray(scale)
+        if s.dtype.kind not in "iuf" or s.ndim != 1 or s.size < 1:
+            raise ValueError(f"scale must be a real 1-D array with one value per channel; got {s.dtype} array of "
+                             f"shape {s.shape}")
+        if dtype is None:
+            dtype = s.dtype if s.dtype in (np.dtype(np.float32), np.dtype(np.float64)) else np.float64
+        self.dtype = _float_dtype(dtype)
+        self.channels = int(s.size)
+        b = np.zeros(self.channels) if shift is None else np.asarray(shift)
+        if b.dtype.kind not in "iuf" or b.shape != (self.channels,):
+            raise ValueError(f"shift must be a real array of shape ({self.channels},) like scale; got {b.dtype} "
+                             f"array of shape {b.shape}")
+        for name, v in (("scale", s), ("shift", b)):
+            if not np.all(np.isfinite(v)):
+                raise ValueError(f"{name} must be finite")
+        self.params["scale"] = Parameter(s.astype(self.dtype))
+        self.params["shift"] = Parameter(b.astype(self.dtype))
+
+    def _check(self, input_shape: tuple[int, ...]) -> None:
+        if not 1 <= len(input_shape) <= 4 or input_shape[0] != self.channels:
+            raise ValueError(f"expected input of shape (N, {self.channels}, *spatial) with 0 to 3 spatial dims; got a "
+                             f"sample of shape {tuple(input_shape)}")
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        input_shape = tuple(input_shape)
+        self._check(input_shape)
+        return input_shape
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        x = _as_batch(x, self.dtype)
+        self._check(x.shape[1:])
+        nd = x.ndim - 2
+        self._save((x, self.params["scale"].version))
+        return x * _channel_view(self.params["scale"].data, nd) + _channel_view(self.params["shift"].data, nd)
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        x, version = self._restore()
+        if version != self.params["scale"].version:
+            raise ValueError(f"{self!r}: its parameters were changed between forward() and backward(); run "
+                             "forward() again before backward()")
+        dy = _check_dy(self, dy, x.shape, self.dtype)
+        axes = (0, *range(2, x.ndim))
+        self.params["scale"].grad += (dy * x).sum(axis=axes)
+        self.params["shift"].grad += dy.sum(axis=axes)
+        return dy * _channel_view(self.params["scale"].data, x.ndim - 2)
+
+    def export(self, input_shape: tuple[int, ...]) -> tuple[sp.csr_array, np.ndarray]:
+        """``diag(scale per position)`` and the shift repeated per position."""
+        shape = self.output_shape(input_shape)
+        per = int(np.prod(shape[1:]))
+        matrix = sp.diags_array(np.repeat(self.params["scale"].data, per)).tocsr()
+        return sp.csr_array(matrix), np.repeat(self.params["shift"].data, per)
+
+    def __repr__(self) -> str:
+        return f"ChannelAffine({self.channels})"
 
 
 # ---------------------------------------------------------------------- element-wise
@@ -476,7 +1050,7 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return out
 
 
-# name -> (f(z), f'(z) expressed through z and a = f(z))
+# name -> (f(z), f'(z) expressed through z and a = f(z)), for the activations without options
 ACTIVATIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray, np.ndarray], np.ndarray]]] = {
     "relu": (lambda z: np.maximum(z, 0), lambda z, a: (z > 0).astype(z.dtype)),
     "sigmoid": (_sigmoid, lambda z, a: a * (1 - a)),
@@ -485,31 +1059,35 @@ ACTIVATIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.nd
 
 
 class Activation(Module):
-    """An element-wise activation from :data:`ACTIVATIONS`; any input shape."""
+    """An element-wise activation; any input shape, computed in the input's floating dtype.
+
+    Subclasses set :attr:`name` (a key of :data:`ACTIVATIONS`) or override :meth:`function`
+    and :meth:`derivative`.
+    """
 
     name = ""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._z: Optional[np.ndarray] = None
-        self._a: Optional[np.ndarray] = None
+    def function(self, z: np.ndarray) -> np.ndarray:
+        """``f(z)`` element-wise."""
+        return ACTIVATIONS[self.name][0](z)
+
+    def derivative(self, z: np.ndarray, a: np.ndarray) -> np.ndarray:
+        """``f'(z)`` element-wise, given ``a = f(z)``."""
+        return ACTIVATIONS[self.name][1](z, a)
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(input_shape)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x)
-        if x.dtype.kind != "f":
-            raise TypeError(f"{type(self).__name__} needs a floating input; got dtype {x.dtype}")
-        self._z = x
-        self._a = ACTIVATIONS[self.name][0](x)
-        return self._a
+        x = _as_batch(x, None)
+        a = self.function(x)
+        self._save((x, a))
+        return a
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
-        _require_forward(self._z, self)
-        if np.shape(dy) != self._z.shape:
-            raise ValueError(f"{type(self).__name__}: dy must have shape {self._z.shape}; got {np.shape(dy)}")
-        return dy * ACTIVATIONS[self.name][1](self._z, self._a)
+        z, a = self._restore()
+        dy = _check_dy(self, dy, z.shape, z.dtype)
+        return dy * self.derivative(z, a)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -533,12 +1111,133 @@ class Tanh(Activation):
     name = "tanh"
 
 
+class LeakyReLU(Activation):
+    """``z`` for ``z > 0``, ``negative_slope * z`` otherwise (PyTorch's ``LeakyReLU``).
+
+    Parameters
+    ----------
+    negative_slope : float, default 0.01
+    """
+
+    name = "leaky_relu"
+
+    def __init__(self, negative_slope: float = 0.01):
+        super().__init__()
+        self.negative_slope = _real(negative_slope, "negative_slope")
+
+    def function(self, z: np.ndarray) -> np.ndarray:
+        return np.where(z > 0, z, z * z.dtype.type(self.negative_slope))
+
+    def derivative(self, z: np.ndarray, a: np.ndarray) -> np.ndarray:
+        return np.where(z > 0, z.dtype.type(1), z.dtype.type(self.negative_slope))
+
+    def __repr__(self) -> str:
+        return f"LeakyReLU(negative_slope={self.negative_slope!r})"
+
+
+class ELU(Activation):
+    """``z`` for ``z > 0``, ``alpha * (exp(z) - 1)`` otherwise (PyTorch's ``ELU``).
+
+    Parameters
+    ----------
+    alpha : float, default 1.0
+    """
+
+    name = "elu"
+
+    def __init__(self, alpha: float = 1.0):
+        super().__init__()
+        self.alpha = _real(alpha, "alpha")
+
+    def function(self, z: np.ndarray) -> np.ndarray:
+        alpha = z.dtype.type(self.alpha)
+        return np.where(z > 0, z, alpha * np.expm1(np.minimum(z, 0)))
+
+    def derivative(self, z: np.ndarray, a: np.ndarray) -> np.ndarray:
+        alpha = z.dtype.type(self.alpha)
+        return np.where(z > 0, z.dtype.type(1), alpha * np.exp(np.minimum(z, 0)))
+
+    def __repr__(self) -> str:
+        return f"ELU(alpha={self.alpha!r})"
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+class GELU(Activation):
+    """Gaussian error linear unit, ``z * Phi(z)`` (PyTorch's ``GELU``).
+
+    Parameters
+    ----------
+    approximate : {"none", "tanh"}, default "none"
+        ``"none"``: ``0.5 z (1 + erf(z / sqrt 2))``; ``"tanh"``:
+        ``0.5 z (1 + tanh(sqrt(2 / pi) (z + 0.044715 z^3)))``.
+    """
+
+    name = "gelu"
+
+    def __init__(self, approximate: str = "none"):
+        super().__init__()
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"approximate must be 'none' or 'tanh'; got {approximate!r}")
+        self.approximate = approximate
+
+    def function(self, z: np.ndarray) -> np.ndarray:
+        t = z.dtype.type
+        if self.approximate == "tanh":
+            u = t(_SQRT_2_OVER_PI) * (z + t(0.044715) * z ** 3)
+            return t(0.5) * z * (1 + np.tanh(u))
+        return t(0.5) * z * (1 + erf(z / t(math.sqrt(2.0))))
+
+    def derivative(self, z: np.ndarray, a: np.ndarray) -> np.ndarray:
+        t = z.dtype.type
+        if self.approximate == "tanh":
+            u = t(_SQRT_2_OVER_PI) * (z + t(0.044715) * z ** 3)
+            th = np.tanh(u)
+            du = t(_SQRT_2_OVER_PI) * (1 + t(3 * 0.044715) * z * z)
+            return t(0.5) * (1 + th) + t(0.5) * z * (1 - th * th) * du
+        cdf = t(0.5) * (1 + erf(z / t(math.sqrt(2.0))))
+        pdf = np.exp(t(-0.5) * z * z) / t(math.sqrt(2.0 * math.pi))
+        return cdf + z * pdf
+
+    def __repr__(self) -> str:
+        return f"GELU(approximate={self.approximate!r})"
+
+
+class Softplus(Activation):
+    """``log(1 + exp(beta z)) / beta``, and ``z`` where ``beta z > threshold`` (PyTorch's ``Softplus``).
+
+    Parameters
+    ----------
+    beta : float, default 1.0
+        Positive.
+    threshold : float, default 20.0
+    """
+
+    name = "softplus"
+
+    def __init__(self, beta: float = 1.0, threshold: float = 20.0):
+        super().__init__()
+        self.beta = _real(beta, "beta", minimum=0.0, strict=True)
+        self.threshold = _real(threshold, "threshold")
+
+    def function(self, z: np.ndarray) -> np.ndarray:
+        t = z.dtype.type
+        bz = t(self.beta) * z
+        return np.where(bz > t(self.threshold), z, np.logaddexp(t(0), bz) / t(self.beta))
+
+    def derivative(self, z: np.ndarray, a: np.ndarray) -> np.ndarray:
+        t = z.dtype.type
+        bz = t(self.beta) * z
+        return np.where(bz > t(self.threshold), t(1), _sigmoid(bz))
+
+    def __repr__(self) -> str:
+        return f"Softplus(beta={self.beta!r}, threshold={self.threshold!r})"
+
+
+# ---------------------------------------------------------------------- shape-only and identity-like
 class Flatten(Module):
     """``(N, *shape) -> (N, prod(shape))`` in C order (a no-op on flattened samples)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._shape: Optional[tuple[int, ...]] = None
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         return (int(np.prod(input_shape)),)
@@ -547,12 +1246,85 @@ class Flatten(Module):
         x = np.asarray(x)
         if x.ndim < 2:
             raise ValueError(f"Flatten needs a batch of shape (N, ...); got shape {x.shape}")
-        self._shape = x.shape
-        return x.reshape(x.shape[0], -1)
+        self._save((x.shape, x.dtype))
+        return x.reshape(x.shape[0], int(np.prod(x.shape[1:])))
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
-        _require_forward(self._shape, self)
-        return np.asarray(dy).reshape(self._shape)
+        shape, dtype = self._restore()
+        dy = _check_dy(self, dy, (shape[0], int(np.prod(shape[1:]))), dtype)
+        return dy.reshape(shape)
 
     def __repr__(self) -> str:
         return "Flatten()"
+
+
+class Identity(Module):
+    """``y = x`` for any input (PyTorch's ``Identity``); exported as no stage at all."""
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(input_shape)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        x = _as_batch(x, None)
+        self._save((x.shape, x.dtype))
+        return x
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        shape, dtype = self._restore()
+        return _check_dy(self, dy, shape, dtype)
+
+    def __repr__(self) -> str:
+        return "Identity()"
+
+
+class Dropout(Module):
+    """Inverted dropout: in training mode each entry is zeroed with probability ``p`` and the
+    survivors are scaled by ``1 / (1 - p)``; in evaluation mode (:meth:`eval`) the identity.
+
+    Parameters
+    ----------
+    p : float, default 0.5
+        Drop probability in ``[0, 1]`` (``p = 1`` outputs zeros in training mode).
+    rng : int or numpy Generator, optional
+        Seeds the masks: a seeded layer draws the same sequence of masks in every run.
+
+    Notes
+    -----
+    The backward pass multiplies ``dy`` by the same mask and scale as its forward call. Only
+    in evaluation mode (or with ``p = 0``) is the layer a fixed linear map, so
+    :func:`sparseconv.to_mlp` exports it then (as no stage) and refuses it in training mode.
+    """
+
+    def __init__(self, p: float = 0.5, *, rng: Seed = None):
+        super().__init__()
+        p = _real(p, "p", minimum=0.0)
+        if p > 1:
+            raise ValueError(f"p must be a probability in [0, 1]; got {p!r}")
+        self.p = p
+        self._rng = np.random.default_rng(rng)
+
+    @property
+    def is_identity(self) -> bool:
+        """True when the layer currently passes its input through unchanged (eval mode or ``p = 0``)."""
+        return not self.training or self.p == 0
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(input_shape)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        x = _as_batch(x, None)
+        if self.is_identity:
+            self._save((x.shape, x.dtype, None))
+            return x
+        keep = self._rng.random(x.shape) >= self.p
+        scale = np.zeros(x.shape, dtype=x.dtype) if self.p == 1 else keep.astype(x.dtype) / x.dtype.type(1 - self.p)
+        self._save((x.shape, x.dtype, scale))
+        return x * scale
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        shape, dtype, scale = self._restore()
+        dy = _check_dy(self, dy, shape, dtype)
+        return dy if scale is None else dy * scale
+
+    def __repr__(self) -> str:
+        return f"Dropout(p={self.p!r})"

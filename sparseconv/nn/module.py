@@ -1,25 +1,52 @@
 """Module, Parameter and Sequential: what every layer and network shares.
 
-A :class:`Module` holds :class:`Parameter` objects (value plus accumulated gradient) and its
-forward cache; ``forward(x)`` computes, ``backward(dy)`` returns ``dJ/dx`` and *adds* the
-parameter gradients. Checkpoints are ``.npz`` files of named arrays, read without pickle and
-written atomically.
+A :class:`Module` holds :class:`Parameter` objects (value plus accumulated gradient);
+``forward(x)`` computes, ``backward(dy)`` returns ``dJ/dx`` and *adds* the parameter
+gradients. Checkpoints are ``.npz`` files of named arrays, read without pickle, validated in
+full before anything is written, and written atomically.
+
+Two mechanisms keep gradients exact without comparing arrays on every call:
+
+- **Versions.** A parameter's value is read-only from outside (``p.data`` is a read-only
+  view); it changes only through :meth:`Parameter.assign` (or ``p.data = value``), an
+  optimiser step or :meth:`Module.load_state_dict`, and each change draws a new number from
+  one global counter into :attr:`Parameter.version`. A layer that caches a sparse operator
+  refreshes its values exactly when the version it last wrote differs.
+- **Per-call state.** ``forward`` pushes what its ``backward`` needs onto the layer's own
+  stack and ``backward`` pops it, so one layer instance may appear several times in a network
+  (the same ``ReLU`` twice, as in PyTorch): the backward pass, run in reverse order, meets its
+  calls in reverse order. A top-level :meth:`Sequential.forward` starts a fresh pass (every
+  stack emptied); a layer called on its own keeps only its latest call.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 
 __all__ = ["Parameter", "Module", "Sequential", "LayerInputError"]
 
+# One counter for every parameter: a version number is never reused, so an operator synced
+# to one parameter can never mistake a replaced parameter for the one it was built from.
+_VERSIONS = itertools.count(1)
+
 
 class LayerInputError(ValueError):
     """A layer of a :class:`Sequential` rejected its input; the message names the layer."""
+
+
+def _real_number_array(value: object, name: str) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "biuf" or arr.dtype.kind == "b":
+        raise TypeError(f"{name} must be a real numeric array; got dtype {arr.dtype}")
+    return arr
 
 
 class Parameter:
@@ -27,43 +54,180 @@ class Parameter:
 
     Parameters
     ----------
-    data : ndarray
-        The value, updated in place by optimisers.
-    mask : ndarray of bool, optional
-        Entries that exist (True). Masked entries stay zero and are not counted by
-        :meth:`size`: LeNet-5's C3 connection table is such a mask.
+    data : ndarray of float32 or float64
+        The initial value (copied).
+    mask : ndarray of bool, same shape, optional
+        Entries that exist (True). Masked entries are held at exactly zero: assignment and
+        loading refuse non-zero values there, optimisers never move them, layers give them
+        zero gradient, and :attr:`size` does not count them. LeNet-5's C3 connection table and
+        a pruned layer's ``weight_mask`` are such masks. Copied and read-only.
+
+    Attributes
+    ----------
+    grad : ndarray, same shape and dtype as ``data``
+        Accumulated gradient (writable; :meth:`zero_grad` clears it).
+
+    Notes
+    -----
+    ``p.data`` is a read-only view: ``p.data[...] = v`` raises numpy's "assignment destination
+    is read-only". Write with ``p.data = v`` or ``p.assign(v)``, which validate the value and
+    bump :attr:`version`, so every layer that caches the value in a sparse matrix sees the
+    change.
     """
 
     def __init__(self, data: np.ndarray, mask: Optional[np.ndarray] = None):
-        self.data = data
-        self.grad = np.zeros_like(data)
-        self.mask = mask
+        value = np.array(data, copy=True, order="C")
+        if value.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise TypeError(f"Parameter data must be float32 or float64; got dtype {value.dtype}")
+        if mask is not None:
+            m = np.asarray(mask)
+            if m.dtype != bool or m.shape != value.shape:
+                raise ValueError(f"mask must be a bool array of the data's shape {value.shape}; got {m.dtype} "
+                                 f"array of shape {m.shape}")
+            if np.any(value[~m]):
+                raise ValueError("Parameter data must be zero where mask is False")
+            m = m.copy()
+            m.flags.writeable = False
+            mask = m
+        self._value = value
+        self._mask: Optional[np.ndarray] = mask
+        self.grad = np.zeros_like(value)
+        self._version = next(_VERSIONS)
+
+    # ------------------------------------------------------------------ value
+    @property
+    def data(self) -> np.ndarray:
+        """A read-only view of the value; assign with ``p.data = value`` (see :meth:`assign`)."""
+        view = self._value.view()
+        view.flags.writeable = False
+        return view
+
+    @data.setter
+    def data(self, value: object) -> None:
+        self.assign(value)
+
+    def assign(self, value: object) -> None:
+        """Replace the value (same shape and dtype), bumping :attr:`version`.
+
+        Parameters
+        ----------
+        value : array_like of the parameter's shape
+            float of the parameter's own dtype, or integers (converted exactly).
+
+        Raises
+        ------
+        TypeError
+            For complex, boolean, string or object values, or floats of another precision
+            (convert explicitly, e.g. ``value.astype(np.float32)``).
+        ValueError
+            For another shape, or non-zero values where :attr:`mask` is False. Nothing is
+            written then.
+        """
+        arr = _real_number_array(value, "value")
+        if arr.shape != self._value.shape:
+            raise ValueError(f"value must have the parameter's shape {self._value.shape}; got {arr.shape}")
+        if arr.dtype.kind == "f" and arr.dtype != self._value.dtype:
+            raise TypeError(f"value has dtype {arr.dtype} but the parameter is {self._value.dtype}; convert it "
+                            f"explicitly, e.g. value.astype(np.{self._value.dtype.name})")
+        if self._mask is not None and np.any(arr[~self._mask]):
+            raise ValueError("value has non-zero entries where the parameter's mask is False (weights that do "
+                             "not exist in this layer); zero them first")
+        self._value[...] = arr
+        self._version = next(_VERSIONS)
+
+    def _update(self, delta: np.ndarray) -> None:
+        """``value -= delta`` in place (optimisers), masked entries kept at zero."""
+        self._value -= delta
+        if self._mask is not None:
+            self._value[~self._mask] = 0
+        self._version = next(_VERSIONS)
+
+    def touch(self) -> None:
+        """Declare the value changed (bump :attr:`version`) after a write through a shared buffer.
+
+        Only for code that shares the parameter's memory with another array library (e.g. a
+        torch tensor made with ``torch.from_numpy``) and writes through it; every write
+        through :meth:`assign` or an optimiser bumps the version already.
+        """
+        self._version = next(_VERSIONS)
+
+    @property
+    def version(self) -> int:
+        """A number that changes (never to a value used before) whenever the value changes."""
+        return self._version
+
+    @property
+    def mask(self) -> Optional[np.ndarray]:
+        """Read-only bool array of existing entries, or None when every entry exists."""
+        return self._mask
+
+    def _set_mask(self, mask: Optional[np.ndarray]) -> None:
+        """Replace the mask (a layer rebuilding its operators); zeroes newly masked entries."""
+        if mask is not None:
+            mask = np.array(mask, dtype=bool, copy=True)
+            mask.flags.writeable = False
+            self._value[~mask] = 0
+            self.grad[~mask] = 0
+        self._mask = mask
+        self._version = next(_VERSIONS)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._value.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._value.dtype
 
     @property
     def size(self) -> int:
         """Number of trainable entries (masked entries excluded)."""
-        return int(self.data.size if self.mask is None else np.count_nonzero(self.mask))
+        return int(self._value.size if self._mask is None else np.count_nonzero(self._mask))
+
+    def zero_grad(self) -> None:
+        """Set the accumulated gradient to zero."""
+        self.grad[...] = 0
 
     def __repr__(self) -> str:
-        return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype}, size={self.size})"
+        return f"Parameter(shape={self.shape}, dtype={self.dtype}, size={self.size})"
+
+
+def _check_bool(value: object, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool; got {value!r}")
+    return bool(value)
 
 
 class Module:
     """Base class of layers and networks.
 
-    Subclasses set ``self.params`` (an ordered dict name -> :class:`Parameter`) and implement
-    :meth:`forward`, :meth:`backward` and :meth:`output_shape`.
+    Subclasses fill ``self.params`` (an ordered dict name -> :class:`Parameter`), implement
+    :meth:`forward`, :meth:`backward` and :meth:`output_shape`, and keep what ``backward``
+    needs with :meth:`_save` / :meth:`_restore` (per call, so an instance can be reused in one
+    network). Containers list their sub-modules by overriding :meth:`named_children`.
+
+    Attributes
+    ----------
+    training : bool
+        True after construction and :meth:`train`, False after :meth:`eval`. Only layers
+        whose behaviour differs (:class:`~sparseconv.nn.Dropout`) read it.
     """
 
     params: dict[str, Parameter]
 
     def __init__(self) -> None:
         self.params = {}
+        self.training = True
+        self._saved: list[Any] = []
+        self._pass_open = False
 
+    # ------------------------------------------------------------------ computation
     def forward(self, x: np.ndarray) -> np.ndarray:
+        """The layer's output for a batch ``x`` of shape ``(N, *sample)``."""
         raise NotImplementedError
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
+        """``dJ/dx`` for ``dy = dJ/dy`` of the matching forward call; adds parameter gradients."""
         raise NotImplementedError
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -73,12 +237,94 @@ class Module:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.forward(x)
 
+    def _save(self, context: Any) -> None:
+        """Keep ``context`` for the ``backward`` of this call.
+
+        Inside a pass (a :meth:`Sequential.forward`) calls stack up; outside one, only the
+        latest call is kept, so a layer used on its own for inference holds one context.
+        """
+        if not self._pass_open:
+            self._saved.clear()
+        self._saved.append(context)
+
+    def _restore(self) -> Any:
+        """The context of the most recent forward call not yet consumed by a backward."""
+        if not self._saved:
+            raise ValueError(f"{self!r}: backward() called before forward() (each forward call allows one "
+                             "backward call)")
+        return self._saved.pop()
+
+    # ------------------------------------------------------------------ walking
+    def named_children(self) -> Iterator[tuple[str, "Module"]]:
+        """Direct sub-modules with their names (none for a layer)."""
+        return iter(())
+
+    def children(self) -> Iterator["Module"]:
+        """Direct sub-modules."""
+        for _, m in self.named_children():
+            yield m
+
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
+        """This module and every sub-module, depth first, each once (as PyTorch's).
+
+        Parameters
+        ----------
+        prefix : str
+            Prepended to every name; this module's own name is ``prefix`` (``""`` at the top).
+        """
+        seen: set[int] = set()
+
+        def walk(module: Module, name: str) -> Iterator[tuple[str, Module]]:
+            if id(module) in seen:
+                return
+            seen.add(id(module))
+            yield name, module
+            for child_name, child in module.named_children():
+                yield from walk(child, f"{name}.{child_name}" if name else child_name)
+
+        yield from walk(self, prefix)
+
+    def modules(self) -> Iterator["Module"]:
+        """This module and every sub-module, each once."""
+        for _, m in self.named_modules():
+            yield m
+
+    def apply(self, fn: Callable[["Module"], object]) -> "Module":
+        """Call ``fn`` on every sub-module (children first) and then on this module; returns self."""
+        if not callable(fn):
+            raise TypeError(f"fn must be callable; got {fn!r}")
+        for child in self.children():
+            child.apply(fn)
+        fn(self)
+        return self
+
+    def train(self, mode: bool = True) -> "Module":
+        """Set training mode (``mode=True``) or evaluation mode on this module and all sub-modules."""
+        mode = _check_bool(mode, "mode")
+        for m in self.modules():
+            m.training = mode
+        return self
+
+    def eval(self) -> "Module":
+        """Evaluation mode, ``train(False)``: dropout becomes the identity."""
+        return self.train(False)
+
+    # ------------------------------------------------------------------ parameters
     def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
-        for name, p in self.params.items():
-            yield prefix + name, p
+        """Every parameter with its dotted name (``"3.weight"`` in a Sequential), each once.
+
+        A parameter reached twice (a layer used at two positions) is listed under its first
+        name only, so an optimiser updates it once per step.
+        """
+        seen: set[int] = set()
+        for name, module in self.named_modules(prefix.rstrip(".")):
+            for pname, p in module.params.items():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield (f"{name}.{pname}" if name else pname), p
 
     def parameters(self) -> list[Parameter]:
-        """Every trainable parameter, in a fixed order."""
+        """Every trainable parameter, in a fixed order, each once."""
         return [p for _, p in self.named_parameters()]
 
     def n_params(self) -> int:
@@ -86,38 +332,59 @@ class Module:
         return sum(p.size for p in self.parameters())
 
     def zero_grad(self) -> None:
+        """Clear the accumulated gradient of every parameter."""
         for p in self.parameters():
-            p.grad[...] = 0
+            p.zero_grad()
 
+    # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, np.ndarray]:
         """Copies of every parameter, by name (``"3.weight"`` in a Sequential)."""
         return {name: p.data.copy() for name, p in self.named_parameters()}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        """Load parameters saved by :meth:`state_dict` into this module.
+        """Load parameters saved by :meth:`state_dict`: all of them, or none.
+
+        Every array is validated before any parameter is written: the names must match
+        exactly, each value must be a real floating array of the parameter's shape, hold only
+        finite values that stay finite in the parameter's dtype (a float64 checkpoint loads
+        into a float32 network), and be zero where the parameter's mask is False.
 
         Raises
         ------
         ValueError
-            If a name is missing or unexpected, or a shape differs; the message names the
-            parameter. Values are converted to each parameter's dtype.
+            Naming the parameter and the problem; the module is then unchanged.
         """
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict of name -> array; got {type(state).__name__}")
         own = dict(self.named_parameters())
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
         if missing or unexpected:
             raise ValueError(f"checkpoint does not match this architecture: missing parameters {missing}, "
                              f"unexpected parameters {unexpected}")
+        converted = {}
         for name, p in own.items():
-            value = np.asarray(state[name])
-            if value.shape != p.data.shape:
+            value = state[name]
+            if not isinstance(value, np.ndarray):
+                raise ValueError(f"checkpoint parameter {name!r} is a {type(value).__name__}, not an array")
+            if value.dtype.kind != "f":
+                raise ValueError(f"checkpoint parameter {name!r} has dtype {value.dtype}; parameters are real "
+                                 "floating arrays")
+            if value.shape != p.shape:
                 raise ValueError(f"checkpoint does not match this architecture: parameter {name!r} has shape "
-                                 f"{p.data.shape} in the network but {value.shape} in the checkpoint")
-            if p.mask is not None and np.any(value[~p.mask]):
+                                 f"{p.shape} in the network but {value.shape} in the checkpoint")
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f"checkpoint parameter {name!r} holds NaN or infinite values")
+            with np.errstate(over="ignore"):
+                cast = value.astype(p.dtype)
+            if not np.all(np.isfinite(cast)):
+                raise ValueError(f"checkpoint parameter {name!r} has values beyond the range of {p.dtype}")
+            if p.mask is not None and np.any(cast[~p.mask]):
                 raise ValueError(f"checkpoint parameter {name!r} has non-zero values where this network's "
-                                 f"connection mask has none")
+                                 "mask (connection table or weight_mask) has none")
+            converted[name] = cast
         for name, p in own.items():
-            p.data[...] = state[name]
+            p.assign(converted[name])
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the parameters to ``path`` (.npz, no pickle).
@@ -142,12 +409,56 @@ class Module:
             raise
 
     def load(self, path: Union[str, os.PathLike]) -> None:
-        """Read parameters written by :meth:`save` (``allow_pickle=False``)."""
-        with np.load(path, allow_pickle=False) as data:
-            self.load_state_dict({k: data[k] for k in data.files})
+        """Read parameters written by :meth:`save`: all of them, or none.
+
+        Raises
+        ------
+        FileNotFoundError
+            If ``path`` does not exist.
+        ValueError
+            Naming ``path``, if it is not a readable ``.npz`` checkpoint (a ``.npy`` file,
+            pickled data, a truncated or corrupted archive, any other file) or does not match
+            this network (see :meth:`load_state_dict`). The module is then unchanged.
+        """
+        path = os.fspath(path)
+        state = _read_checkpoint(path)
+        try:
+            self.load_state_dict(state)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def _read_checkpoint(path: str) -> dict[str, np.ndarray]:
+    """Every member of an ``.npz`` checkpoint, read in full (so CRC errors surface here)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory, not a checkpoint (.npz) file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("not a checkpoint: it holds a single array (.npy); a checkpoint is an .npz "
+                                 "archive of named parameters written by Module.save")
+            state = {}
+            for key in data.files:
+                value = data[key]
+                if not isinstance(value, np.ndarray):
+                    raise ValueError(f"member {key!r} is not a numpy array")
+                state[key] = value
+            return state
+    except AttributeError:
+        # np.load returns a bare ndarray for .npy files; it has no context-manager protocol.
+        raise ValueError(f"{path}: not a checkpoint: it holds a single array (.npy); a checkpoint is an .npz "
+                         "archive of named parameters written by Module.save") from None
+    except ValueError as err:
+        raise ValueError(f"{path}: not a readable checkpoint: {err}") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, UnicodeDecodeError,
+            NotImplementedError, OverflowError, MemoryError) as err:
+        raise ValueError(f"{path}: not a readable checkpoint (.npz archive of named arrays): "
+                         f"{type(err).__name__}: {err}") from None
 
 
 class Sequential(Module):
@@ -156,11 +467,14 @@ class Sequential(Module):
     Parameters
     ----------
     *layers : Module
+        The same instance may appear more than once (e.g. one ``ReLU`` after every layer);
+        gradients stay exact.
 
     Notes
     -----
     A layer that rejects its input raises :class:`LayerInputError` naming its position and
-    type, so a wrongly shaped batch says where it went wrong.
+    type, so a wrongly shaped batch says where it went wrong. Indexing with an int returns a
+    layer; with a slice, a new ``Sequential`` sharing the layers.
     """
 
     def __init__(self, *layers: Module):
@@ -170,27 +484,47 @@ class Sequential(Module):
                 raise TypeError(f"Sequential takes Module instances; argument {i} is {type(layer).__name__}")
         self.layers = list(layers)
 
-    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+    def named_children(self) -> Iterator[tuple[str, Module]]:
         for i, layer in enumerate(self.layers):
-            yield from layer.named_parameters(f"{prefix}{i}.")
+            yield str(i), layer
 
     def __iter__(self) -> Iterator[Module]:
-        return iter(self.layers)
+        return iter(list(self.layers))
 
     def __len__(self) -> int:
         return len(self.layers)
 
-    def __getitem__(self, i: int) -> Module:
-        return self.layers[i]
+    def __getitem__(self, index: Union[int, slice]) -> Union[Module, "Sequential"]:
+        if isinstance(index, slice):
+            return Sequential(*self.layers[index])
+        if isinstance(index, (int, np.integer)) and not isinstance(index, bool):
+            return self.layers[index]
+        raise TypeError(f"Sequential indices must be ints or slices; got {type(index).__name__}")
+
+    def append(self, module: Module) -> "Sequential":
+        """Add ``module`` at the end; returns self."""
+        if not isinstance(module, Module):
+            raise TypeError(f"Sequential.append takes a Module; got {type(module).__name__}")
+        self.layers.append(module)
+        return self
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        for i, layer in enumerate(self.layers):
-            try:
-                x = layer.forward(x)
-            except LayerInputError:
-                raise
-            except (ValueError, TypeError) as err:
-                raise LayerInputError(f"layer {i} ({layer!r}) rejected its input: {err}") from err
+        outer = not self._pass_open
+        members = list(self.modules()) if outer else []
+        for m in members:
+            m._saved.clear()
+            m._pass_open = True
+        try:
+            for i, layer in enumerate(self.layers):
+                try:
+                    x = layer.forward(x)
+                except LayerInputError:
+                    raise
+                except (ValueError, TypeError) as err:
+                    raise LayerInputError(f"layer {i} ({layer!r}) rejected its input: {err}") from err
+        finally:
+            for m in members:
+                m._pass_open = False
         return x
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
