@@ -13,8 +13,8 @@ is how a pruned network is fine-tuned with its mask fixed).
 
 Sparsity is the fraction of the pruned layers' kernel weights that are absent, counting
 weights already masked (a connection table such as LeNet-5's C3, an earlier pruning) as
-absent, so masks only grow and ``prune(prune(net, 0.5)[0], 0.9)`` is 90% sparse. Biases,
-dense ``Linear`` layers and transposed convolutions are not pruned.
+absent, so masks only grow and ``prune(prune(net, 0.5)[0], 0.9)`` is 90% sparse. Biases and
+dense ``Linear`` layers are not pruned.
 """
 
 from __future__ import annotations
@@ -25,12 +25,14 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from .nn import Conv1d, Conv2d, Conv3d, Module, Sequential
+from .nn import Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d, Module, Sequential
 
 __all__ = ["PRUNABLE", "SCOPES", "STRUCTURES", "magnitude_masks", "apply_masks", "prune", "mask_summary"]
 
-#: Layer types :func:`prune` can mask (their operators take a ``weight_mask``).
-PRUNABLE: tuple[type, ...] = (Conv1d, Conv2d, Conv3d)
+#: Layer types :func:`prune` can mask (they take a ``weight_mask``). Convolutions leave masked
+#: taps out of their matrices; transposed convolutions still store them as zeros (their
+#: operator takes no mask yet), with zero gradient all the same.
+PRUNABLE: tuple[type, ...] = (Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d)
 #: ``scope`` values: one threshold for every pruned layer, or the sparsity in each layer.
 SCOPES = ("global", "layer")
 #: ``structure`` values: single weights, whole output filters (weight axis 0) or whole input
@@ -48,7 +50,7 @@ def _prunable_layers(network: Module, prefix: str = "") -> Iterator[tuple[str, M
 
 
 def _existing(layer: Module) -> np.ndarray:
-    mask = layer.params["weight"].mask
+    mask = layer.weight_mask
     return np.ones(layer.params["weight"].data.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
 
 
@@ -149,23 +151,12 @@ def magnitude_masks(network: Module, sparsity: float, *, scope: str = "global",
     return out
 
 
-def _input_shape(layer: Module) -> Optional[tuple[int, ...]]:
-    op = getattr(layer, "op", None)
-    return None if op is None else tuple(op.input_shape)
-
-
 def _masked_copy(layer: Module, keep: np.ndarray) -> Module:
-    """A copy of a convolution layer whose operator is built with ``weight_mask=keep``."""
+    """A copy of a convolution layer with ``weight_mask=keep``, rebuilt for the shape it had."""
     new = copy.deepcopy(layer)
-    weight = new.params["weight"]
-    weight.data[~keep] = 0
-    # The layer builds its operator with weight_mask=params["weight"].mask; drop the old operator
-    # so the next build leaves the pruned taps out of the matrix.
-    weight.mask = keep.copy()
-    new.op = None
-    shape = _input_shape(layer)
-    if shape is not None:
-        new.build(shape)
+    new.set_weight_mask(keep)
+    if layer.op is not None:
+        new.build(tuple(layer.op.input_shape))
     return new
 
 

@@ -157,14 +157,14 @@ def _torch_twin(net, torch):
             w = layer.params["weight"].data
             m = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, dtype=getattr(torch, w.dtype.name))
             with torch.no_grad():
-                m.weight.copy_(torch.from_numpy(w))
-                m.bias.copy_(torch.from_numpy(layer.params["bias"].data))
+                m.weight.copy_(torch.from_numpy(np.array(w)))
+                m.bias.copy_(torch.from_numpy(np.array(layer.params["bias"].data)))
         elif isinstance(layer, Linear):
             w = layer.params["weight"].data
             m = nn.Linear(layer.in_features, layer.out_features, dtype=getattr(torch, w.dtype.name))
             with torch.no_grad():
-                m.weight.copy_(torch.from_numpy(w))
-                m.bias.copy_(torch.from_numpy(layer.params["bias"].data))
+                m.weight.copy_(torch.from_numpy(np.array(w)))
+                m.bias.copy_(torch.from_numpy(np.array(layer.params["bias"].data)))
         elif isinstance(layer, Subsampling2d):
             m = Subsampling(layer)
         elif isinstance(layer, Tanh):

@@ -21,10 +21,9 @@ from typing import Optional
 
 import numpy as np
 
-from .nn import (AvgPool2d, Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d, Flatten,
-                 Linear, MaxPool2d, Module, ReLU, Sequential, Sigmoid, Subsampling2d, SumPool2d, Tanh)
-from .nn.conv_transpose import _ConvTransposeNd
-from .nn.layers import _ConvNd
+from . import nn as ours
+from .nn import Module, Sequential
+from .nn.layers import _ConvBase, _MaxPoolNd
 from .testing import tolerance
 
 __all__ = ["from_torch", "to_torch"]
@@ -103,6 +102,15 @@ def _check_batchnorm(bn, torch) -> None:
                         "it has no fixed per-channel map to convert")
 
 
+def _channel_affine(bn, input_shape: tuple[int, ...], dtype: np.dtype, torch) -> Module:
+    """An eval-mode batch norm that has no layer to fold into: a per-channel affine layer."""
+    _check_batchnorm(bn, torch)
+    if not input_shape or input_shape[0] != bn.num_features:
+        raise TypeError(f"{type(bn).__name__}({bn.num_features}) cannot take samples of shape {tuple(input_shape)}")
+    scale, shift = _bn_scale_shift(bn, dtype)
+    return ours.ChannelAffine(scale.astype(dtype), shift.astype(dtype), dtype=dtype)
+
+
 def _fold(weight: np.ndarray, bias: Optional[np.ndarray], scale: np.ndarray, shift: np.ndarray, out_axis: int,
           groups: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """``scale * (W x + b) + shift`` as one layer: scale the output channels of ``W`` and ``b``.
@@ -127,16 +135,10 @@ def _make_conv_layer(cls, module, options: dict, weight: np.ndarray, bias: Optio
                      kept: Optional[np.ndarray], input_shape: tuple[int, ...], dtype: np.dtype) -> Module:
     """A convolution layer with the given values and kept-tap mask, built for ``input_shape``."""
     layer = cls(module.in_channels, module.out_channels, tuple(module.kernel_size), **options,
-                bias=bias is not None, dtype=dtype)
-    if kept is not None:
-        if issubclass(cls, _ConvTransposeNd):
-            raise TypeError(f"{type(module).__name__} is pruned, and sparseconv's transposed convolutions take no "
-                            "weight mask yet; make the pruning permanent with torch.nn.utils.prune.remove first")
-        # The layer builds its operator with weight_mask=params["weight"].mask: pruned taps get no entries.
-        layer.params["weight"].mask = kept
-    layer.params["weight"].data[...] = weight
+                bias=bias is not None, weight_mask=kept, dtype=dtype)
+    layer.params["weight"].data = weight
     if bias is not None:
-        layer.params["bias"].data[...] = bias
+        layer.params["bias"].data = bias
     layer.build(input_shape)
     return layer
 
@@ -156,22 +158,22 @@ def _convert_layer(module, bn, input_shape: tuple[int, ...], dtype: np.dtype, pr
         if kept is not None and not kept.all():
             raise TypeError("Linear is pruned, and sparseconv's Linear is a dense layer with no weight mask; "
                             "make the pruning permanent with torch.nn.utils.prune.remove first")
-        layer = Linear(module.in_features, module.out_features, bias=bias is not None, dtype=dtype)
-        layer.params["weight"].data[...] = weight
+        layer = ours.Linear(module.in_features, module.out_features, bias=bias is not None, dtype=dtype)
+        layer.params["weight"].data = weight
         if bias is not None:
-            layer.params["bias"].data[...] = bias
+            layer.params["bias"].data = bias
         return layer
     ndim = len(module.kernel_size)
     if transposed:
         if module.padding_mode != "zeros":
             raise TypeError(f"{type(module).__name__} with padding_mode={module.padding_mode!r} is not supported "
                             "(PyTorch itself only implements 'zeros' for transposed convolutions)")
-        cls = {1: ConvTranspose1d, 2: ConvTranspose2d, 3: ConvTranspose3d}[ndim]
+        cls = {1: ours.ConvTranspose1d, 2: ours.ConvTranspose2d, 3: ours.ConvTranspose3d}[ndim]
         options = dict(stride=tuple(module.stride), padding=tuple(module.padding),
                        output_padding=tuple(module.output_padding), dilation=tuple(module.dilation),
                        groups=module.groups)
     else:
-        cls = {1: Conv1d, 2: Conv2d, 3: Conv3d}[ndim]
+        cls = {1: ours.Conv1d, 2: ours.Conv2d, 3: ours.Conv3d}[ndim]
         padding = module.padding if isinstance(module.padding, str) else tuple(module.padding)
         options = dict(stride=tuple(module.stride), padding=padding, dilation=tuple(module.dilation),
                        groups=module.groups, padding_mode=module.padding_mode)
@@ -184,9 +186,10 @@ def _pool_args(module, name: str) -> tuple:
     return module.kernel_size, module.stride, module.padding
 
 
-_SUPPORTED = ("Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear, BatchNorm1d/2d/3d (eval mode, folded into the "
-              "convolution or linear layer before it), AvgPool2d, MaxPool2d, ReLU, Tanh, Sigmoid, Flatten, "
-              "Dropout and Identity (eval mode), and Sequential or chain-like containers of them")
+_SUPPORTED = ("Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear, BatchNorm1d/2d/3d (eval mode: folded into the "
+              "convolution or linear layer before it, else a ChannelAffine layer), AvgPool1d/2d/3d, MaxPool1d/2d/3d, "
+              "AdaptiveAvgPool1d/2d/3d, ReLU, LeakyReLU, ELU, GELU, Softplus, Tanh, Sigmoid, Flatten, Dropout and "
+              "Identity (eval mode), and Sequential or chain-like containers of them")
 
 
 def _convert_single(module, input_shape: tuple[int, ...], dtype: np.dtype, prune_zeros: bool, torch) -> Module:
@@ -195,30 +198,47 @@ def _convert_single(module, input_shape: tuple[int, ...], dtype: np.dtype, prune
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                            nn.ConvTranspose3d, nn.Linear)):
         return _convert_layer(module, None, input_shape, dtype, prune_zeros, torch)
-    if isinstance(module, nn.AvgPool2d):
-        if not module.count_include_pad or module.divisor_override is not None:
-            raise TypeError("AvgPool2d is supported with count_include_pad=True and no divisor_override "
+    avg = {nn.AvgPool1d: ours.AvgPool1d, nn.AvgPool2d: ours.AvgPool2d, nn.AvgPool3d: ours.AvgPool3d}
+    if type(module) in avg:
+        if not module.count_include_pad or getattr(module, "divisor_override", None) is not None:
+            raise TypeError(f"{name} is supported with count_include_pad=True and no divisor_override "
                             "(the average of a fixed matrix divides by the full window)")
         kernel, stride, padding = _pool_args(module, name)
-        layer = AvgPool2d(kernel, stride, padding, dtype=dtype)
+        layer = avg[type(module)](kernel, stride, padding, dtype=dtype)
         layer.build(input_shape)
         return layer
-    if isinstance(module, nn.MaxPool2d):
-        if module.dilation not in (1, (1, 1)) or module.return_indices:
-            raise TypeError("MaxPool2d is supported with dilation=1 and return_indices=False")
+    pools = {nn.MaxPool1d: ours.MaxPool1d, nn.MaxPool2d: ours.MaxPool2d, nn.MaxPool3d: ours.MaxPool3d}
+    if type(module) in pools:
+        if np.any(np.asarray(module.dilation) != 1) or module.return_indices:
+            raise TypeError(f"{name} is supported with dilation=1 and return_indices=False")
         kernel, stride, padding = _pool_args(module, name)
-        layer = MaxPool2d(kernel, stride, padding, dtype=dtype)
+        layer = pools[type(module)](kernel, stride, padding, dtype=dtype)
+        layer.build(input_shape)
+        return layer
+    adaptive = {nn.AdaptiveAvgPool1d: ours.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d: ours.AdaptiveAvgPool2d,
+                nn.AdaptiveAvgPool3d: ours.AdaptiveAvgPool3d}
+    if type(module) in adaptive:
+        cls = adaptive[type(module)]
+        size = module.output_size
+        layer = cls(tuple(size) if isinstance(size, (tuple, list)) else size, dtype=dtype)
         layer.build(input_shape)
         return layer
     if isinstance(module, nn.Flatten):
         if module.start_dim != 1 or module.end_dim != -1:
             raise TypeError(f"Flatten is supported with start_dim=1, end_dim=-1; got {module.start_dim}, "
                             f"{module.end_dim}")
-        return Flatten()
-    simple = {nn.ReLU: ReLU, nn.Tanh: Tanh, nn.Sigmoid: Sigmoid}
-    for torch_cls, ours in simple.items():
-        if isinstance(module, torch_cls):
-            return ours()
+        return ours.Flatten()
+    if isinstance(module, nn.LeakyReLU):
+        return ours.LeakyReLU(module.negative_slope)
+    if isinstance(module, nn.ELU):
+        return ours.ELU(module.alpha)
+    if isinstance(module, nn.GELU):
+        return ours.GELU(module.approximate)
+    if isinstance(module, nn.Softplus):
+        return ours.Softplus(module.beta, module.threshold)
+    simple = {nn.ReLU: ours.ReLU, nn.Tanh: ours.Tanh, nn.Sigmoid: ours.Sigmoid}
+    if type(module) in simple:
+        return simple[type(module)]()
     raise TypeError(f"unsupported torch module {name}: from_torch converts {_SUPPORTED}")
 
 
@@ -251,10 +271,9 @@ def _convert_chain(children: list, input_shape: tuple[int, ...], dtype: np.dtype
                 i += 1
                 continue
             if _is_batchnorm(child, torch):
-                _check_batchnorm(child, torch)
-                raise TypeError(f"{type(child).__name__} does not follow a convolution or linear layer it could be "
-                                "folded into")
-            if isinstance(child, foldable) and following is not None and _is_batchnorm(following, torch):
+                layer = _channel_affine(child, shape, dtype, torch)
+                step = 1
+            elif isinstance(child, foldable) and following is not None and _is_batchnorm(following, torch):
                 layer = _convert_layer(child, following, shape, dtype, prune_zeros, torch)
                 step = 2
             else:
@@ -306,11 +325,12 @@ def _convert(module, input_shape: tuple[int, ...], dtype: np.dtype, prune_zeros:
         _verify_chain(module, net, input_shape, torch)
         return net
     if _is_batchnorm(module, torch):
-        _check_batchnorm(module, torch)
-        raise TypeError(f"{type(module).__name__} on its own has no sparseconv layer: it is folded into the "
-                        "convolution or linear layer before it in a Sequential")
-    if isinstance(module, (nn.Dropout, nn.Identity)):
-        raise TypeError(f"{type(module).__name__} on its own is the identity; convert the network it belongs to")
+        return _channel_affine(module, input_shape, dtype, torch)
+    if isinstance(module, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)):
+        if module.training and not isinstance(module, nn.Identity):
+            raise TypeError(f"{type(module).__name__} is in training mode (it zeroes random activations): "
+                            "call module.eval() before from_torch; in eval mode it is the identity")
+        return ours.Identity()
     return _convert_single(module, input_shape, dtype, prune_zeros, torch)
 
 
@@ -372,18 +392,10 @@ def from_torch(module, input_shape: tuple[int, ...], *, dtype: Optional[object] 
 
 
 # ====================================================================== sparseconv -> torch
-def _effective_weight(weight, op) -> np.ndarray:
-    """The weight tensor's values as the operator stores them: masked taps read as zero."""
-    w = weight.detach().numpy()
-    mask = getattr(op, "weight_mask", None)
-    return w if mask is None else np.where(mask, w, np.zeros((), dtype=w.dtype))
-
-
-def _sync(op, w: np.ndarray) -> None:
-    # O(weights) compare, not O(matrix entries): cheap next to a product. The tensor's version
-    # counter is not enough, as writes through .data (gradcheck's perturbations) bypass it.
-    if not np.array_equal(op.weight, w):
-        op.set_weight(w)
+def _effective(tensor, mask: Optional[np.ndarray]) -> np.ndarray:
+    """A tensor's values as the layer holds them: masked entries read as zero (a copy)."""
+    values = tensor.detach().numpy()
+    return values.copy() if mask is None else np.where(mask, values, np.zeros((), dtype=values.dtype))
 
 
 def _functions(torch):
@@ -395,13 +407,16 @@ def _functions(torch):
         """A (transposed) convolution operator: forward, input gradient and kernel gradient from sparseconv."""
 
         @staticmethod
-        def forward(ctx, x, weight, bias, op):
-            w = _effective_weight(weight, op)
-            _sync(op, w)
+        def forward(ctx, x, weight, bias, op, mask):
+            w = _effective(weight, mask)
+            # An O(weights) comparison, cheap next to the O(matrix entries) product. The tensor's
+            # version counter is not enough here: writes through .data (gradcheck's) bypass it.
+            if not np.array_equal(op.weight, w):
+                op.set_weight(w)
             y = op.forward(x.detach().numpy())
             if bias is not None:
                 y += bias.detach().numpy().reshape((-1,) + (1,) * (y.ndim - 2))
-            ctx.op, ctx.weight = op, w
+            ctx.op, ctx.weight, ctx.mask = op, w, mask
             ctx.save_for_backward(x)
             return torch.from_numpy(y)
 
@@ -409,20 +424,23 @@ def _functions(torch):
         def backward(ctx, dy):
             (x,) = ctx.saved_tensors
             op = ctx.op
-            # The operator may have been refreshed for another call since this forward.
-            _sync(op, ctx.weight)
+            if not np.array_equal(op.weight, ctx.weight):
+                op.set_weight(ctx.weight)  # refreshed for another call since this forward
             dyn = np.ascontiguousarray(dy.detach().numpy())
             dx = dw = db = None
             if ctx.needs_input_grad[0]:
                 dx = torch.from_numpy(np.ascontiguousarray(op.backward_input(dyn)))
             if ctx.needs_input_grad[1]:
-                dw = torch.from_numpy(np.ascontiguousarray(op.weight_grad(x.detach().numpy(), dyn)))
+                g = np.ascontiguousarray(op.weight_grad(x.detach().numpy(), dyn))
+                if ctx.mask is not None:
+                    g[~ctx.mask] = 0
+                dw = torch.from_numpy(g)
             if ctx.needs_input_grad[2]:
-                db = torch.from_numpy(np.ascontiguousarray(op.bias_grad(dyn)))
-            return dx, dw, db, None
+                db = torch.from_numpy(np.ascontiguousarray(dyn.sum(axis=(0, *range(2, dyn.ndim)))))
+            return dx, dw, db, None, None
 
     class LinearMapFunction(torch.autograd.Function):
-        """A fixed linear operator (average or sum pooling): forward and its adjoint."""
+        """A fixed linear operator (average, sum or adaptive pooling): forward and its adjoint."""
 
         @staticmethod
         def forward(ctx, x, op):
@@ -479,50 +497,71 @@ def _module_classes(torch):
         return _module_classes.cache
     ConvFunction, LinearMapFunction, MaxPoolFunction = _functions(torch)
 
-    class SharedParameters(torch.nn.Module):
-        """Base: torch Parameters sharing memory with a private copy of a sparseconv layer's parameters.
+    class LayerModule(torch.nn.Module):
+        """Base: a sparseconv layer (a private copy) with its parameters as torch Parameters.
 
-        An optimiser's in-place step is then also the layer's step, so ``module.layer`` is the
-        trained sparseconv layer. Each forward passes the Parameters themselves to the
-        autograd Function, which refreshes the operator's stored values (``set_weight``) when
-        they changed.
+        Before each forward, a Parameter whose tensor ``_version`` changed since the layer last
+        saw it (an optimiser step, any in-place write) is written into the layer
+        (``Parameter.assign``), so ``module.layer`` always holds the trained values and
+        rebuilds its operators' values from them.
         """
 
         def __init__(self, layer: Module):
             super().__init__()
             self.layer = layer
             self.dtype_np = _layer_dtype(layer)
+            self._seen: dict[str, tuple[int, int]] = {}
             for name, p in layer.params.items():
-                self.register_parameter(name, torch.nn.Parameter(torch.from_numpy(p.data)))
+                self.register_parameter(name, torch.nn.Parameter(torch.from_numpy(np.array(p.data))))
+
+        def _mask(self, name: str) -> Optional[np.ndarray]:
+            return self.layer.params[name].mask
+
+        def _sync(self, x, owner: str):
+            x = _check_input(x, self.dtype_np, owner, torch)
+            for name in self.layer.params:
+                tensor = getattr(self, name)
+                key = (id(tensor), tensor._version)
+                if self._seen.get(name) != key:
+                    self.layer.params[name].data = _effective(tensor, self._mask(name))
+                    self._seen[name] = key
+            return x
 
         def extra_repr(self) -> str:
             return repr(self.layer)
 
-    class SparseConv(SharedParameters):
-        """A sparseconv (transposed) convolution layer as a torch module."""
+    class SparseConv(LayerModule):
+        """A sparseconv (transposed) convolution layer: its operators through ConvFunction."""
 
         def forward(self, x):
-            x = _check_input(x, self.dtype_np, type(self.layer).__name__, torch)
+            x = self._sync(x, type(self.layer).__name__)
             return ConvFunction.apply(x, self.weight, getattr(self, "bias", None),
-                                      self.layer.build(tuple(x.shape[1:])))
+                                      self.layer.build(tuple(x.shape[1:])), self._mask("weight"))
 
-    class DenseLinear(SharedParameters):
-        """sparseconv's dense Linear layer: torch's own linear map on the shared parameters."""
+    class DenseLinear(LayerModule):
+        """sparseconv's dense Linear layer: torch's own linear map on the same parameters."""
 
         def forward(self, x):
-            x = _check_input(x, self.dtype_np, "Linear", torch)
-            return torch.nn.functional.linear(x, self.weight, getattr(self, "bias", None))
+            return torch.nn.functional.linear(self._sync(x, "Linear"), self.weight, getattr(self, "bias", None))
 
-    class SparseSubsampling(SharedParameters):
+    class SparseSubsampling(LayerModule):
         """LeNet-5's trainable sub-sampling: a fixed sum-pooling operator, then ``beta * . + bias`` per map."""
 
         def forward(self, x):
-            x = _check_input(x, self.dtype_np, "Subsampling2d", torch)
+            x = self._sync(x, "Subsampling2d")
             down = LinearMapFunction.apply(x, self.layer.build(tuple(x.shape[1:])))
             return down * self.beta.reshape(-1, 1, 1) + self.bias.reshape(-1, 1, 1)
 
+    class ChannelAffine(LayerModule):
+        """Per-channel ``scale * x + shift`` on the same parameters."""
+
+        def forward(self, x):
+            x = self._sync(x, "ChannelAffine")
+            view = (-1,) + (1,) * (x.ndim - 2)
+            return x * self.scale.reshape(view) + self.shift.reshape(view)
+
     class SparsePool(torch.nn.Module):
-        """A fixed pooling operator (average, sum or max) as a torch module."""
+        """A fixed pooling operator (average, sum, adaptive average or max) as a torch module."""
 
         def __init__(self, layer: Module):
             super().__init__()
@@ -532,15 +571,15 @@ def _module_classes(torch):
         def forward(self, x):
             x = _check_input(x, self.dtype_np, type(self.layer).__name__, torch)
             op = self.layer.build(tuple(x.shape[1:]))
-            if isinstance(self.layer, MaxPool2d):
+            if isinstance(self.layer, _MaxPoolNd):
                 return MaxPoolFunction.apply(x, op)
             return LinearMapFunction.apply(x, op)
 
         def extra_repr(self) -> str:
             return repr(self.layer)
 
-    _module_classes.cache = dict(SparseConv=SparseConv, DenseLinear=DenseLinear,
-                                 SparseSubsampling=SparseSubsampling, SparsePool=SparsePool)
+    _module_classes.cache = dict(SparseConv=SparseConv, DenseLinear=DenseLinear, SparseSubsampling=SparseSubsampling,
+                                 ChannelAffine=ChannelAffine, SparsePool=SparsePool)
     return _module_classes.cache
 
 
@@ -553,21 +592,35 @@ def _to_torch(layer: Module, torch, where: str):
     if isinstance(layer, Sequential):
         return nn.Sequential(*(_to_torch(child, torch, f"{where}Sequential item {i}: ")
                                for i, child in enumerate(layer)))
-    if isinstance(layer, _ConvNd):
+    if isinstance(layer, _ConvBase):
         return classes["SparseConv"](layer)
-    if isinstance(layer, Linear):
+    if isinstance(layer, ours.Linear):
         return classes["DenseLinear"](layer)
-    if isinstance(layer, Subsampling2d):
+    if isinstance(layer, ours.Subsampling2d):
         return classes["SparseSubsampling"](layer)
-    if isinstance(layer, (AvgPool2d, SumPool2d, MaxPool2d)):
+    if isinstance(layer, ours.ChannelAffine):
+        return classes["ChannelAffine"](layer)
+    if isinstance(layer, (ours.AvgPool1d, ours.AvgPool2d, ours.AvgPool3d, ours.SumPool2d, ours.AdaptiveAvgPool1d,
+                          ours.AdaptiveAvgPool2d, ours.AdaptiveAvgPool3d, _MaxPoolNd)):
         return classes["SparsePool"](layer)
-    simple = {ReLU: nn.ReLU, Tanh: nn.Tanh, Sigmoid: nn.Sigmoid, Flatten: nn.Flatten}
-    for ours, theirs in simple.items():
-        if type(layer) is ours:
-            return theirs()
+    if isinstance(layer, ours.LeakyReLU):
+        return nn.LeakyReLU(layer.negative_slope)
+    if isinstance(layer, ours.ELU):
+        return nn.ELU(layer.alpha)
+    if isinstance(layer, ours.GELU):
+        return nn.GELU(layer.approximate)
+    if isinstance(layer, ours.Softplus):
+        return nn.Softplus(layer.beta, layer.threshold)
+    if isinstance(layer, ours.Dropout):
+        return nn.Dropout(layer.p).train(layer.training)
+    simple = {ours.ReLU: nn.ReLU, ours.Tanh: nn.Tanh, ours.Sigmoid: nn.Sigmoid, ours.Flatten: nn.Flatten,
+              ours.Identity: nn.Identity}
+    if type(layer) in simple:
+        return simple[type(layer)]()
     raise TypeError(f"{where}to_torch has no torch module for {type(layer).__name__}: it converts convolutions "
-                    "and transposed convolutions (Conv*d, ConvTranspose*d), Linear, Subsampling2d, AvgPool2d, "
-                    "SumPool2d, MaxPool2d, ReLU, Tanh, Sigmoid, Flatten and Sequential networks of them")
+                    "and transposed convolutions, Linear, Subsampling2d, ChannelAffine, average, sum, adaptive "
+                    "average and max pooling, the activations (ReLU, LeakyReLU, ELU, GELU, Softplus, Tanh, "
+                    "Sigmoid), Flatten, Identity, Dropout and Sequential networks of them")
 
 
 def to_torch(network: Module):

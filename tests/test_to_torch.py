@@ -25,6 +25,14 @@ LAYERS = [
     ("convT1d-nobias", lambda: nn.ConvTranspose1d(2, 3, 4, stride=3, bias=False), (2, 5)),
     ("avgpool2d", lambda: nn.AvgPool2d(2, stride=1, padding=1), (2, 5, 4)),
     ("maxpool2d-overlapping", lambda: nn.MaxPool2d(3, stride=2, padding=1), (2, 7, 6)),
+    ("avgpool1d", lambda: nn.AvgPool1d(3, stride=2, padding=1), (2, 9)),
+    ("avgpool3d", lambda: nn.AvgPool3d(2, stride=(1, 2, 2)), (2, 3, 4, 5)),
+    ("maxpool1d", lambda: nn.MaxPool1d(3, stride=2, padding=1), (2, 9)),
+    ("maxpool3d", lambda: nn.MaxPool3d(2), (2, 4, 4, 5)),
+    ("adaptiveavg2d", lambda: nn.AdaptiveAvgPool2d((3, 2)), (2, 7, 5)),
+    ("activations", lambda: nn.Sequential(nn.Linear(5, 6), nn.LeakyReLU(0.2), nn.Linear(6, 6), nn.ELU(0.7),
+                                          nn.Linear(6, 6), nn.GELU("tanh"), nn.Linear(6, 4), nn.Softplus(2.0)),
+     (5,)),
 ]
 
 
@@ -86,6 +94,25 @@ def test_gradcheck_of_a_pruned_convolution_and_of_lenet_sub_sampling():
     _gradcheck(sub, (3, 4, 6))
 
 
+def test_pruned_transposed_convolution_and_channel_affine():
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.ConvTranspose2d(3, 4, 3, stride=2), nn.ReLU(), nn.BatchNorm2d(4)).double()
+    prune.l1_unstructured(net[0], "weight", amount=0.5)
+    with torch.no_grad():
+        net[2].running_mean.uniform_(-1, 1)
+        net[2].running_var.uniform_(0.5, 2)
+    net.eval()
+    converted = to_torch(from_torch(net, (3, 4, 5)))
+    assert [type(m).__name__ for m in converted] == ["SparseConv", "ReLU", "ChannelAffine"]
+    x = torch.tensor(np.random.default_rng(0).standard_normal((2, 3, 4, 5)))
+    with torch.no_grad():
+        assert_allclose(converted(x).numpy(), net(x).numpy())
+    _gradcheck(converted, (3, 4, 5))
+    y = converted(x.clone().requires_grad_())
+    y.sum().backward()
+    assert np.all(converted[0].weight.grad.numpy()[net[0].weight_mask.numpy() == 0] == 0)
+
+
 def test_lenet5_matches_its_native_torch_twin():
     """LeNet-5 with C3's connection table: to_torch against torch's dense layers on the same weights."""
     net = lenet5(dtype=np.float64, seed=3)
@@ -145,7 +172,8 @@ def test_a_converted_pruned_network_trains_like_the_torch_original(optimiser):
             mine = converted[i].weight.detach().numpy()
             assert_allclose(mine, effective, err_msg=f"step {step} layer {i}")
             assert np.all(mine[~masks[i]] == 0), "pruned weights must stay exactly zero"
-    # The converted module's parameters are the sparseconv layer's: training moved it too.
+    # Each forward first writes changed Parameters into the module's sparseconv layer.
+    converted(x)
     assert np.array_equal(converted[3].layer.params["weight"].data, converted[3].weight.detach().numpy())
 
 

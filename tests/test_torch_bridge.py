@@ -81,8 +81,11 @@ def test_float32_module_gives_float32_layers():
     (lambda: nn.Sequential(nn.Conv2d(1, 1, 3), nn.Softmax(1)), r"Sequential item 1: unsupported torch module Softmax"),
     (lambda: nn.Sequential(nn.Conv2d(1, 1, 3), nn.BatchNorm2d(1)), r"Sequential item 1: BatchNorm2d is in training mode"),
     (lambda: nn.Sequential(nn.Conv2d(1, 1, 3), nn.Dropout()), r"Sequential item 1: Dropout is in training mode"),
-    (lambda: nn.Sequential(nn.ReLU(), nn.BatchNorm2d(1)).eval(),
-     r"Sequential item 1: BatchNorm2d does not follow a convolution or linear layer"),
+    (lambda: nn.Sequential(nn.Conv2d(1, 1, 3), nn.Flatten(), nn.BatchNorm1d(5).eval()),
+     r"Sequential item 2: BatchNorm1d\(5\) cannot take samples of shape \(16,\)"),
+    (lambda: nn.MaxPool1d(2, dilation=2), r"MaxPool1d is supported with dilation=1"),
+    (lambda: nn.AvgPool3d(2, divisor_override=3), r"AvgPool3d is supported with count_include_pad=True"),
+    (lambda: nn.Dropout(), r"Dropout is in training mode"),
     (lambda: nn.Sequential(nn.Conv2d(1, 1, 3), nn.BatchNorm2d(1, track_running_stats=False)).eval(),
      r"track_running_stats=False"),
     (lambda: nn.MaxPool2d(2, ceil_mode=True), r"ceil_mode=True is not supported"),
@@ -296,6 +299,64 @@ def test_eval_batchnorm_folds_exactly(make, input_shape):
     with torch.no_grad():
         expected = net(torch.tensor(x)).numpy()
     np.testing.assert_allclose(ours.forward(x), expected, rtol=1e-10, atol=1e-10 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("make,input_shape", [
+    (lambda: nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3)), (3, 4, 5)),
+    (lambda: nn.BatchNorm3d(2), (2, 3, 2, 3)),
+    (lambda: nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.BatchNorm1d(3)), (2, 7)),
+], ids=["after-relu", "alone-3d", "after-tanh-1d"])
+def test_unfoldable_eval_batchnorm_is_a_channel_affine_layer(make, input_shape):
+    torch.manual_seed(9)
+    net = make().double()
+    for i, m in enumerate(net.modules()):
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+            _randomise_batchnorm(m, i)
+    net.eval()
+    ours = from_torch(net, input_shape)
+    layers = list(ours) if hasattr(ours, "layers") else [ours]
+    assert "ChannelAffine" in [type(layer).__name__ for layer in layers]
+    x = np.random.default_rng(0).standard_normal((3, *input_shape))
+    with torch.no_grad():
+        expected = net(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(ours.forward(x), expected, rtol=1e-10, atol=1e-10 * np.abs(expected).max())
+
+
+LAYERS = [
+    ("avgpool1d", lambda: nn.AvgPool1d(3, stride=2, padding=1), (2, 9)),
+    ("avgpool3d", lambda: nn.AvgPool3d(2, stride=(1, 2, 2)), (2, 3, 4, 5)),
+    ("maxpool1d", lambda: nn.MaxPool1d(3, stride=2, padding=1), (2, 9)),
+    ("maxpool3d", lambda: nn.MaxPool3d(2), (2, 4, 4, 5)),
+    ("adaptiveavg1d", lambda: nn.AdaptiveAvgPool1d(4), (2, 9)),
+    ("adaptiveavg2d", lambda: nn.AdaptiveAvgPool2d((3, None)), (2, 7, 5)),
+    ("adaptiveavg3d-global", lambda: nn.AdaptiveAvgPool3d(1), (2, 3, 4, 5)),
+    ("leakyrelu", lambda: nn.LeakyReLU(0.2), (2, 5)),
+    ("elu", lambda: nn.ELU(0.7), (2, 5)),
+    ("gelu", lambda: nn.GELU(), (2, 5)),
+    ("gelu-tanh", lambda: nn.GELU(approximate="tanh"), (2, 5)),
+    ("softplus", lambda: nn.Softplus(beta=2.0, threshold=1.0), (2, 5)),
+]
+
+
+@pytest.mark.parametrize("make,input_shape", [c[1:] for c in LAYERS], ids=[c[0] for c in LAYERS])
+def test_more_layers_match_torch(make, input_shape):
+    module = make()
+    ours = from_torch(module, input_shape, dtype=np.float64)
+    x = np.random.default_rng(0).standard_normal((3, *input_shape)) * 2
+    xt = torch.tensor(x, requires_grad=True)
+    yt = module(xt)
+    dy = np.random.default_rng(1).standard_normal(tuple(yt.shape))
+    yt.backward(torch.tensor(dy))
+    assert_allclose(ours.forward(x), yt.detach().numpy())
+    assert_allclose(ours.backward(dy), xt.grad.numpy())
+
+
+def test_eval_dropout_and_identity_alone_are_identity_layers():
+    for module in (nn.Dropout(0.3).eval(), nn.Identity()):
+        ours = from_torch(module, (3,))
+        assert type(ours).__name__ == "Identity"
+        x = np.arange(6.0).reshape(2, 3)
+        assert np.array_equal(ours.forward(x), x)
 
 
 def test_folding_keeps_the_pruning_mask():
