@@ -7,7 +7,8 @@ only when one of these functions is called.
 with sparse matrices built for the given input shape, so the result can be compared with
 PyTorch output for output and gradient for gradient. Pruning masks left by
 ``torch.nn.utils.prune`` become the layers' weight masks: pruned taps have no entries in the
-matrices and zero gradient. Eval-mode batch normalisation is folded into the layer before it.
+matrices and zero gradient. Eval-mode batch normalisation is folded into the layer before it
+(or becomes a per-channel affine layer).
 
 :func:`to_torch` goes the other way: a sparseconv layer or network becomes a ``torch.nn.Module``
 whose forward and backward run sparseconv's operators through ``torch.autograd.Function``s,
@@ -342,15 +343,20 @@ def from_torch(module, input_shape: tuple[int, ...], *, dtype: Optional[object] 
     ----------
     module : torch.nn.Module
         ``Conv1d``/``Conv2d``/``Conv3d`` (every option, padding modes included),
-        ``ConvTranspose1d``/``2d``/``3d``, ``Linear``, ``AvgPool2d`` (``count_include_pad=True``),
-        ``MaxPool2d``, ``ReLU``, ``Tanh``, ``Sigmoid``, ``Flatten``; in a chain also
-        ``BatchNorm1d``/``2d``/``3d`` in eval mode right after a convolution or linear layer
-        (folded into it) and ``Dropout``/``Identity`` in eval mode (dropped). A chain is an
-        ``nn.Sequential`` or any module with children whose ``forward`` applies its children
-        in registration order; that assumption is checked on a random input and the module
-        refused when it does not hold (a residual sum, a functional op between children).
-        Pruning masks left by ``torch.nn.utils.prune`` on weights are honoured: the pruned
-        taps get no entries in the sparse matrices and zero gradient.
+        ``ConvTranspose1d``/``2d``/``3d``, ``Linear``, ``AvgPool1d``/``2d``/``3d``
+        (``count_include_pad=True``), ``MaxPool1d``/``2d``/``3d``,
+        ``AdaptiveAvgPool1d``/``2d``/``3d`` (a fixed averaging matrix for the input shape),
+        ``ReLU``, ``LeakyReLU``, ``ELU``, ``GELU``, ``Softplus``, ``Tanh``, ``Sigmoid``,
+        ``Flatten``; ``BatchNorm1d``/``2d``/``3d`` in eval mode, folded exactly into the
+        convolution or linear layer right before it in a chain, else a
+        :class:`~sparseconv.nn.ChannelAffine` layer; ``Dropout`` and ``Identity`` in eval mode
+        (dropped from a chain). A chain is an ``nn.Sequential`` or any module with children
+        whose ``forward`` applies its children in registration order; that assumption is
+        checked on a random input and the module refused when it does not hold (a residual
+        sum, a functional op between children). Pruning masks left by
+        ``torch.nn.utils.prune`` on weights become the layers' ``weight_mask``: the pruned taps
+        get no entries in the convolution matrices (transposed convolutions store them as
+        zeros) and zero gradient.
     input_shape : tuple of int
         One sample's input shape, e.g. ``(3, 32, 32)``; sparse matrices are built for it.
     dtype : {float32, float64}, optional
@@ -372,7 +378,8 @@ def from_torch(module, input_shape: tuple[int, ...], *, dtype: Optional[object] 
     ------
     TypeError
         For a module type or option with no sparse equivalent, a training-mode batch norm or
-        dropout, or a pruned linear layer, bias or transposed convolution, naming it.
+        dropout, a pruned linear layer or bias, or a container that is not a chain, naming it
+        and its position.
     ValueError
         For a pruning mask holding values other than 0 and 1.
     """
