@@ -148,7 +148,8 @@ def _convert_layer(module, bn, input_shape: tuple[int, ...], dtype: np.dtype, pr
     """A convolution, transposed convolution or linear layer, with ``bn`` (or None) folded in."""
     nn = torch.nn
     _refuse_pruned_bias(module)
-    weight, kept = _pruned(module, "weight", dtype, prune_zeros)
+    # sparseconv's Linear is dense: exact zeros stay values there (prune_zeros is for convolutions).
+    weight, kept = _pruned(module, "weight", dtype, prune_zeros and not isinstance(module, nn.Linear))
     bias = None if module.bias is None else _array(module.bias, dtype)
     transposed = isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
     if bn is not None:
@@ -364,8 +365,9 @@ def from_torch(module, input_shape: tuple[int, ...], *, dtype: Optional[object] 
         float16 and bfloat16 modules are converted to float32 by default (every such value is
         exactly a float32 value); sparseconv computes in float32 or float64 only.
     prune_zeros : bool, default False
-        Also treat weights that are exactly zero as pruned (for a model pruned by writing
-        zeros, or after ``torch.nn.utils.prune.remove``).
+        Also treat convolution weights that are exactly zero as pruned (for a model pruned by
+        writing zeros, or after ``torch.nn.utils.prune.remove``). ``Linear`` layers are dense
+        in sparseconv and keep their zeros as values.
 
     Returns
     -------

@@ -255,6 +255,16 @@ def test_unusable_pruning_is_refused(setup, match):
         from_torch(module, (2, 5, 5))
 
 
+def test_prune_zeros_leaves_linear_layers_dense():
+    module = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).double()
+    with torch.no_grad():
+        module[1].weight[0] = 0
+    ours = from_torch(module, (4,), prune_zeros=True)
+    x = np.random.default_rng(0).standard_normal((2, 4))
+    with torch.no_grad():
+        assert_allclose(ours.forward(x), module(torch.tensor(x)).numpy())
+
+
 def test_pruned_linear_is_refused_with_the_remedy():
     module = nn.Linear(4, 3)
     prune.l1_unstructured(module, "weight", amount=0.5)
