@@ -65,7 +65,7 @@ def _pruned(module, name: str, dtype: np.dtype, prune_zeros: bool) -> tuple[np.n
             raise ValueError(f"{type(module).__name__}.{name}_mask must hold only 0 and 1 (a pruning mask); "
                              f"got values {np.unique(mask_np)[:5]}")
         kept = mask_np == 1
-        value = _array(orig, dtype) * kept
+        value = np.where(kept, _array(orig, dtype), np.zeros((), dtype=dtype))
     else:
         value = _array(getattr(module, name), dtype)
     if prune_zeros:
@@ -80,7 +80,7 @@ def _refuse_pruned_bias(module) -> None:
                         "torch.nn.utils.prune.remove(module, 'bias') first")
 
 
-def _bn_scale_shift(bn, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+def _bn_scale_shift(bn) -> tuple[np.ndarray, np.ndarray]:
     """Eval-mode batch norm as ``y = scale * x + shift`` per channel, computed in float64."""
     var = _array(bn.running_var, np.dtype(np.float64))
     mean = _array(bn.running_mean, np.dtype(np.float64))
@@ -93,7 +93,7 @@ def _bn_scale_shift(bn, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     return scale, shift
 
 
-def _check_batchnorm(bn, torch) -> None:
+def _check_batchnorm(bn) -> None:
     name = type(bn).__name__
     if bn.training:
         raise TypeError(f"{name} is in training mode (it normalises by batch statistics and updates its running "
@@ -105,10 +105,10 @@ def _check_batchnorm(bn, torch) -> None:
 
 def _channel_affine(bn, input_shape: tuple[int, ...], dtype: np.dtype, torch) -> Module:
     """An eval-mode batch norm that has no layer to fold into: a per-channel affine layer."""
-    _check_batchnorm(bn, torch)
+    _check_batchnorm(bn)
     if not input_shape or input_shape[0] != bn.num_features:
         raise TypeError(f"{type(bn).__name__}({bn.num_features}) cannot take samples of shape {tuple(input_shape)}")
-    scale, shift = _bn_scale_shift(bn, dtype)
+    scale, shift = _bn_scale_shift(bn)
     return ours.ChannelAffine(scale.astype(dtype), shift.astype(dtype), dtype=dtype)
 
 
@@ -153,7 +153,7 @@ def _convert_layer(module, bn, input_shape: tuple[int, ...], dtype: np.dtype, pr
     bias = None if module.bias is None else _array(module.bias, dtype)
     transposed = isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
     if bn is not None:
-        scale, shift = _bn_scale_shift(bn, dtype)
+        scale, shift = _bn_scale_shift(bn)
         groups = getattr(module, "groups", 1)
         weight, bias = _fold(weight, bias, scale, shift, 1 if transposed else 0, groups, dtype)
     if isinstance(module, nn.Linear):
@@ -261,7 +261,7 @@ def _convert_chain(children: list, input_shape: tuple[int, ...], dtype: np.dtype
         following = children[i + 1] if i + 1 < len(children) else None
         if isinstance(child, foldable) and following is not None and _is_batchnorm(following, torch):
             try:
-                _check_batchnorm(following, torch)
+                _check_batchnorm(following)
             except TypeError as err:
                 raise TypeError(f"{where} item {i + 1}: {err}") from err
         try:
