@@ -41,6 +41,13 @@ def test_bad_arguments_are_refused_before_any_work(no_work, argv, match):
         prune_cli.run(args)
 
 
+def test_a_file_that_is_not_a_lenet_checkpoint_is_refused(no_work, tmp_path):
+    bad = tmp_path / "other.npz"
+    np.savez(bad, weight=np.zeros(3))
+    with pytest.raises(ValueError, match=r"--weights: '.*other.npz' is not a LeNet-5 checkpoint"):
+        prune_cli.run(_parser().parse_args(["--weights", str(bad)]))
+
+
 def test_plot_path_that_is_a_directory_is_refused(no_work, tmp_path):
     with pytest.raises(ValueError, match=r"--plot must be a file path; got the directory"):
         prune_cli.run(_parser().parse_args(["--plot", str(tmp_path)]))
