@@ -595,11 +595,18 @@ def _module_classes(torch):
 _module_classes.cache = None
 
 
-def _to_torch(layer: Module, torch, where: str):
+def _to_torch(layer: Module, torch, where: str, made: dict):
+    """The torch module of ``layer``; one instance used twice gives one module used twice (tied)."""
+    if id(layer) not in made:
+        made[id(layer)] = _make_torch(layer, torch, where, made)
+    return made[id(layer)]
+
+
+def _make_torch(layer: Module, torch, where: str, made: dict):
     nn = torch.nn
     classes = _module_classes(torch)
     if isinstance(layer, Sequential):
-        return nn.Sequential(*(_to_torch(child, torch, f"{where}Sequential item {i}: ")
+        return nn.Sequential(*(_to_torch(child, torch, f"{where}Sequential item {i}: ", made)
                                for i, child in enumerate(layer)))
     if isinstance(layer, _ConvBase):
         return classes["SparseConv"](layer)
@@ -668,4 +675,4 @@ def to_torch(network: Module):
     torch = _torch()
     if not isinstance(network, Module):
         raise TypeError(f"network must be a sparseconv Module (a layer or Sequential); got {type(network).__name__}")
-    return _to_torch(copy.deepcopy(network), torch, "")
+    return _to_torch(copy.deepcopy(network), torch, "", {})

@@ -177,6 +177,22 @@ def test_a_converted_pruned_network_trains_like_the_torch_original(optimiser):
     assert np.array_equal(converted[3].layer.params["weight"].data, converted[3].weight.detach().numpy())
 
 
+def test_a_layer_used_twice_stays_tied():
+    from sparseconv.nn import Sequential, Tanh
+
+    conv = Conv2d(2, 2, 3, padding=1, dtype=np.float64, rng=0)
+    act = Tanh()
+    converted = to_torch(Sequential(conv, act, conv, act))
+    assert converted[0] is converted[2] and len(list(converted.parameters())) == 2
+    x = torch.tensor(np.random.default_rng(0).standard_normal((2, 2, 5, 5)), requires_grad=True)
+    w = torch.tensor(conv.params["weight"].data.copy(), requires_grad=True)
+    b = torch.tensor(conv.params["bias"].data.copy(), requires_grad=True)
+    expected = torch.tanh(F.conv2d(torch.tanh(F.conv2d(x, w, b, padding=1)), w, b, padding=1))
+    expected.sum().backward()
+    converted(x.detach()).sum().backward()
+    assert_allclose(converted[0].weight.grad.numpy(), w.grad.numpy())
+
+
 def test_to_torch_copies_the_network():
     net = lenet5(dtype=np.float64, seed=0)
     before = {k: v.copy() for k, v in net.state_dict().items()}
