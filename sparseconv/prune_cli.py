@@ -77,11 +77,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--sparsity", type=_sparsity, nargs="+", default=list(DEFAULT_SPARSITIES),
                         help="sparsities in [0, 1), run in increasing order (default: 0.5 0.75 0.9 0.95)")
     parser.add_argument("--epochs", type=int, default=4, help="fine-tuning epochs per sparsity (default: 4)")
-    parser.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (default: 0.01)")
+    parser.add_argument("--lr", type=float, default=0.02, help="fine-tuning learning rate (default: 0.02)")
     parser.add_argument("--weights", type=Path,
                         help="a LeNet-5 checkpoint written by 'train --save' (default: train one here)")
-    parser.add_argument("--train-epochs", type=int, default=10,
-                        help="epochs of the initial training when no --weights is given (default: 10)")
+    parser.add_argument("--train-epochs", type=int, default=20,
+                        help="epochs of the initial training when no --weights is given (default: 20)")
     parser.add_argument("--scope", choices=["global", "layer"], default="global",
                         help="one magnitude threshold over all convolutions, or the sparsity in each (default: "
                              "global)")
@@ -272,7 +272,7 @@ def run(args: argparse.Namespace, *, log: Callable[[str], None] = print) -> list
     args : argparse.Namespace
         As :func:`add_arguments` defines them; checked by :func:`check_args` first.
     log : callable
-        Receives the progress lines and, at the end, the table.
+        Receives progress lines (where the weights came from, the dense network's row).
 
     Returns
     -------
