@@ -38,7 +38,15 @@ class History:
 
 
 def evaluate(net: Sequential, x: np.ndarray, y: np.ndarray, *, batch_size: int = 256) -> float:
-    """Classification accuracy of ``net`` on ``x : (N, ...)`` with integer labels ``y : (N,)``."""
+    """Classification accuracy of ``net`` on ``x : (N, ...)`` with integer labels ``y : (N,)``.
+
+    Raises
+    ------
+    ValueError
+        If there are no samples (an accuracy of nothing is undefined).
+    """
+    if len(y) == 0:
+        raise ValueError("evaluate needs at least one sample; got an empty set")
     correct = 0
     for xb, yb in batches(x, y, batch_size, shuffle=False):
         correct += int(np.sum(np.argmax(net.forward(xb), axis=1) == yb))
@@ -90,17 +98,23 @@ def train(net: Sequential, data: Dataset, *, epochs: int = 10, batch_size: int =
     ------
     TrainingDiverged
         When the loss becomes NaN or infinite, naming the epoch and step.
+    ValueError, TypeError
+        For a bad option or an empty training or test split, before any work is done.
     """
-    if not isinstance(epochs, int) or epochs < 1:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive int; got {epochs!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+    for split in ("train", "test"):
+        if len(getattr(data, f"y_{split}")) == 0:
+            raise ValueError(f"the {split} split of the dataset is empty (data.x_{split} has shape "
+                             f"{np.shape(getattr(data, f'x_{split}'))}); train needs at least one sample in each")
     losses = {"cross_entropy": CrossEntropyLoss, "mse": MSELoss}
     if loss not in losses:
         raise ValueError(f"loss must be one of {sorted(losses)}; got {loss!r}")
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule must be 'cosine' or 'constant'; got {schedule!r}")
-    if not isinstance(shift, int) or shift < 0:
+    if isinstance(shift, bool) or not isinstance(shift, int) or shift < 0:
         raise ValueError(f"shift must be a non-negative int; got {shift!r}")
     criterion = losses[loss]()
     opt = SGD(net.parameters(), lr, momentum=momentum, weight_decay=weight_decay)

@@ -348,3 +348,11 @@ def test_float32_network_starting_with_an_activation_exports_in_float32():
     assert mlp.stages[0].matrix.dtype == np.float32
     x = np.ones((2, 6), dtype=np.float32)
     assert mlp.forward(x).dtype == np.float32
+
+
+def test_to_mlp_expands_nested_sequentials():
+    net = Sequential(Sequential(Flatten(), Linear(6, 4, rng=0)), Tanh(), Sequential(Identity(), Linear(4, 2, rng=1)))
+    x = np.random.default_rng(0).standard_normal((3, 2, 3))
+    mlp = sc.to_mlp(net, (2, 3))
+    assert [s.source for s in mlp.stages] == ["1:Linear", "4:Linear"]
+    assert_allclose(mlp.forward(x.reshape(3, -1)), net.forward(x))

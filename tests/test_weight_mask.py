@@ -168,10 +168,14 @@ def test_set_weight_mask_prunes_and_rebuilds():
     nnz = layer.op.nnz
     mask = _mask((3, 2, 3, 3), 0.5, seed=3)
     layer.set_weight_mask(mask)
+    assert "weight_mask=mask" in repr(layer)
     assert not layer.weight.data[~mask].any()
     y = layer.forward(x)
     assert layer.op.nnz < nnz
     assert_allclose(y, ref.conv_direct(x, layer.weight.data, layer.bias.data))
+    layer.set_weight_mask(None)
+    assert layer.weight.mask is None and "weight_mask" not in repr(layer)
+    assert layer.forward(x).shape == y.shape and layer.op.nnz == nnz
 
 
 @pytest.mark.parametrize("mask,match", [
@@ -217,3 +221,14 @@ def test_masked_layer_matches_torch_pruning(name, cls, args, opts, shape):
     assert_allclose(layer.forward(x), yt.detach().numpy())
     assert_allclose(layer.backward(dy), xt.grad.numpy())
     assert_allclose(layer.weight.grad, module.weight_orig.grad.numpy())
+
+
+def test_copies_keep_the_mask_read_only():
+    import copy
+    import pickle
+    layer = Conv1d(2, 3, 3, weight_mask=_mask((3, 2, 3), 0.5), rng=0)
+    for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        np.testing.assert_array_equal(twin.weight.mask, layer.weight.mask)
+        assert not twin.weight.mask.flags.writeable and not twin.weight.data.flags.writeable
+        x = np.random.default_rng(0).standard_normal((2, 2, 6))
+        assert_allclose(twin.forward(x), layer.forward(x))

@@ -142,6 +142,6 @@ class ConvTranspose2d(_ConvTransposeNd):
 
 
 class ConvTranspose3d(_ConvTransposeNd):
-    """3-D transposed convolution, ``x : (N, C_in, D, H, W) -> (N, C_out, Do, Ho, Wo)``; see :class:`ConvTranspose1d`."""
+    """3-D transposed convolution, ``(N, C_in, D, H, W) -> (N, C_out, Do, Ho, Wo)``; see :class:`ConvTranspose1d`."""
 
     ndim = 3

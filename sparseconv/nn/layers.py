@@ -312,6 +312,7 @@ class _ConvBase(OperatorLayer):
         """
         mask = _combined_mask(self.weight.shape, self.ndim, self._connection, weight_mask, self._groups)
         self.weight._set_mask(mask)
+        self._has_weight_mask = weight_mask is not None
         self._operators.clear()
         self._last = None
 
@@ -335,6 +336,7 @@ class _ConvBase(OperatorLayer):
     def backward(self, dy: np.ndarray) -> np.ndarray:
         op, x = self._restore_entry()
         dy = _check_dy(self, dy, (x.shape[0], *op.out_shape), self.dtype)
+        self._release()
         if self.bias is not None:
             self.bias.grad += dy.sum(axis=(0, *range(2, dy.ndim)))
         if x.shape[0] == 0:
@@ -525,6 +527,16 @@ class Linear(Module):
         if bias:
             self.params["bias"] = Parameter(_uniform(gen, bound, (out_features,), self.dtype))
 
+    @property
+    def weight(self) -> Parameter:
+        """The ``(out_features, in_features)`` matrix."""
+        return self.params["weight"]
+
+    @property
+    def bias(self) -> Optional[Parameter]:
+        """The bias, or None."""
+        return self.params.get("bias")
+
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         if tuple(input_shape) != (self.in_features,):
             raise ValueError(f"expected samples of shape ({self.in_features},); got {tuple(input_shape)}")
@@ -546,6 +558,7 @@ class Linear(Module):
             raise ValueError(f"{self!r}: its parameters were changed between forward() and backward(); run "
                              "forward() again before backward()")
         dy = _check_dy(self, dy, (x.shape[0], self.out_features), self.dtype)
+        self._release()
         self.params["weight"].grad += dy.T @ x
         if "bias" in self.params:
             self.params["bias"].grad += dy.sum(axis=0)
@@ -617,6 +630,7 @@ class _FixedPool(_PoolBase):
     def backward(self, dy: np.ndarray) -> np.ndarray:
         op, n = self._restore_entry()
         dy = _check_dy(self, dy, (n, *op.out_shape), self.dtype)
+        self._release()
         return self._backward_batch(op, dy)
 
 
@@ -690,6 +704,7 @@ class _MaxPoolNd(_PoolBase):
     def backward(self, dy: np.ndarray) -> np.ndarray:
         op, (x_shape, selection) = self._restore_entry()
         dy = _check_dy(self, dy, (x_shape[0], *op.out_shape), self.dtype)
+        self._release()
         if selection is None:
             return np.zeros(x_shape, dtype=self.dtype)
         return np.asarray(selection.T @ dy.reshape(-1)).reshape(x_shape)
@@ -939,6 +954,7 @@ class Subsampling2d(OperatorLayer):
             raise ValueError(f"{self!r}: its parameters were changed between forward() and backward(); run "
                              "forward() again before backward()")
         dy = _check_dy(self, dy, down.shape, self.dtype)
+        self._release()
         self.params["beta"].grad += (dy * down).sum(axis=(0, 2, 3))
         self.params["bias"].grad += dy.sum(axis=(0, 2, 3))
         return self._backward_batch(op, dy * self.params["beta"].data[:, None, None])
@@ -1023,6 +1039,7 @@ class ChannelAffine(Module):
             raise ValueError(f"{self!r}: its parameters were changed between forward() and backward(); run "
                              "forward() again before backward()")
         dy = _check_dy(self, dy, x.shape, self.dtype)
+        self._release()
         axes = (0, *range(2, x.ndim))
         self.params["scale"].grad += (dy * x).sum(axis=axes)
         self.params["shift"].grad += dy.sum(axis=axes)
@@ -1087,6 +1104,7 @@ class Activation(Module):
     def backward(self, dy: np.ndarray) -> np.ndarray:
         z, a = self._restore()
         dy = _check_dy(self, dy, z.shape, z.dtype)
+        self._release()
         return dy * self.derivative(z, a)
 
     def __repr__(self) -> str:
@@ -1252,6 +1270,7 @@ class Flatten(Module):
     def backward(self, dy: np.ndarray) -> np.ndarray:
         shape, dtype = self._restore()
         dy = _check_dy(self, dy, (shape[0], int(np.prod(shape[1:]))), dtype)
+        self._release()
         return dy.reshape(shape)
 
     def __repr__(self) -> str:
@@ -1271,7 +1290,9 @@ class Identity(Module):
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
         shape, dtype = self._restore()
-        return _check_dy(self, dy, shape, dtype)
+        dy = _check_dy(self, dy, shape, dtype)
+        self._release()
+        return dy
 
     def __repr__(self) -> str:
         return "Identity()"
@@ -1324,6 +1345,7 @@ class Dropout(Module):
     def backward(self, dy: np.ndarray) -> np.ndarray:
         shape, dtype, scale = self._restore()
         dy = _check_dy(self, dy, shape, dtype)
+        self._release()
         return dy if scale is None else dy * scale
 
     def __repr__(self) -> str:

@@ -21,11 +21,10 @@ Two mechanisms keep gradients exact without comparing arrays on every call:
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import tempfile
-import zipfile
-import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
@@ -188,6 +187,12 @@ class Parameter:
         """Set the accumulated gradient to zero."""
         self.grad[...] = 0
 
+    def __setstate__(self, state: dict) -> None:
+        # Copies and unpickled parameters come back with writable arrays; the mask stays frozen.
+        self.__dict__.update(state)
+        if self._mask is not None:
+            self._mask.flags.writeable = False
+
     def __repr__(self) -> str:
         return f"Parameter(shape={self.shape}, dtype={self.dtype}, size={self.size})"
 
@@ -248,11 +253,19 @@ class Module:
         self._saved.append(context)
 
     def _restore(self) -> Any:
-        """The context of the most recent forward call not yet consumed by a backward."""
+        """The context of the most recent forward call not yet consumed by a backward.
+
+        It stays saved until :meth:`_release`: a backward that refuses its ``dy`` leaves the
+        layer as it was, so the call can be repeated with the right ``dy``.
+        """
         if not self._saved:
             raise ValueError(f"{self!r}: backward() called before forward() (each forward call allows one "
                              "backward call)")
-        return self._saved.pop()
+        return self._saved[-1]
+
+    def _release(self) -> None:
+        """Consume the context :meth:`_restore` returned (a backward that succeeded)."""
+        self._saved.pop()
 
     # ------------------------------------------------------------------ walking
     def named_children(self) -> Iterator[tuple[str, "Module"]]:
@@ -391,11 +404,23 @@ class Module:
 
         The file is written to a temporary name in the same directory and renamed over
         ``path``, so an interrupted save leaves the previous checkpoint intact.
+
+        Raises
+        ------
+        OSError
+            (``FileNotFoundError``, ``PermissionError``, ``IsADirectoryError``...) naming
+            ``path`` when it cannot be written; nothing is left behind.
         """
         path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a directory, not a checkpoint file", str(path))
         # mkstemp creates the file 0600; keep the old checkpoint's mode, or the usual 0644.
         mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        except OSError as err:
+            # mkstemp names its temporary file; the caller knows only the path they gave.
+            raise type(err)(err.errno, f"cannot write the checkpoint there ({err.strerror})", str(path)) from None
         try:
             os.fchmod(fd, mode)
             with os.fdopen(fd, "wb") as fh:
@@ -437,11 +462,24 @@ def _read_checkpoint(path: str) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     if os.path.isdir(path):
         raise ValueError(f"{path}: is a directory, not a checkpoint (.npz) file")
+    # np.load takes anything that is neither a zip archive nor a .npy file for a pickle, and
+    # reports an image or a text file as "pickled data": look at the first bytes first.
+    with open(path, "rb") as fh:
+        head = fh.read(6)
+    if head.startswith(b"\x93NUMPY"):
+        raise ValueError(f"{path}: not a checkpoint: it holds a single array (.npy); a checkpoint is an .npz "
+                         "archive of named parameters written by Module.save")
+    if not head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        what = "an empty file" if not head else f"a file starting with {head!r}"
+        raise ValueError(f"{path}: not a checkpoint: it is {what}, not an .npz archive of named parameters "
+                         "written by Module.save")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if not isinstance(data, np.lib.npyio.NpzFile):
-                raise ValueError("not a checkpoint: it holds a single array (.npy); a checkpoint is an .npz "
-                                 "archive of named parameters written by Module.save")
+        data = np.load(path, allow_pickle=False)
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable checkpoint (.npz archive of named arrays): "
+                         f"{type(err).__name__}: {err}") from None
+    try:
+        with data:
             state = {}
             for key in data.files:
                 value = data[key]
@@ -449,14 +487,10 @@ def _read_checkpoint(path: str) -> dict[str, np.ndarray]:
                     raise ValueError(f"member {key!r} is not a numpy array")
                 state[key] = value
             return state
-    except AttributeError:
-        # np.load returns a bare ndarray for .npy files; it has no context-manager protocol.
-        raise ValueError(f"{path}: not a checkpoint: it holds a single array (.npy); a checkpoint is an .npz "
-                         "archive of named parameters written by Module.save") from None
-    except ValueError as err:
-        raise ValueError(f"{path}: not a readable checkpoint: {err}") from None
-    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, UnicodeDecodeError,
-            NotImplementedError, OverflowError, MemoryError) as err:
+    except Exception as err:
+        # A damaged archive surfaces as whatever the zip, zlib, tokenize or numpy header
+        # parser trips over (BadZipFile, EOFError, TokenError, OSError...); to the caller each
+        # means the same thing.
         raise ValueError(f"{path}: not a readable checkpoint (.npz archive of named arrays): "
                          f"{type(err).__name__}: {err}") from None
 
