@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 from numbers import Real
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 
