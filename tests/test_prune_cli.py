@@ -31,7 +31,8 @@ def no_work(monkeypatch):
     (["--repeats", "0"], r"--repeats must be a positive int"),
     (["--lr", "-0.1"], r"--lr must be a positive number; got -0.1"),
     (["--lr", "nan"], r"--lr must be a positive number; got nan"),
-    (["--structure", "filter"], r"--structure filter prunes whole units layer by layer: add --scope layer"),
+    (["--structure", "filter", "--scope", "global"],
+     r"--structure filter prunes whole units layer by layer: add --scope layer"),
     (["--weights", "/nonexistent/w.npz"], r"--weights: no such file '/nonexistent/w.npz'"),
     (["--plot", "/nonexistent/dir/p.png"], r"--plot: directory '/nonexistent/dir' does not exist"),
 ])
@@ -63,7 +64,7 @@ def test_sparsity_outside_0_1_is_an_argument_error(value, capsys):
 def test_defaults():
     args = _parser().parse_args([])
     assert args.sparsity == [0.5, 0.75, 0.9, 0.95]
-    assert args.epochs >= 1 and args.scope == "global" and args.structure == "element"
+    assert args.epochs >= 1 and args.scope == "layer" and args.structure == "element"
 
 
 def test_a_small_run_prints_one_row_per_sparsity_and_plots(tmp_path, capsys):
