@@ -6,7 +6,7 @@ uses it for forward products, adjoints and gradients, checked against independen
 (:mod:`sparseconv.reference`) with the checkers in :mod:`sparseconv.testing`.
 """
 
-from . import engines, models, nn, reference, testing
+from . import engines, models, nn, prune, reference, testing
 from .conv import ConvOperator, conv_matrix
 from .engines.base import MatrixModifiedError
 from .export import MLP, Stage, to_mlp
@@ -15,7 +15,7 @@ from .pattern import MemoryBudgetError
 from .plotting import plot_history, plot_matrix
 from .pooling import MaxPoolOperator, PoolOperator, pool_matrix
 from .spectral import composed_norm, fft_singular_values, network_lipschitz_bound, singular_values, spectral_norm
-from .torch_bridge import from_torch
+from .torch_bridge import from_torch, to_torch
 from .transpose import ConvTransposeOperator, conv_transpose_matrix
 
 __all__ = [
@@ -43,10 +43,12 @@ __all__ = [
     "plot_history",
     "plot_matrix",
     "pool_matrix",
+    "prune",
     "reference",
     "singular_values",
     "spectral_norm",
     "testing",
     "to_mlp",
+    "to_torch",
 ]
 __version__ = "0.1.0"

@@ -11,6 +11,10 @@ train
 bench --suite NAME [--out DIR]
     Benchmark sparse against dense, im2col, direct, FFT and PyTorch (table, JSON, Markdown,
     plots); see :mod:`sparseconv.bench`.
+prune [--sparsity S ...]
+    Magnitude-prune LeNet-5 to each sparsity, fine-tune with the masks fixed, and report test
+    accuracy, stored entries and inference time against PyTorch's dense network; see
+    :mod:`sparseconv.prune_cli`.
 spectrum [--weights FILE.npz]
     Per-layer spectral norms of LeNet-5 from the explicit matrices, the product bound on the
     network's Lipschitz constant and the exact norm of the composed linear maps.
@@ -390,7 +394,7 @@ def _build(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.Argum
     parser = argparse.ArgumentParser(prog=prog, formatter_class=_HelpFormatter,
                                      description="Convolution layers as tied-parameter sparse matrices.")
     parser.add_argument("--version", action="version", version=_version())
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,bench,spectrum}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,bench,prune,spectrum}")
 
     p_demo = sub.add_parser("demo", help="the seeds' worked examples through the sparse matrix",
                             formatter_class=_HelpFormatter)
@@ -426,12 +430,18 @@ def _build(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.Argum
         formatter_class=_HelpFormatter)
     add_arguments(p_bench)
 
+    from . import prune_cli
+    p_prune = sub.add_parser(
+        "prune", help="magnitude-prune LeNet-5, fine-tune it, time it against PyTorch's dense network",
+        formatter_class=_HelpFormatter)
+    prune_cli.add_arguments(p_prune)
+
     p_spec = sub.add_parser("spectrum", help="spectral norms of LeNet-5's layers from their sparse matrices",
                             formatter_class=_HelpFormatter)
     p_spec.add_argument("--weights", type=_checkpoint, metavar="FILE.npz",
                         help="a checkpoint written by 'train --save' (default: the seeded initialisation)")
     p_spec.add_argument("--rtol", type=_rtol, default=1e-6, help="relative accuracy of each norm")
-    commands = {"demo": p_demo, "train": p_train, "bench": p_bench, "spectrum": p_spec}
+    commands = {"demo": p_demo, "train": p_train, "bench": p_bench, "prune": p_prune, "spectrum": p_spec}
     for command_parser in commands.values():
         command_parser.set_defaults(command_parser=command_parser)
     return parser, commands
@@ -465,6 +475,12 @@ def _check_parsed(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             args.out = _output_dir(os.fspath(args.out))
         except argparse.ArgumentTypeError as err:
             sub.error(f"argument --out: {err}")
+    if args.command == "prune":
+        from . import prune_cli
+        try:
+            prune_cli.check_args(args)
+        except (ValueError, ImportError) as err:
+            sub.error(str(err))
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
@@ -500,6 +516,9 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         elif args.command == "bench":
             from .bench import run_from_args
             return run_from_args(args)
+        elif args.command == "prune":
+            from . import prune_cli
+            return prune_cli.run_from_args(args)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
