@@ -316,7 +316,7 @@ def _zero_operands() -> list:
     shape = (40, 30)
     conv = sc.ConvOperator(np.zeros((2, 2, 3)), (2, 17))
     return [np.zeros(shape), sp.csr_array(shape), sp.csr_array(np.zeros(shape)).tocoo(),
-            aslinearoperator(np.zeros(shape)), conv, conv.as_linear_operator("taps")]
+            aslinearoperator(np.zeros(shape)), conv, conv.as_linear_operator("factored")]
 
 
 @pytest.mark.parametrize("method", ["auto", "dense", "eigsh"])
@@ -391,7 +391,7 @@ def test_operator_with_only_as_linear_operator_is_accepted():
 
     class Wrapped:
         def as_linear_operator(self):
-            return op.as_linear_operator("taps")
+            return op.as_linear_operator("factored")
 
     exact = np.linalg.svd(op.to_dense(), compute_uv=False)
     assert _rel(singular_values(Wrapped(), 3, method="eigsh"), exact[:3]) <= AGREE
