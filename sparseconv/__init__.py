@@ -6,8 +6,9 @@ uses it for forward products, adjoints and gradients, checked against independen
 (:mod:`sparseconv.reference`) with the checkers in :mod:`sparseconv.testing`.
 """
 
-from . import models, nn, reference, testing
-from .conv import ConvOperator, SparseLinearOperator, conv_matrix
+from . import engines, models, nn, reference, testing
+from .conv import ConvOperator, conv_matrix
+from .engines.base import MatrixModifiedError
 from .export import MLP, Stage, to_mlp
 from .geometry import ConvGeometry, conv_geometry, conv_transpose_output_size, output_size
 from .pattern import MemoryBudgetError
@@ -22,16 +23,17 @@ __all__ = [
     "ConvOperator",
     "ConvTransposeOperator",
     "MLP",
+    "MatrixModifiedError",
     "MaxPoolOperator",
     "MemoryBudgetError",
     "PoolOperator",
-    "SparseLinearOperator",
     "Stage",
     "conv_geometry",
     "composed_norm",
     "conv_matrix",
     "conv_transpose_matrix",
     "conv_transpose_output_size",
+    "engines",
     "fft_singular_values",
     "from_torch",
     "models",

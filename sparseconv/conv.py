@@ -1,4 +1,4 @@
-"""The convolution operator: a tied-parameter sparse matrix with forward, adjoint and gradients.
+"""The convolution operator: a tied-parameter linear map with forward, adjoint and gradients.
 
 A convolution with weight ``w`` of shape ``(F, C // G, *kernel)`` on one sample of shape
 ``(C, *in)`` is the matrix-vector product ``z = W @ x.ravel()`` with ``W`` of shape
@@ -6,13 +6,14 @@ A convolution with weight ``w`` of shape ``(F, C // G, *kernel)`` on one sample 
 ``C // G * prod(kernel)`` entries) and its entries are *tied*: each is one weight (or, for
 repeating padding modes on tiny inputs, a sum of weights), recorded in a tying map.
 
-Products with ``W`` are evaluated one of two ways, with the same result to rounding: by
-scipy's CSR kernel on the stored matrix (``method="csr"``), or in the factored form the tying
-gives it, ``W = (I ⊗ B) S`` -- a gather of the inputs each tap reads, then one BLAS GEMM
-(``method="taps"``, :mod:`sparseconv.factored`). ``method="auto"`` (the default) picks by the
-layer's shape: the factored form where BLAS gets wide operands, the CSR kernel where the
-matrix is much sparser than its taps (pruned or partially connected kernels) or channels are
-few.
+:class:`ConvOperator` is a scipy ``LinearOperator`` for ``W`` whose products run on *engines*
+(:mod:`sparseconv.engines`): scipy's CSR kernel on the explicit matrix (``"csr"``) or the
+factored form the tying gives it, ``W = (I ⊗ B) S`` -- a gather of the inputs each tap
+reads, then one BLAS GEMM (``"factored"``, :mod:`sparseconv.factored`). ``"auto"`` (the
+default) picks per product at construction by the layer's shape: the factored form where BLAS
+gets wide operands, the CSR kernel where the matrix is much sparser than its taps (pruned or
+partially connected kernels) or channels are few. The explicit matrix is built only when an
+engine needs it or :attr:`ConvOperator.matrix` is read.
 """
 
 from __future__ import annotations
@@ -23,112 +24,52 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator
 
-from .geometry import (ConvGeometry, IntOrTuple, PaddingSpec, check_array_dtype, check_batch,
+from .engines import (LEGACY_NAMES, PRODUCTS, Engine, Structure, choose_engine, default_engine, engine_class,
+                      resolve_engine_name)
+from .engines.base import MatrixModifiedError
+from .geometry import (FLOAT_DTYPES, ConvGeometry, IntOrTuple, PaddingSpec, check_array_dtype, check_batch,
                        conv_geometry, resolve_dtype)
-from .factored import (AdjointTables, adjoint_tables, adjoint_taps, choose_method, forward_table, forward_taps,
-                       weight_grad_taps)
-from .parallel import csr_matmat, csr_rmatmat
-from .pattern import build_pattern, value_layout
 
-__all__ = ["ConvOperator", "MatrixOperator", "SparseLinearOperator", "conv_matrix"]
+__all__ = ["ConvOperator", "MatrixOperator", "conv_matrix", "engine_keyword"]
 
-# Elements of the (entries x batch) scratch of the kernel gradient's "entries" method: a few
-# MB whatever the layer.
-_GRAD_CHUNK_ELEMENTS = 1 << 20
-
-_METHODS = ("auto", "csr", "taps")
+_LAYOUTS = ("batch_first", "columns")
 
 
-class SparseLinearOperator(LinearOperator):
-    """A scipy ``LinearOperator`` view of a sparse matrix with batched products.
+def engine_keyword(engine: Optional[str], method: Optional[str]) -> Optional[str]:
+    """The engine named by ``engine=`` or by its deprecated spelling ``method=`` (None: neither).
 
-    scipy's default ``_matmat`` loops over columns; here one sparse-dense product handles a
-    whole block, in both directions.
+    ``method`` takes the first release's names too (``"taps"`` -> ``"factored"``, ``"entries"``
+    -> ``"csr"``).
 
-    Parameters
-    ----------
-    matrix : scipy.sparse.csr_array of shape (m, n)
+    Raises
+    ------
+    TypeError
+        When both are given.
+    ValueError
+        For an unknown name.
+    """
+    if method is None:
+        return None if engine is None else resolve_engine_name(engine, "engine")
+    if engine is not None:
+        raise TypeError(f"pass engine= (or its old name method=), not both; got engine={engine!r}, method={method!r}")
+    return resolve_engine_name(LEGACY_NAMES.get(method, method) if isinstance(method, str) else method, "method")
+
+
+class MatrixOperator(LinearOperator):
+    """What the convolution, transposed-convolution and pooling operators share.
+
+    A scipy ``LinearOperator`` of shape ``(prod(out_shape), prod(input_shape))`` on flattened
+    samples, whose products go to :meth:`_columns_product` (the subclass's engines). Blocks of
+    any real dtype are accepted: a float32 operator given a float64 block computes in float64
+    with its float32 values (exact, no rounding of the input), integer blocks take the
+    operator's dtype as numpy's promotion rules give it, and complex blocks are applied to
+    their real and imaginary parts. Empty blocks (no columns) give empty results.
+
+    Subclasses set ``geometry`` (or override :attr:`input_shape` and :attr:`out_shape`) and
+    implement :meth:`_columns_product` and :attr:`matrix`.
     """
 
-    def __init__(self, matrix: sp.csr_array):
-        super().__init__(dtype=matrix.dtype, shape=matrix.shape)
-        self.matrix = matrix
-
-    def _matvec(self, x: np.ndarray) -> np.ndarray:
-        return self.matrix @ np.ravel(x)
-
-    def _rmatvec(self, y: np.ndarray) -> np.ndarray:
-        return self.matrix.T @ np.ravel(y)
-
-    def _matmat(self, x: np.ndarray) -> np.ndarray:
-        return self.matrix @ x
-
-    def _rmatmat(self, y: np.ndarray) -> np.ndarray:
-        return self.matrix.T @ y
-
-    def _adjoint(self) -> "SparseLinearOperator":
-        return SparseLinearOperator(self.matrix.T.tocsr())
-
-    def __repr__(self) -> str:
-        return f"<{self.shape[0]}x{self.shape[1]} SparseLinearOperator with dtype={self.dtype}, nnz={self.matrix.nnz}>"
-
-
-class _ProductOperator(LinearOperator):
-    """``W`` through a convolution operator's products with a fixed method (no bias).
-
-    Parameters
-    ----------
-    op : ConvOperator
-    method : {"auto", "taps"}
-        Passed to :meth:`ConvOperator.forward` and :meth:`ConvOperator.backward_input`.
-    """
-
-    def __init__(self, op: "ConvOperator", method: str) -> None:
-        super().__init__(dtype=op.dtype, shape=op.shape)
-        self.op, self.method = op, method
-
-    def _apply(self, a: np.ndarray, adjoint: bool) -> np.ndarray:
-        """Columns of ``a`` (flattened samples) through the product, complex ones in two parts."""
-        a = np.asarray(a)
-        if np.iscomplexobj(a):
-            return self._apply(a.real, adjoint) + 1j * self._apply(a.imag, adjoint)
-        if not np.can_cast(a.dtype, self.op.dtype, "safe"):
-            raise TypeError(f"this operator computes in {self.op.dtype}; a {a.dtype} block would be rounded to it "
-                            f"(use as_linear_operator('csr'), which promotes, or an operator built from a "
-                            f"{a.dtype} weight)")
-        shape = self.op.out_shape if adjoint else self.op.input_shape
-        batch = a.astype(self.op.dtype, copy=False).T.reshape((-1, *shape))
-        product = self.op._adjoint_product if adjoint else self.op._product
-        return product(batch, self.method, None).reshape(batch.shape[0], -1).T
-
-    def _matmat(self, x: np.ndarray) -> np.ndarray:
-        return self._apply(x, adjoint=False)
-
-    def _rmatmat(self, y: np.ndarray) -> np.ndarray:
-        return self._apply(y, adjoint=True)
-
-    def _matvec(self, x: np.ndarray) -> np.ndarray:
-        return self._matmat(np.reshape(x, (-1, 1)))[:, 0]
-
-    def _rmatvec(self, y: np.ndarray) -> np.ndarray:
-        return self._rmatmat(np.reshape(y, (-1, 1)))[:, 0]
-
-
-class MatrixOperator:
-    """What every operator owning a sparse matrix shares (convolution, pooling, transposed).
-
-    Subclasses set ``matrix`` (a ``csr_array``), ``dtype`` and ``geometry`` (or override
-    :attr:`input_shape` and :attr:`out_shape`).
-    """
-
-    matrix: sp.csr_array
-    dtype: np.dtype
     geometry: ConvGeometry
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """``(prod(out_shape), prod(input_shape))``."""
-        return self.matrix.shape
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -139,6 +80,11 @@ class MatrixOperator:
     def out_shape(self) -> tuple[int, ...]:
         """One sample's output shape, ``(F, *out)``."""
         return self.geometry.output_shape
+
+    @property
+    def matrix(self) -> sp.csr_array:
+        """The explicit matrix (read-only arrays), built on first access."""
+        raise NotImplementedError
 
     @property
     def nnz(self) -> int:
@@ -159,9 +105,86 @@ class MatrixOperator:
         dy = check_batch(dy, self.out_shape, self.dtype, "dy")
         return dy.sum(axis=(0, *range(2, dy.ndim)))
 
-    def as_linear_operator(self) -> SparseLinearOperator:
-        """A ``scipy.sparse.linalg.LinearOperator`` on flattened samples (no bias)."""
-        return SparseLinearOperator(self.matrix)
+    def _columns_product(self, a: np.ndarray, adjoint: bool, engine: Optional[str],
+                         threads: Optional[int]) -> np.ndarray:
+        """``W @ a`` (or ``W.T @ a``) for a real block of the operator's dtype or float64, N >= 1."""
+        raise NotImplementedError
+
+    def _apply(self, a: np.ndarray, adjoint: bool, engine: Optional[str] = None,
+               threads: Optional[int] = None) -> np.ndarray:
+        """Columns of ``a`` through the product, after the dtype rules of the class docstring."""
+        a = np.asarray(a)
+        if np.iscomplexobj(a):
+            return (self._apply(a.real, adjoint, engine, threads)
+                    + 1j * self._apply(a.imag, adjoint, engine, threads))
+        if a.dtype.kind not in "biuf":
+            raise TypeError(f"this operator multiplies real or complex blocks; got dtype {a.dtype}")
+        dtype = np.result_type(self.dtype, a.dtype)
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"this operator computes in float32 or float64; a {a.dtype} block would be rounded "
+                            f"(convert it to float64 explicitly)")
+        rows = self.shape[1] if adjoint else self.shape[0]
+        if a.shape[1] == 0:
+            return np.zeros((rows, 0), dtype=dtype)
+        return self._columns_product(a.astype(dtype, copy=False), adjoint, engine, threads)
+
+    def _matmat(self, x: np.ndarray) -> np.ndarray:
+        return self._apply(x, adjoint=False)
+
+    def _rmatmat(self, y: np.ndarray) -> np.ndarray:
+        return self._apply(y, adjoint=True)
+
+    def _matvec(self, x: np.ndarray) -> np.ndarray:
+        return self._apply(np.reshape(x, (-1, 1)), adjoint=False)[:, 0]
+
+    def _rmatvec(self, y: np.ndarray) -> np.ndarray:
+        return self._apply(np.reshape(y, (-1, 1)), adjoint=True)[:, 0]
+
+    def as_linear_operator(self, engine: Optional[str] = None, *, method: Optional[str] = None) -> LinearOperator:
+        """This operator as a ``LinearOperator`` (it is one), optionally with every product on one engine.
+
+        Kept for code written before the operators were LinearOperators themselves.
+
+        Parameters
+        ----------
+        engine : {"auto", "csr", "factored"}, optional
+            None or ``"auto"``: the operator itself. Another name: a view whose products all
+            run on that engine.
+        method : str, optional
+            Deprecated spelling of ``engine`` (``"taps"`` is ``"factored"``).
+
+        Returns
+        -------
+        LinearOperator of shape :attr:`shape`
+        """
+        name = engine_keyword(engine, method)
+        if name is None or name == "auto":
+            return self
+        return _PinnedOperator(self, name)
+
+    def to_dense(self) -> np.ndarray:
+        """The matrix as a dense ndarray (small layers only)."""
+        return self.matrix.toarray()
+
+
+class _PinnedOperator(LinearOperator):
+    """An operator's products on one named engine (what ``as_linear_operator(engine)`` returns)."""
+
+    def __init__(self, op: MatrixOperator, engine: str) -> None:
+        super().__init__(dtype=op.dtype, shape=op.shape)
+        self.op, self.engine = op, engine
+
+    def _matmat(self, x: np.ndarray) -> np.ndarray:
+        return self.op._apply(x, False, self.engine)
+
+    def _rmatmat(self, y: np.ndarray) -> np.ndarray:
+        return self.op._apply(y, True, self.engine)
+
+    def _matvec(self, x: np.ndarray) -> np.ndarray:
+        return self._matmat(np.reshape(x, (-1, 1)))[:, 0]
+
+    def _rmatvec(self, y: np.ndarray) -> np.ndarray:
+        return self._rmatmat(np.reshape(y, (-1, 1)))[:, 0]
 
 
 class ConvOperator(MatrixOperator):
@@ -188,17 +211,29 @@ class ConvOperator(MatrixOperator):
     weight_mask : ndarray of bool, shape like ``weight``, optional
         Weights left out of the matrix (a connection table, or pruning). Masked weights
         must be zero.
-    memory_budget : int, optional
-        Bytes the matrix may use; construction raises
-        :class:`~sparseconv.pattern.MemoryBudgetError` beyond it. Default: half the
-        physical memory, or ``SPARSECONV_MEMORY_BUDGET``.
+    memory_budget : int or str, optional
+        Bytes the operator's built structures (the CSR matrix, tap tables) may use, or a
+        string such as ``"1GiB"`` (see :func:`~sparseconv.geometry.parse_memory_budget`); a
+        structure that would exceed it raises :class:`~sparseconv.pattern.MemoryBudgetError`
+        before it is allocated. Default: half the physical memory, or
+        ``SPARSECONV_MEMORY_BUDGET``.
+    engine : {"auto", "csr", "factored"}, optional
+        The engine of every product (see :mod:`sparseconv.engines`). ``"auto"`` (the
+        default, unless the ``SPARSECONV_ENGINE`` environment variable names another) picks
+        one per product from the layer's shape and mask; :meth:`engine` reports the choice.
+        The engines of the forward and adjoint products are built at construction, the
+        kernel gradient's at its first call.
+    method : str, optional
+        Deprecated spelling of ``engine`` (``"taps"`` is ``"factored"``).
 
     Attributes
     ----------
-    matrix : scipy.sparse.csr_array of shape (F * prod(out), C * prod(in))
     geometry : ConvGeometry
-    out_shape : tuple of int
-        ``(F, *out)``.
+    shape : (int, int)
+        ``(F * prod(out), C * prod(in))``: the operator is a scipy ``LinearOperator`` on
+        flattened samples (``op @ v``, ``op @ X`` for blocks of shape ``(C * prod(in), N)``,
+        ``op.H``, composition), without the bias.
+    dtype : numpy.dtype
 
     Notes
     -----
@@ -222,36 +257,34 @@ class ConvOperator(MatrixOperator):
     >>> op = sc.ConvOperator(np.ones((1, 1, 2, 2)), input_shape=(1, 3, 3))
     >>> op.matrix.shape, op.nnz
     ((4, 9), 16)
+    >>> (op @ np.ones(9)).tolist()
+    [4.0, 4.0, 4.0, 4.0]
     """
 
     def __init__(self, weight: np.ndarray, input_shape: tuple[int, ...], *, stride: IntOrTuple = 1,
                  padding: PaddingSpec = 0, dilation: IntOrTuple = 1, groups: int = 1,
                  padding_mode: str = "zeros", flip: bool = False, bias: Optional[np.ndarray] = None,
-                 weight_mask: Optional[np.ndarray] = None, memory_budget: Optional[int] = None):
+                 weight_mask: Optional[np.ndarray] = None, memory_budget: object = None,
+                 engine: Optional[str] = None, method: Optional[str] = None):
         dtype = resolve_dtype(weight, "weight")
         weight = np.asarray(weight)
-        self.geometry: ConvGeometry = conv_geometry(
-            weight.shape, input_shape, stride=stride, padding=padding, dilation=dilation,
-            groups=groups, padding_mode=padding_mode, flip=flip)
-        self.dtype = dtype
-        self._mask = None if weight_mask is None else np.asarray(weight_mask)
-        pattern = build_pattern(self.geometry, weight_mask=self._mask, value_dtype=dtype,
-                                memory_budget=memory_budget)
-        self._param_index = pattern.param_index
-        self._tying = pattern.tying
-        self._spatial = pattern.spatial
-        self._layout = None if pattern.param_index is None else value_layout(
-            self.geometry, pattern.indptr, pattern.param_index, uniform_filters=self._mask is None)
-        self._forward_table: Optional[np.ndarray] = None
-        self._adjoint_tables: Optional[AdjointTables] = None
-        self._auto: dict[str, str] = {}
-        self.matrix = sp.csr_array(
-            (np.empty(pattern.nnz, dtype=dtype), pattern.indices, pattern.indptr), shape=pattern.shape)
-        self._weight = np.empty(self.geometry.weight_shape, dtype=dtype)
-        self.set_weight(weight)
+        geometry = conv_geometry(weight.shape, input_shape, stride=stride, padding=padding, dilation=dilation,
+                                 groups=groups, padding_mode=padding_mode, flip=flip)
+        named = engine_keyword(engine, method)
+        default = resolve_engine_name(default_engine(), "SPARSECONV_ENGINE") if named is None else named
+        super().__init__(dtype=dtype, shape=(geometry.n_out, geometry.n_in))
+        self.geometry: ConvGeometry = geometry
+        self._structure = Structure(geometry, dtype, weight_mask=weight_mask, memory_budget=memory_budget)
+        self._structure.weight[...] = self._checked_weight(weight)
+        self._auto = {p: choose_engine(self._structure, p) for p in PRODUCTS}
+        self._choice = {p: self._auto[p] if default == "auto" else default for p in PRODUCTS}
+        self._engines: dict[str, Engine] = {}
+        self._applicable: set[tuple[str, str]] = set()
         self.bias: Optional[np.ndarray] = None
         if bias is not None:
             self.set_bias(bias)
+        for product in ("forward", "adjoint"):
+            self._engine(product)
 
     # ------------------------------------------------------------------ structure
     @property
@@ -261,19 +294,51 @@ class ConvOperator(MatrixOperator):
 
     @property
     def weight(self) -> np.ndarray:
-        """A read-only view of the weight the matrix currently holds."""
-        view = self._weight.view()
-        view.flags.writeable = False
-        return view
+        """A read-only view of the current weight (it follows :meth:`set_weight`)."""
+        return self._structure.public_weight
 
     @property
     def weight_mask(self) -> Optional[np.ndarray]:
-        """The mask given at construction (False: weight left out), or None."""
-        return self._mask
+        """A read-only copy of the mask given at construction (False: weight left out), or None."""
+        return self._structure.mask
+
+    @property
+    def nnz(self) -> int:
+        """Stored entries of the matrix (the layer's multiply-accumulates per sample), counted
+        without building it where every entry is one weight."""
+        return self._structure.nnz
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes charged to the memory budget so far: built pattern data, tables, matrix values."""
+        return self._structure.built_bytes
+
+    @property
+    def matrix(self) -> sp.csr_array:
+        """The explicit matrix, built on first access (then ``conv_matrix`` of the same layer).
+
+        Its arrays are read-only and shared with the ``"csr"`` engine; :meth:`set_weight`
+        updates its values in place. To edit it, edit a copy (``op.matrix.copy()``).
+
+        Raises
+        ------
+        MatrixModifiedError
+            When its arrays were replaced since it was handed out (see :meth:`release_matrix`).
+        MemoryBudgetError
+            When it does not fit in the memory budget (before allocating it).
+        """
+        return self._engine("forward", "csr").matrix
+
+    def release_matrix(self) -> None:
+        """Detach the matrix :attr:`matrix` handed out: it keeps its current values and arrays,
+        the operator writes later weights elsewhere, and :attr:`matrix` returns a fresh one."""
+        csr = self._engines.get("csr")
+        if csr is not None:
+            csr.release()
 
     @property
     def param_index(self) -> np.ndarray:
-        """Index into ``weight.ravel()`` of the weight each stored entry holds, shape (nnz,).
+        """Index into ``weight.ravel()`` of the weight each stored entry holds, shape (nnz,), read-only.
 
         Raises
         ------
@@ -281,54 +346,112 @@ class ConvOperator(MatrixOperator):
             When some entry is a sum of several weights (repeating padding on an input smaller
             than the kernel's reach); use :attr:`tying` then.
         """
-        if self._param_index is None:
+        index = self._structure.pattern().param_index
+        if index is None:
             raise ValueError(
                 "some entries of this matrix hold a sum of several weights (padding_mode "
                 f"{self.geometry.padding_mode!r} wraps the kernel onto the same input position), so "
                 "there is no single param_index; use .tying, a sparse (nnz, n_params) matrix")
-        return self._param_index
+        return index[...]
 
     @property
     def tying(self) -> sp.csr_array:
         """The tying map: a 0/1 ``csr_array`` of shape (nnz, n_params) with
         ``matrix.data == tying @ weight.ravel()``."""
-        if self._tying is not None:
-            return self._tying
-        nnz = self._param_index.size
-        return sp.csr_array((np.ones(nnz), self._param_index, np.arange(nnz + 1)),
-                            shape=(nnz, self.n_params))
+        p = self._structure.pattern()
+        if p.tying is not None:
+            return p.tying.copy()
+        nnz = p.param_index.size
+        return sp.csr_array((np.ones(nnz), p.param_index.copy(), np.arange(nnz + 1)), shape=(nnz, self.n_params))
+
+    # ------------------------------------------------------------------ engines
+    def engine(self, product: str) -> str:
+        """The engine a product runs on when no ``engine=`` is passed to it.
+
+        Parameters
+        ----------
+        product : {"forward", "adjoint", "weight_grad"}
+
+        Returns
+        -------
+        str
+            A registered engine name (see :mod:`sparseconv.engines`).
+
+        Raises
+        ------
+        ValueError
+            For an unknown ``product``.
+        """
+        if product not in PRODUCTS:
+            raise ValueError(f"product must be one of {PRODUCTS}; got {product!r}")
+        return self._choice[product]
+
+    def method(self, product: str) -> str:
+        """Deprecated: :meth:`engine` in the first release's names (``"taps"`` for ``"factored"``)."""
+        if product not in ("forward", "adjoint"):
+            raise ValueError(f"product must be 'forward' or 'adjoint'; got {product!r}")
+        name = self.engine(product)
+        return "taps" if name == "factored" else name
+
+    def tap_table(self) -> np.ndarray:
+        """Deprecated: the factored engine's tap table, see :func:`sparseconv.factored.forward_table`."""
+        return self._structure.forward_table()
+
+    def adjoint_tables(self):
+        """Deprecated: the factored adjoint's tables, see :func:`sparseconv.factored.adjoint_tables`."""
+        return self._structure.adjoint_tables()
+
+    def _engine(self, product: str, name: Optional[str] = None) -> Engine:
+        """The engine for ``product`` (``name`` None: the operator's choice), prepared for it."""
+        if name is None:
+            name = self._choice[product]
+        elif name == "auto":
+            name = self._auto[product]
+        engine = self._engines.get(name)
+        if (name, product) not in self._applicable:
+            if not engine_class(name).applicable(self._structure, product):
+                raise ValueError(f"engine {name!r} cannot run the {product} product of this layer "
+                                 f"({self.geometry.describe()})")
+            self._applicable.add((name, product))
+        if engine is None:
+            engine = engine_class(name)(self._structure)
+        engine.prepare(product)
+        self._engines[name] = engine
+        return engine
 
     # ------------------------------------------------------------------ values
-    def set_weight(self, weight: np.ndarray) -> None:
-        """Refresh the stored values from a new weight, keeping the pattern.
+    def _checked_weight(self, weight: object) -> np.ndarray:
+        weight = check_array_dtype(weight, self.dtype, "weight")
+        if weight.shape != self.geometry.weight_shape:
+            raise ValueError(f"weight must have shape {self.geometry.weight_shape}; got {weight.shape}")
+        mask = self._structure.mask
+        if mask is not None and np.any(weight[~mask]):
+            raise ValueError("weight has non-zero values where weight_mask is False; those weights have "
+                             "no entries in the matrix (build a new operator to change the mask)")
+        return weight
 
-        O(nnz), written into the matrix's existing value array (no allocation on the
-        pattern's scale). Rows of output positions whose taps fall on the input the same way
-        repeat one row per filter (see :class:`~sparseconv.pattern.ValueLayout`), so most
-        layers are written as a few strided broadcasts at the speed of a copy; the others by a
-        gather through the tying map.
+    def set_weight(self, weight: np.ndarray) -> None:
+        """Refresh the weight and every engine's values from it, keeping the structure.
+
+        O(nnz) for the CSR engine's value array, written in place (see
+        :meth:`sparseconv.engines.csr.CsrEngine.refresh`); nothing for the factored engine,
+        which reads the weight at each product.
 
         Parameters
         ----------
         weight : ndarray of shape (F, C // groups, *kernel)
+
+        Raises
+        ------
+        MatrixModifiedError
+            When the arrays of :attr:`matrix` were replaced by the caller; nothing is changed.
         """
-        weight = check_array_dtype(weight, self.dtype, "weight")
-        if weight.shape != self.geometry.weight_shape:
-            raise ValueError(f"weight must have shape {self.geometry.weight_shape}; got {weight.shape}")
-        if self._mask is not None and np.any(weight[~self._mask]):
-            raise ValueError("weight has non-zero values where weight_mask is False; those weights have "
-                             "no entries in the matrix (build a new operator to change the mask)")
-        self._weight[...] = weight
-        flat = self._weight.reshape(-1)
-        if self._layout is not None:
-            # A few strided broadcasts: copy speed, where a gather is ~7x slower.
-            self._layout.write(self._weight, self.matrix.data)
-        elif self._param_index is not None:
-            # Indices are in range, so any mode gives the same values; "wrap" is numpy's
-            # fastest (no buffered copy as for "raise", no per-element clamp as for "clip").
-            np.take(flat, self._param_index, out=self.matrix.data, mode="wrap")
-        else:
-            self.matrix.data[...] = self._tying @ flat
+        weight = self._checked_weight(weight)
+        for engine in self._engines.values():
+            engine.check()
+        self._structure.weight[...] = weight
+        for engine in self._engines.values():
+            engine.refresh(self._structure.weight)
 
     def set_bias(self, bias: Optional[np.ndarray]) -> None:
         """Set (or, with None, remove) the per-map bias of shape (F,)."""
@@ -341,224 +464,132 @@ class ConvOperator(MatrixOperator):
         self.bias = bias.copy()
 
     # ------------------------------------------------------------------ products
-    def tap_table(self) -> np.ndarray:
-        """The tap table of the factored products (built at first use, then kept).
+    def _columns_product(self, a: np.ndarray, adjoint: bool, engine: Optional[str],
+                         threads: Optional[int]) -> np.ndarray:
+        if adjoint:
+            return self._engine("adjoint", engine).rmatmat(a, threads)
+        return self._engine("forward", engine).matmat(a, threads)
 
-        Returns
-        -------
-        ndarray of shape (prod(out), prod(kernel)), intp
-            See :func:`sparseconv.factored.forward_table`.
-        """
-        if self._forward_table is None:
-            self._forward_table = forward_table(self.geometry, self._spatial)
-        return self._forward_table
+    def _batch_product(self, batch: np.ndarray, adjoint: bool, engine: Optional[str],
+                       threads: Optional[int]) -> np.ndarray:
+        """``W @ x`` (or ``W.T @ dy``) for a checked batch, through column blocks (views)."""
+        n = batch.shape[0]
+        shape = self.input_shape if adjoint else self.out_shape
+        if n == 0:
+            return np.zeros((0, *shape), dtype=self.dtype)
+        columns = self._columns_product(batch.reshape(n, -1).T, adjoint, engine, threads)
+        return columns.T.reshape((n, *shape))
 
-    def adjoint_tables(self) -> AdjointTables:
-        """The tables of the factored adjoint (built at first use, then kept).
-
-        Returns
-        -------
-        AdjointTables
-            See :func:`sparseconv.factored.adjoint_tables`.
-        """
-        if self._adjoint_tables is None:
-            self._adjoint_tables = adjoint_tables(self.geometry, self._spatial)
-        return self._adjoint_tables
-
-    def method(self, product: str) -> str:
-        """The method ``method="auto"`` takes for a product.
-
-        ``"taps"`` (the factored product of :mod:`sparseconv.factored`: a gather and a BLAS
-        GEMM) when the layer has enough channels for BLAS and few explicit zeros among the
-        gathered taps, else ``"csr"`` (scipy's CSR kernel on :attr:`matrix`). Depends only on
-        the layer's shape and mask; see :func:`sparseconv.factored.choose_method`.
-
-        Parameters
-        ----------
-        product : {"forward", "adjoint"}
-
-        Returns
-        -------
-        {"taps", "csr"}
-
-        Raises
-        ------
-        ValueError
-            For an unknown ``product``.
-        """
-        if product not in self._auto:
-            mask_fraction = 1.0 if self._mask is None else float(self._mask.mean())
-            self._auto[product] = choose_method(self.geometry, self._spatial, product, mask_fraction)
-        return self._auto[product]
-
-    def _resolve(self, method: str, product: str) -> str:
-        if method not in _METHODS:
-            raise ValueError(f"method must be one of {_METHODS}; got {method!r}")
-        return self.method(product) if method == "auto" else method
-
-    def _kernel(self) -> np.ndarray:
-        return self._weight.reshape(self.geometry.out_channels, self.geometry.in_channels // self.geometry.groups, -1)
-
-    def forward(self, x: np.ndarray, *, method: str = "auto", threads: Optional[int] = None) -> np.ndarray:
+    def forward(self, x: np.ndarray, *, engine: Optional[str] = None, threads: Optional[int] = None,
+                method: Optional[str] = None) -> np.ndarray:
         """``z = W @ x + b`` for every sample.
 
         Parameters
         ----------
         x : ndarray of shape (N, C, *in)
-        method : {"auto", "csr", "taps"}, default "auto"
-            ``"csr"`` multiplies by :attr:`matrix` with scipy's CSR kernel, row blocks on
-            threads. ``"taps"`` evaluates the same product in factored form (a gather of the
-            inputs each kernel tap reads, then one BLAS GEMM per group; see
-            :mod:`sparseconv.factored`), which multiplies padding and masked weights as
-            explicit zeros -- a non-finite input or weight can then give NaN where the CSR
-            product, having no such entries, does not. ``"auto"`` takes :meth:`method`.
+            ``N = 0`` gives an empty result.
+        engine : {"auto", "csr", "factored"}, optional
+            Default :meth:`engine` ``("forward")``. ``"csr"`` multiplies by the matrix with
+            scipy's CSR kernel, row blocks on threads. ``"factored"`` evaluates the same
+            product as a gather of the inputs each kernel tap reads and one BLAS GEMM per group
+            (:mod:`sparseconv.factored`), multiplying padding and masked weights as explicit
+            zeros -- a non-finite input or weight can then give NaN where the CSR product,
+            having no such entries, does not.
         threads : int, optional
             Threads for the CSR row blocks or the gathers; default
             :func:`sparseconv.parallel.get_threads` (every core). BLAS uses its own pool.
+        method : str, optional
+            Deprecated spelling of ``engine`` (``"taps"`` is ``"factored"``).
 
         Returns
         -------
         ndarray of shape (N, F, *out)
-            ``"csr"`` results do not depend on ``threads``; ``"taps"`` results agree with them
-            to rounding.
+            ``"csr"`` results do not depend on ``threads``; ``"factored"`` results agree with
+            them to rounding.
         """
-        z = self._product(check_batch(x, self.input_shape, self.dtype, "x"), method, threads)
+        name = engine_keyword(engine, method)
+        z = self._batch_product(check_batch(x, self.input_shape, self.dtype, "x"), False, name, threads)
         if self.bias is not None:
             z += self.bias.reshape((-1,) + (1,) * self.geometry.ndim)
         return z
 
-    def backward_input(self, dy: np.ndarray, *, method: str = "auto", threads: Optional[int] = None) -> np.ndarray:
+    def backward_input(self, dy: np.ndarray, *, engine: Optional[str] = None, threads: Optional[int] = None,
+                       method: Optional[str] = None) -> np.ndarray:
         """``dJ/dx = W.T @ dy`` for every sample (the full convolution with the rotated kernel).
 
         Parameters
         ----------
         dy : ndarray of shape (N, F, *out)
-        method : {"auto", "csr", "taps"}, default "auto"
-            ``"csr"``: row blocks of ``W`` scatter into per-thread buffers that are then summed
-            (no transpose of ``W`` is stored); bit-identical to scipy's ``W.T @ dy`` on one
-            thread, equal to rounding on more. ``"taps"``: the factored adjoint, a gather of
-            ``dy`` through the inverse tap table and one GEMM per group (see :meth:`forward`
-            for what explicit zeros mean). ``"auto"`` takes ``method("adjoint")``.
+        engine : {"auto", "csr", "factored"}, optional
+            Default :meth:`engine` ``("adjoint")``. ``"csr"``: row blocks of ``W`` scatter
+            into per-thread buffers that are then summed (no transpose of ``W`` is stored);
+            bit-identical to scipy's ``W.T @ dy`` on one thread, equal to rounding on more.
+            ``"factored"``: a gather of ``dy`` through the inverse tap table and one GEMM per
+            group (see :meth:`forward` for what explicit zeros mean).
         threads : int, optional
             As for :meth:`forward`.
+        method : str, optional
+            Deprecated spelling of ``engine``.
 
         Returns
         -------
         ndarray of shape (N, C, *in)
         """
-        return self._adjoint_product(check_batch(dy, self.out_shape, self.dtype, "dy"), method, threads)
+        name = engine_keyword(engine, method)
+        return self._batch_product(check_batch(dy, self.out_shape, self.dtype, "dy"), True, name, threads)
 
-    def _product(self, x: np.ndarray, method: str, threads: Optional[int]) -> np.ndarray:
-        """``W @ x`` (no bias) for a checked batch of shape (N, C, *in)."""
-        n = x.shape[0]
-        if self._resolve(method, "forward") == "taps":
-            z = forward_taps(x.reshape(n, self.geometry.in_channels, -1), self._kernel(), self.geometry,
-                             self.tap_table(), threads)
-        else:
-            z = csr_matmat(self.matrix, x.reshape(n, -1).T, threads=threads).T
-        return z.reshape((n, *self.out_shape))
-
-    def _adjoint_product(self, dy: np.ndarray, method: str, threads: Optional[int]) -> np.ndarray:
-        """``W.T @ dy`` for a checked batch of shape (N, F, *out)."""
-        n = dy.shape[0]
-        if self._resolve(method, "adjoint") == "taps":
-            dx = adjoint_taps(dy.reshape(n, self.geometry.out_channels, -1), self._kernel(), self.geometry,
-                              self.tap_table(), self.adjoint_tables(), threads)
-        else:
-            dx = csr_rmatmat(self.matrix, dy.reshape(n, -1).T, threads=threads).T
-        return dx.reshape((n, *self.input_shape))
-
-    def weight_grad(self, x: np.ndarray, dy: np.ndarray, *, method: str = "taps",
-                    threads: Optional[int] = None) -> np.ndarray:
+    def weight_grad(self, x: np.ndarray, dy: np.ndarray, *, engine: Optional[str] = None,
+                    threads: Optional[int] = None, layout: str = "batch_first",
+                    method: Optional[str] = None) -> np.ndarray:
         """Kernel gradient: the scatter-add of ``dy[row(e)] * x[col(e)]`` over the tying map.
 
         Parameters
         ----------
-        x : ndarray of shape (N, C, *in)
-        dy : ndarray of shape (N, F, *out)
-        method : {"taps", "entries"}, default "taps"
-            ``"entries"`` is the literal definition: for each stored entry ``e`` the batch sum
-            ``g[e] = sum_n dy[n, row(e)] x[n, col(e)]`` is formed in bounded chunks and
-            scatter-added to the weight(s) ``e`` is tied to. ``"taps"`` performs the same sum
-            grouped by kernel tap: the entries tied to tap ``t`` of every (filter, channel)
-            pair share one list of (output, input) positions, so gathering each tap's input
-            positions once (a zero where the tap reads padding) turns the whole sum into one
-            ``(F/G, N*m) @ (N*m, taps*C/G)`` product per group -- BLAS speed, no ``(nnz, N)``
-            scratch. It runs in chunks of samples (or, for huge layers, output positions) of
-            about :data:`sparseconv.factored.CHUNK_ELEMENTS` gathered elements.
+        x : ndarray of shape (N, C, *in), or (C * prod(in), N) with ``layout="columns"``
+        dy : ndarray of shape (N, F, *out), or (F * prod(out), N) with ``layout="columns"``
+        engine : {"auto", "csr", "factored"}, optional
+            Default :meth:`engine` ``("weight_grad")`` (``"factored"`` unless chosen
+            otherwise). ``"csr"`` is the literal definition: for each stored entry ``e`` the
+            batch sum ``g[e] = sum_n dy[n, row(e)] x[n, col(e)]`` is formed in bounded chunks
+            and scatter-added to the weight(s) ``e`` is tied to. ``"factored"`` performs the
+            same sum grouped by kernel tap: the entries tied to tap ``t`` of every (filter,
+            channel) pair share one list of (output, input) positions, so gathering each tap's
+            input positions once (a zero where the tap reads padding) turns the whole sum into
+            one ``(F/G, N*m) @ (N*m, taps*C/G)`` product per group -- BLAS speed, no
+            ``(nnz, N)`` scratch. It runs in chunks of samples (or, for huge layers, output
+            positions) of about :data:`sparseconv.factored.CHUNK_ELEMENTS` gathered elements.
         threads : int, optional
             Threads for the gather; default every core. The BLAS product runs on BLAS's own
             pool (limit it with ``threadpoolctl``).
+        layout : {"batch_first", "columns"}, default "batch_first"
+            ``"columns"`` takes the column blocks the LinearOperator products use (flattened
+            samples as columns), with no transpose or copy on the caller's side.
+        method : str, optional
+            Deprecated spelling of ``engine`` (``"taps"`` is ``"factored"``, ``"entries"``
+            is ``"csr"``).
 
         Returns
         -------
         ndarray of shape (F, C // groups, *kernel)
-            Zero for masked weights.
+            Zero for masked weights; zero for an empty batch.
         """
-        x = check_batch(x, self.input_shape, self.dtype, "x")
-        dy = check_batch(dy, self.out_shape, self.dtype, "dy")
-        n = x.shape[0]
-        if n != dy.shape[0]:
-            raise ValueError(f"x and dy must hold the same number of samples; got {n} and {dy.shape[0]}")
-        if method == "taps":
-            grad = weight_grad_taps(x.reshape(n, self.geometry.in_channels, -1),
-                                    dy.reshape(n, self.geometry.out_channels, -1), self.geometry,
-                                    self.tap_table(), threads)
-        elif method == "entries":
-            grad = self._weight_grad_entries(x.reshape(n, -1), dy.reshape(n, -1))
+        name = engine_keyword(engine, method)
+        if layout == "batch_first":
+            x = check_batch(x, self.input_shape, self.dtype, "x")
+            dy = check_batch(dy, self.out_shape, self.dtype, "dy")
+            n = x.shape[0]
+            xs, ds = x.reshape(n, self.shape[1]).T, dy.reshape(dy.shape[0], self.shape[0]).T
+        elif layout == "columns":
+            xs = _check_columns(x, self.shape[1], self.dtype, "x")
+            ds = _check_columns(dy, self.shape[0], self.dtype, "dy")
         else:
-            raise ValueError(f"method must be 'taps' or 'entries'; got {method!r}")
-        if self._mask is not None:
-            grad[~self._mask.reshape(grad.shape)] = 0
-        return grad.astype(self.dtype, copy=False).reshape(self.geometry.weight_shape)
-
-    def _weight_grad_entries(self, xf: np.ndarray, df: np.ndarray) -> np.ndarray:
-        xt = np.ascontiguousarray(xf.T)
-        dt = np.ascontiguousarray(df.T)
-        indptr, indices = self.matrix.indptr, self.matrix.indices
-        n_rows = self.shape[0]
-        chunk = max(1, _GRAD_CHUNK_ELEMENTS // xf.shape[0])
-        grad = np.zeros(self.n_params, dtype=np.float64)
-        r0 = 0
-        while r0 < n_rows:
-            # Whole rows per chunk: the last row whose entries still fit (at least one row).
-            r1 = max(r0 + 1, int(np.searchsorted(indptr, indptr[r0] + chunk, side="right")) - 1)
-            r1 = min(r1, n_rows)
-            e0, e1 = int(indptr[r0]), int(indptr[r1])
-            rows = np.repeat(np.arange(r0, r1), np.diff(indptr[r0:r1 + 1]))
-            g = np.einsum("ij,ij->i", dt[rows], xt[indices[e0:e1]])
-            if self._param_index is not None:
-                grad += np.bincount(self._param_index[e0:e1], weights=g, minlength=self.n_params)
-            else:
-                grad += self._tying[e0:e1].T @ g
-            r0 = r1
-        return grad
-
-    def as_linear_operator(self, method: str = "csr") -> LinearOperator:
-        """A ``scipy.sparse.linalg.LinearOperator`` on flattened samples (no bias).
-
-        Parameters
-        ----------
-        method : {"csr", "taps", "auto"}, default "csr"
-            ``"csr"``: a :class:`SparseLinearOperator` on :attr:`matrix` (its adjoint is the
-            stored matrix transposed). ``"taps"`` / ``"auto"``: products through
-            :meth:`forward` and :meth:`backward_input` with that method, a block of vectors at
-            a time -- for iterative solvers and ARPACK on layers where the factored product is
-            faster.
-
-        Returns
-        -------
-        LinearOperator of shape (F * prod(out), C * prod(in))
-        """
-        if method not in _METHODS:
-            raise ValueError(f"method must be one of {_METHODS}; got {method!r}")
-        if method == "csr":
-            return SparseLinearOperator(self.matrix)
-        return _ProductOperator(self, method)
-
-    def to_dense(self) -> np.ndarray:
-        """The matrix as a dense ndarray (small layers only)."""
-        return self.matrix.toarray()
+            raise ValueError(f"layout must be one of {_LAYOUTS}; got {layout!r}")
+        if xs.shape[1] != ds.shape[1]:
+            raise ValueError(f"x and dy must hold the same number of samples; got {xs.shape[1]} (x) and "
+                             f"{ds.shape[1]} (dy)")
+        if xs.shape[1] == 0:
+            return np.zeros(self.geometry.weight_shape, dtype=self.dtype)
+        return self._engine("weight_grad", name).weight_grad(xs, ds, threads)
 
     def __repr__(self) -> str:
         g = self.geometry
@@ -566,10 +597,18 @@ class ConvOperator(MatrixOperator):
                 f"params={self.n_params}, dtype={self.dtype})")
 
 
+def _check_columns(a: object, rows: int, dtype: np.dtype, name: str) -> np.ndarray:
+    """A block of flattened samples as columns, ``(rows, N)``, in ``dtype``."""
+    arr = check_array_dtype(a, dtype, name)
+    if arr.ndim != 2 or arr.shape[0] != rows:
+        raise ValueError(f"{name} must have shape ({rows}, N) with layout='columns'; got {arr.shape}")
+    return arr
+
+
 def conv_matrix(weight: np.ndarray, input_shape: tuple[int, ...], *, stride: IntOrTuple = 1,
                 padding: PaddingSpec = 0, dilation: IntOrTuple = 1, groups: int = 1,
                 padding_mode: str = "zeros", flip: bool = False,
-                memory_budget: Optional[int] = None) -> sp.csr_array:
+                memory_budget: object = None) -> sp.csr_array:
     """The explicit sparse matrix of a convolution.
 
     Like :func:`scipy.linalg.convolution_matrix`, but N-d, strided, multi-channel and sparse.
@@ -595,6 +634,7 @@ def conv_matrix(weight: np.ndarray, input_shape: tuple[int, ...], *, stride: Int
     >>> W.toarray()[0]
     array([1., 2., 0., 3., 4., 0., 0., 0., 0.])
     """
-    return ConvOperator(weight, input_shape, stride=stride, padding=padding, dilation=dilation,
-                        groups=groups, padding_mode=padding_mode, flip=flip,
-                        memory_budget=memory_budget).matrix
+    op = ConvOperator(weight, input_shape, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                      padding_mode=padding_mode, flip=flip, memory_budget=memory_budget, engine="csr")
+    # The operator is discarded: its matrix is handed over writeable, not copied.
+    return op._engine("forward", "csr").hand_over()

@@ -21,8 +21,9 @@ The tables come from the operator's :class:`~sparseconv.pattern.SpatialPattern`,
 tap-level list the CSR matrix is expanded from. A tap that reads padding (or a weight masked
 out of the matrix) is multiplied as an explicit zero, so the forward does ``P * prod(kernel)
 * C/G * F`` multiply-adds per sample where the matrix has ``nnz`` (the adjoint, as many per
-slot of its tables: more where padding repeats input values); :func:`choose_method` takes the
-CSR kernel where that extra work, or a channel count too small for BLAS, would cost more.
+slot of its tables: more where padding repeats input values); :func:`sparseconv.engines.policy.choose_engine`
+takes the CSR kernel where that extra work, or a channel count too small for BLAS, would cost
+more. The operators run these functions through :mod:`sparseconv.engines.factored`.
 
 Every function takes and returns batches with channels first, ``(N, C, positions)``; the
 channels-last copies and the gathers run on sparseconv's thread pool (split over samples, or
@@ -45,8 +46,7 @@ from .parallel import get_threads, run_blocks
 from .pattern import SpatialPattern, axis_sources
 
 __all__ = ["CHUNK_ELEMENTS", "AdjointPhase", "AdjointTables", "forward_table", "adjoint_plan", "adjoint_tables",
-           "gather_tables",
-           "choose_method", "forward_taps", "adjoint_taps", "weight_grad_taps"]
+           "gather_tables", "forward_taps", "adjoint_taps", "weight_grad_taps"]
 
 # Elements of one gathered block: a few MB, so the block is still in cache when BLAS reads
 # it (measured faster than 4x larger) and large enough for BLAS to run near its peak.
@@ -55,19 +55,9 @@ CHUNK_ELEMENTS = 1 << 20
 # Smallest copy worth handing to another thread, in elements.
 _MIN_THREAD_BLOCK = 1 << 18
 
-# When the factored product is used (see choose_method): at least this many channels per
-# group on the gathered side (each gathered row is one contiguous run of them), this many on
-# the GEMM's output side, and at least this fraction of the gathered taps real (not padding,
-# not masked, not a hole between strided outputs). With 16 or more channels on both sides
-# the factored product does a tap 5-7x faster than the CSR kernel does an entry (32->32
-# 3x3 layer: 1.05 ms against 6.9 ms), so it still wins with three taps in four masked out;
-# narrower layers need half the taps real.
-_MIN_GATHER_CHANNELS = 4
-_MIN_OUTPUT_CHANNELS = {"forward": 4, "adjoint": 8}
-_WIDE_CHANNELS = 16
-_MIN_FILL = 0.5
-_MIN_FILL_WIDE = 0.25
-
+# The adjoint scatters (runs the forward table backwards) when fewer than this fraction of
+# the inverse tables' slots would be real and at least this fraction of the forward table's.
+_SCATTER_FILL = 0.5
 
 @dataclass(frozen=True)
 class AdjointPhase:
@@ -176,7 +166,7 @@ def _gather_slots(geom: ConvGeometry, spatial: SpatialPattern) -> int:
 def adjoint_plan(geom: ConvGeometry, spatial: SpatialPattern) -> tuple[bool, int]:
     """Whether the factored adjoint scatters, and the rows x taps it works through per sample.
 
-    Cheap (no table is built), so that choosing a method costs nothing on layers that end
+    Cheap (no table is built), so that choosing an engine costs nothing on layers that end
     up on the CSR kernel.
 
     Parameters
@@ -195,7 +185,7 @@ def adjoint_plan(geom: ConvGeometry, spatial: SpatialPattern) -> tuple[bool, int
     gather = _gather_slots(geom, spatial)
     n_forward = int(np.prod(geom.out_size)) * int(np.prod(geom.kernel_size))
     scatter = (geom.padding_mode == "zeros"
-               and spatial.n_items < _MIN_FILL * gather and spatial.n_items >= _MIN_FILL * n_forward)
+               and spatial.n_items < _SCATTER_FILL * gather and spatial.n_items >= _SCATTER_FILL * n_forward)
     return scatter, n_forward if scatter else gather
 
 
@@ -286,51 +276,6 @@ def gather_tables(geom: ConvGeometry, spatial: SpatialPattern) -> tuple[AdjointP
     table[spatial.in_pos[order], spatial.tap[order], rank] = spatial.out_pos[order]
     taps = np.repeat(np.arange(n_taps, dtype=np.intp), multiplicity)
     return (AdjointPhase(None, table.reshape(n_in, -1), taps),)
-
-
-def choose_method(geom: ConvGeometry, spatial: SpatialPattern, product: str, mask_fraction: float = 1.0) -> str:
-    """``"taps"`` (factored, BLAS) or ``"csr"`` (scipy's CSR kernel) for a product.
-
-    The factored product wins when BLAS gets wide enough operands and few of the gathered taps
-    are explicit zeros; this rule encodes the measurements in ``benchmarks/bench_speed.py``
-    (the factored forward runs at 33-87 GFLOP/s where the CSR kernel runs at about 15 per
-    core) and depends only on the layer's shape, never on timing, so results are reproducible.
-
-    Parameters
-    ----------
-    geom : ConvGeometry
-        The layer's shapes and options.
-    spatial : SpatialPattern
-        Its tap-level pattern (how many (output, input, tap) items are real).
-    product : {"forward", "adjoint"}
-    mask_fraction : float, default 1.0
-        Fraction of weights present in the matrix.
-
-    Returns
-    -------
-    str
-
-    Raises
-    ------
-    ValueError
-        For an unknown ``product``.
-    """
-    cin_g, f_per_g = geom.in_channels // geom.groups, geom.out_channels // geom.groups
-    if product == "forward":
-        gathered, produced = cin_g, f_per_g
-    elif product == "adjoint":
-        gathered, produced = f_per_g, cin_g
-    else:
-        raise ValueError(f"product must be 'forward' or 'adjoint'; got {product!r}")
-    if gathered < _MIN_GATHER_CHANNELS or produced < _MIN_OUTPUT_CHANNELS[product]:
-        return "csr"
-    if product == "forward":
-        slots = int(np.prod(geom.out_size)) * int(np.prod(geom.kernel_size))
-    else:
-        slots = adjoint_plan(geom, spatial)[1]
-    fill = mask_fraction * spatial.n_items / max(slots, 1)
-    wide = min(gathered, produced) >= _WIDE_CHANNELS
-    return "taps" if fill >= (_MIN_FILL_WIDE if wide else _MIN_FILL) else "csr"
 
 
 def _run_split(fn: Callable[[slice, slice], None], n: int, n_rows: int, row_elements: int,

@@ -27,23 +27,15 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import scipy.sparse as sp
 
-try:
-    # The kernels behind ``csr_array @ ndarray`` and ``csr_array.T @ ndarray``, called on row
-    # blocks directly so that no sparse object is built per block and outputs are written
-    # in place.
-    from scipy.sparse._sparsetools import csc_matvec as _csc_matvec
-    from scipy.sparse._sparsetools import csc_matvecs as _csc_matvecs
-    from scipy.sparse._sparsetools import csr_matvec as _csr_matvec
-    from scipy.sparse._sparsetools import csr_matvecs as _csr_matvecs
-except ImportError:  # pragma: no cover - depends on scipy's private layout
-    _csr_matvecs = _csc_matvecs = _csr_matvec = _csc_matvec = None
+from . import _sparsetools
 
 __all__ = ["available_cores", "get_threads", "threads", "row_blocks", "run_blocks", "csr_matmat", "csr_rmatmat"]
 
@@ -51,9 +43,58 @@ __all__ = ["available_cores", "get_threads", "threads", "row_blocks", "run_block
 _MIN_BLOCK_WORK = 1 << 17
 
 _setting: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("sparseconv_threads", default=None)
-_pool_lock = threading.Lock()
-_pool: Optional[ThreadPoolExecutor] = None
-_pool_size = 0
+
+
+class _Pool:
+    """Daemon worker threads fed from one queue; grown on demand, never replaced or shut down.
+
+    Callers with different thread counts share it: each submits as many tasks as it wants
+    threads (minus the one it runs itself) and the pool has at least that many workers, so a
+    caller never holds a pool that another caller has retired.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._workers: list[threading.Thread] = []
+        self._local = threading.local()
+
+    @property
+    def size(self) -> int:
+        """Worker threads started so far."""
+        return len(self._workers)
+
+    def in_worker(self) -> bool:
+        """True on one of this pool's worker threads."""
+        return getattr(self._local, "worker", False)
+
+    def ensure(self, n: int) -> None:
+        """Start workers until there are at least ``n``."""
+        with self._lock:
+            while len(self._workers) < n:
+                worker = threading.Thread(target=self._work, name=f"sparseconv-{len(self._workers)}", daemon=True)
+                worker.start()
+                self._workers.append(worker)
+
+    def submit(self, fn: Callable[..., object], *args: object) -> Future:
+        """Queue ``fn(*args)``; its result or exception arrives through the returned future."""
+        future: Future = Future()
+        self._tasks.put((future, fn, args))
+        return future
+
+    def _work(self) -> None:
+        self._local.worker = True
+        while True:
+            future, fn, args = self._tasks.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to the caller, who re-raises it
+                future.set_exception(exc)
+
+
+_POOL = _Pool()
 
 
 def available_cores() -> int:
@@ -104,19 +145,6 @@ def threads(n: int) -> Iterator[int]:
         _setting.reset(token)
 
 
-def _executor(n: int) -> ThreadPoolExecutor:
-    global _pool, _pool_size
-    with _pool_lock:
-        if _pool is None or _pool_size < n:
-            # Grown, never shrunk: idle workers cost nothing, and a smaller request just
-            # submits fewer tasks.
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="sparseconv")
-            _pool_size = n
-        return _pool
-
-
 def row_blocks(indptr: np.ndarray, n_blocks: int) -> np.ndarray:
     """Split the rows of a CSR matrix into at most ``n_blocks`` runs of about equal nnz.
 
@@ -141,15 +169,19 @@ def row_blocks(indptr: np.ndarray, n_blocks: int) -> np.ndarray:
 def run_blocks(fn: Callable[[int, int], None], bounds: Sequence[int], n_threads: int) -> None:
     """Call ``fn(lo, hi)`` for each consecutive pair of ``bounds``, on up to ``n_threads``.
 
-    The first block runs on the calling thread; exceptions from any block propagate.
+    The first block runs on the calling thread; exceptions from any block propagate. All
+    callers share one pool, grown to the largest thread count asked for and never replaced,
+    so concurrent calls with different counts are safe. Called from inside a block (a nested
+    product), the blocks run on the calling thread: a worker never waits for the pool it
+    belongs to.
     """
     pairs = list(zip(bounds[:-1], bounds[1:]))
-    if n_threads <= 1 or len(pairs) <= 1:
+    if n_threads <= 1 or len(pairs) <= 1 or _POOL.in_worker():
         for lo, hi in pairs:
             fn(int(lo), int(hi))
         return
-    pool = _executor(n_threads)
-    futures = [pool.submit(fn, int(lo), int(hi)) for lo, hi in pairs[1:]]
+    _POOL.ensure(min(n_threads, len(pairs)) - 1)
+    futures = [_POOL.submit(fn, int(lo), int(hi)) for lo, hi in pairs[1:]]
     try:
         fn(int(pairs[0][0]), int(pairs[0][1]))
     finally:
@@ -206,11 +238,11 @@ def csr_matmat(matrix: sp.csr_array, x: np.ndarray, *, out: Optional[np.ndarray]
         if e0 == e1:
             return
         ptr = indptr[r0:r1 + 1] - indptr[r0] if r0 else indptr[:r1 + 1]
-        if _csr_matvecs is not None and n_vecs == 1:
+        if _sparsetools.csr_matvec is not None and n_vecs == 1:
             # The multi-vector kernel's inner loop over vectors costs ~6x on a single one.
-            _csr_matvec(r1 - r0, k, ptr, indices[e0:e1], data[e0:e1], x_flat, out[r0:r1].reshape(-1))
-        elif _csr_matvecs is not None:
-            _csr_matvecs(r1 - r0, k, n_vecs, ptr, indices[e0:e1], data[e0:e1], x_flat,
+            _sparsetools.csr_matvec(r1 - r0, k, ptr, indices[e0:e1], data[e0:e1], x_flat, out[r0:r1].reshape(-1))
+        elif _sparsetools.csr_matvecs is not None:
+            _sparsetools.csr_matvecs(r1 - r0, k, n_vecs, ptr, indices[e0:e1], data[e0:e1], x_flat,
                          out[r0:r1].reshape(-1))
         else:
             out[r0:r1] = sp.csr_array((data[e0:e1], indices[e0:e1], ptr), shape=(r1 - r0, k)) @ x2
@@ -264,11 +296,11 @@ def csr_rmatmat(matrix: sp.csr_array, y: np.ndarray, *, out: Optional[np.ndarray
             return
         ptr = indptr[r0:r1 + 1] - indptr[r0] if r0 else indptr[:r1 + 1]
         dest = partial[starts[r0]]
-        if _csc_matvecs is not None and n_vecs == 1:
+        if _sparsetools.csc_matvec is not None and n_vecs == 1:
             # A row block of a CSR matrix is a column block of its transpose in CSC form.
-            _csc_matvec(k, r1 - r0, ptr, indices[e0:e1], data[e0:e1], y2[r0:r1].reshape(-1), dest.reshape(-1))
-        elif _csc_matvecs is not None:
-            _csc_matvecs(k, r1 - r0, n_vecs, ptr, indices[e0:e1], data[e0:e1], y2[r0:r1].reshape(-1),
+            _sparsetools.csc_matvec(k, r1 - r0, ptr, indices[e0:e1], data[e0:e1], y2[r0:r1].reshape(-1), dest.reshape(-1))
+        elif _sparsetools.csc_matvecs is not None:
+            _sparsetools.csc_matvecs(k, r1 - r0, n_vecs, ptr, indices[e0:e1], data[e0:e1], y2[r0:r1].reshape(-1),
                          dest.reshape(-1))
         else:
             dest += sp.csr_array((data[e0:e1], indices[e0:e1], ptr), shape=(r1 - r0, k)).T @ y2[r0:r1]

@@ -38,6 +38,8 @@ __all__ = [
     "build_pattern",
     "index_dtype",
     "pattern_bytes",
+    "pattern_nbytes",
+    "format_bytes",
     "ValueBlock",
     "ValueLayout",
     "value_layout",
@@ -194,7 +196,8 @@ def pattern_bytes(n_items: int, n_rows: int, value_itemsize: int, idx_itemsize: 
     return n_items * (value_itemsize + idx_itemsize + param_itemsize) + (n_rows + 1) * idx_itemsize
 
 
-def _format_bytes(n: float) -> str:
+def format_bytes(n: float) -> str:
+    """``n`` bytes in the largest binary unit below it, e.g. ``"1.3 GiB"``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}"
@@ -202,9 +205,52 @@ def _format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def _checked_mask(geom: ConvGeometry, weight_mask: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    if weight_mask is None:
+        return None
+    mask = np.asarray(weight_mask)
+    if mask.dtype != bool or mask.shape != geom.weight_shape:
+        raise ValueError(f"weight_mask must be a bool array of shape {geom.weight_shape}; "
+                         f"got {mask.dtype} array of shape {mask.shape}")
+    return mask
+
+
+def _items_per_filter(geom: ConvGeometry, spat: SpatialPattern, mask: Optional[np.ndarray]) -> np.ndarray:
+    """Stored (before coalescing) items of each filter's rows."""
+    cin_g, n_taps = geom.in_channels // geom.groups, int(np.prod(geom.kernel_size))
+    if mask is None:
+        return np.full(geom.out_channels, cin_g * spat.n_items, dtype=np.int64)
+    tap_counts = np.bincount(spat.tap, minlength=n_taps)
+    return (mask.reshape(geom.out_channels, cin_g, n_taps) * tap_counts).sum(axis=(1, 2))
+
+
+def pattern_nbytes(geom: ConvGeometry, spatial: SpatialPattern, weight_mask: Optional[np.ndarray] = None,
+                   value_dtype: np.dtype = np.dtype(np.float64)) -> int:
+    """Bytes :func:`build_pattern` would return plus the value array, computed without building.
+
+    Parameters
+    ----------
+    geom : ConvGeometry
+    spatial : SpatialPattern
+        :func:`spatial_pattern` of ``geom``.
+    weight_mask : ndarray of bool, optional
+    value_dtype : dtype
+
+    Returns
+    -------
+    int
+        Values, column indices, row pointers and tying map (an upper bound where repeating
+        padding merges items into one entry).
+    """
+    n_items = int(_items_per_filter(geom, spatial, _checked_mask(geom, weight_mask)).sum())
+    idx_dtype = index_dtype(n_items, geom.n_in, geom.n_out)
+    return pattern_bytes(n_items, geom.n_out, np.dtype(value_dtype).itemsize, idx_dtype.itemsize,
+                         index_dtype(geom.n_params).itemsize)
+
+
 def build_pattern(geom: ConvGeometry, *, weight_mask: Optional[np.ndarray] = None,
                   value_dtype: np.dtype = np.dtype(np.float64),
-                  memory_budget: Optional[int] = None) -> TiedPattern:
+                  memory_budget: Optional[int] = None, spatial: Optional[SpatialPattern] = None) -> TiedPattern:
     """Build the CSR pattern and tying map of a convolution.
 
     Parameters
@@ -217,6 +263,8 @@ def build_pattern(geom: ConvGeometry, *, weight_mask: Optional[np.ndarray] = Non
         Dtype of the values the matrix will hold; only used for the memory estimate.
     memory_budget : int, optional
         Bytes the finished matrix may occupy; default :func:`default_memory_budget`.
+    spatial : SpatialPattern, optional
+        :func:`spatial_pattern` of ``geom``, when the caller has it already.
 
     Returns
     -------
@@ -232,19 +280,11 @@ def build_pattern(geom: ConvGeometry, *, weight_mask: Optional[np.ndarray] = Non
     n_taps = int(np.prod(geom.kernel_size))
     n_out_sp, n_in_sp = int(np.prod(geom.out_size)), int(np.prod(geom.in_size))
     n_rows, n_cols, n_params = geom.n_out, geom.n_in, geom.n_params
-    spat = spatial_pattern(geom)
-
-    if weight_mask is not None:
-        mask = np.asarray(weight_mask)
-        if mask.dtype != bool or mask.shape != geom.weight_shape:
-            raise ValueError(f"weight_mask must be a bool array of shape {geom.weight_shape}; "
-                             f"got {mask.dtype} array of shape {mask.shape}")
+    spat = spatial_pattern(geom) if spatial is None else spatial
+    mask = _checked_mask(geom, weight_mask)
+    items_per_filter = _items_per_filter(geom, spat, mask)
+    if mask is not None:
         mask = mask.reshape(n_filters, cin_g * n_taps)
-        tap_counts = np.bincount(spat.tap, minlength=n_taps)
-        items_per_filter = (mask.reshape(n_filters, cin_g, n_taps) * tap_counts).sum(axis=(1, 2))
-    else:
-        mask = None
-        items_per_filter = np.full(n_filters, cin_g * spat.n_items, dtype=np.int64)
     n_items = int(items_per_filter.sum())
 
     idx_dtype = index_dtype(n_items, n_cols, n_rows)
@@ -255,8 +295,8 @@ def build_pattern(geom: ConvGeometry, *, weight_mask: Optional[np.ndarray] = Non
     if need > budget:
         raise MemoryBudgetError(
             f"the sparse matrix of this convolution ({geom.describe()}) would need "
-            f"{_format_bytes(need)} ({n_items:,} non-zeros of {np.dtype(value_dtype).name} with "
-            f"{idx_dtype.name} indices and tying map) but the memory budget is {_format_bytes(budget)}; "
+            f"{format_bytes(need)} ({n_items:,} non-zeros of {np.dtype(value_dtype).name} with "
+            f"{idx_dtype.name} indices and tying map) but the memory budget is {format_bytes(budget)}; "
             f"pass memory_budget=<bytes> or set the SPARSECONV_MEMORY_BUDGET environment variable "
             f"to raise it")
 

@@ -6,9 +6,11 @@ pattern code as every convolution, and their backward pass is the transpose -- t
 "up-sample" (a Kronecker product with a block of ones, divided by the window size for the
 mean, when the windows tile the input).
 
-Max pooling is not linear: for each sample it is a 0/1 *selection* matrix with one entry per
-output, at the input position that won its window. :class:`MaxPoolOperator` builds that
-matrix for a whole batch at once from the arg-max positions.
+:class:`PoolOperator` is a scipy ``LinearOperator`` (products on its depthwise convolution's
+engines). Max pooling is not linear: for each sample it is a 0/1 *selection* matrix with one
+entry per output, at the input position that won its window. :class:`MaxPoolOperator` builds
+that matrix for a whole batch at once from the arg-max positions. The pooling geometry is
+:func:`sparseconv.geometry.pool_geometry`'s (re-exported here).
 
 Padding is implicit zeros for average/sum pooling (and the zeros count in the average, like
 PyTorch's ``count_include_pad=True``); max pooling never selects a padded position.
@@ -21,8 +23,8 @@ from typing import Optional
 import numpy as np
 import scipy.sparse as sp
 
-from .conv import ConvOperator, MatrixOperator
-from .geometry import IntOrTuple, PaddingSpec, check_batch, conv_geometry, normalize_tuple
+from .conv import ConvOperator, MatrixOperator, engine_keyword
+from .geometry import IntOrTuple, PaddingSpec, check_batch, check_float_dtype, pool_geometry
 from .pattern import spatial_pattern
 
 __all__ = ["PoolOperator", "MaxPoolOperator", "pool_matrix", "pool_geometry"]
@@ -30,35 +32,8 @@ __all__ = ["PoolOperator", "MaxPoolOperator", "pool_matrix", "pool_geometry"]
 POOL_KINDS = ("avg", "sum")
 
 
-def pool_geometry(input_shape: tuple[int, ...], kernel_size: IntOrTuple, *, stride: Optional[IntOrTuple] = None,
-                  padding: PaddingSpec = 0):
-    """The geometry of a pooling window: a depthwise convolution with one filter per channel.
-
-    Parameters
-    ----------
-    input_shape : tuple of int
-        ``(C, *in)`` with 1, 2 or 3 spatial dimensions.
-    kernel_size : int or tuple of int
-    stride : int or tuple of int, optional
-        Defaults to the kernel size (non-overlapping windows).
-    padding : int, tuple or str
-        As for convolutions.
-
-    Returns
-    -------
-    ConvGeometry
-    """
-    if not isinstance(input_shape, (tuple, list)) or len(input_shape) not in (2, 3, 4):
-        raise ValueError(f"input_shape must be (C, *spatial) with 1, 2 or 3 spatial dimensions; got {input_shape!r}")
-    ndim = len(input_shape) - 1
-    kernel = normalize_tuple(kernel_size, ndim, "kernel_size")
-    stride = kernel if stride is None else stride
-    channels = input_shape[0]
-    return conv_geometry((channels, 1, *kernel), input_shape, stride=stride, padding=padding, groups=channels)
-
-
 class PoolOperator(MatrixOperator):
-    """Average or sum pooling as a fixed sparse matrix.
+    """Average or sum pooling as a fixed linear operator (a depthwise convolution).
 
     Parameters
     ----------
@@ -70,10 +45,15 @@ class PoolOperator(MatrixOperator):
     padding : int, tuple or str, default 0
     kind : {"avg", "sum"}, default "avg"
     dtype : {float64, float32}, default float64
+    engine : {"auto", "csr", "factored"}, optional
+        The depthwise convolution's engines (see :class:`~sparseconv.conv.ConvOperator`).
 
     Attributes
     ----------
+    shape : (int, int)
+        ``(C * prod(out), C * prod(in))``: a scipy ``LinearOperator`` on flattened samples.
     matrix : scipy.sparse.csr_array of shape (C * prod(out), C * prod(in))
+        Built on first access.
 
     Notes
     -----
@@ -83,47 +63,68 @@ class PoolOperator(MatrixOperator):
 
     def __init__(self, input_shape: tuple[int, ...], kernel_size: IntOrTuple, *,
                  stride: Optional[IntOrTuple] = None, padding: PaddingSpec = 0, kind: str = "avg",
-                 dtype: type = np.float64):
+                 dtype: type = np.float64, engine: Optional[str] = None):
         if kind not in POOL_KINDS:
             raise ValueError(f"kind must be one of {POOL_KINDS}; got {kind!r}")
-        if np.dtype(dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
-            raise TypeError(f"dtype must be float32 or float64; got {np.dtype(dtype)}")
-        self.geometry = pool_geometry(input_shape, kernel_size, stride=stride, padding=padding)
-        self.kind = kind
-        window = int(np.prod(self.geometry.kernel_size))
+        dtype = check_float_dtype(dtype)
+        geometry = pool_geometry(input_shape, kernel_size, stride=stride, padding=padding)
+        window = int(np.prod(geometry.kernel_size))
         value = 1.0 / window if kind == "avg" else 1.0
-        weight = np.full(self.geometry.weight_shape, value, dtype=dtype)
-        conv = ConvOperator(weight, self.geometry.input_shape, stride=self.geometry.stride,
-                            padding=self.geometry.padding, groups=self.geometry.groups)
-        self.matrix: sp.csr_array = conv.matrix
-        self.dtype = conv.dtype
-        self._conv = conv
+        weight = np.full(geometry.weight_shape, value, dtype=dtype)
+        self._conv = ConvOperator(weight, geometry.input_shape, stride=geometry.stride, padding=geometry.padding,
+                                  groups=geometry.groups, engine=engine_keyword(engine, None))
+        super().__init__(dtype=dtype, shape=self._conv.shape)
+        self.geometry = geometry
+        self.kind = kind
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    @property
+    def matrix(self) -> sp.csr_array:
+        """The explicit matrix, built on first access (read-only arrays)."""
+        return self._conv.matrix
+
+    @property
+    def nnz(self) -> int:
+        """Stored entries of the matrix."""
+        return self._conv.nnz
+
+    def engine(self, product: str) -> str:
+        """The engine of ``"forward"`` or ``"adjoint"`` (see :meth:`ConvOperator.engine`)."""
+        return self._conv.engine(product)
+
+    def _columns_product(self, a: np.ndarray, adjoint: bool, engine: Optional[str],
+                         threads: Optional[int]) -> np.ndarray:
+        return self._conv._columns_product(a, adjoint, engine, threads)
+
+    def forward(self, x: np.ndarray, *, engine: Optional[str] = None, threads: Optional[int] = None) -> np.ndarray:
         """Pool a batch.
 
         Parameters
         ----------
         x : ndarray of shape (N, C, *in)
+        engine, threads
+            As for :meth:`ConvOperator.forward`.
 
         Returns
         -------
         ndarray of shape (N, C, *out)
         """
-        return self._conv.forward(x)
+        return self._conv.forward(x, engine=engine, threads=threads)
 
-    def backward_input(self, dy: np.ndarray) -> np.ndarray:
+    def backward_input(self, dy: np.ndarray, *, engine: Optional[str] = None,
+                       threads: Optional[int] = None) -> np.ndarray:
         """``P.T @ dy``: spread each output's sensitivity over its window (the up-sample).
 
         Parameters
         ----------
         dy : ndarray of shape (N, C, *out)
+        engine, threads
+            As for :meth:`ConvOperator.backward_input`.
 
         Returns
         -------
         ndarray of shape (N, C, *in)
         """
-        return self._conv.backward_input(dy)
+        return self._conv.backward_input(dy, engine=engine, threads=threads)
 
     def __repr__(self) -> str:
         g = self.geometry
@@ -154,14 +155,22 @@ def pool_matrix(input_shape: tuple[int, ...], kernel_size: IntOrTuple, *, stride
     --------
     >>> import sparseconv as sc
     >>> P = sc.pool_matrix((1, 4, 4), 2)
-    >>> P.shape, P.nnz, P.data[0]
+    >>> P.shape, P.nnz, float(P.data[0])
     ((4, 16), 16, 0.25)
     """
-    return PoolOperator(input_shape, kernel_size, stride=stride, padding=padding, kind=kind, dtype=dtype).matrix
+    op = PoolOperator(input_shape, kernel_size, stride=stride, padding=padding, kind=kind, dtype=dtype, engine="csr")
+    # The operator is discarded: its matrix is handed over writeable, not copied.
+    return op._conv._engine("forward", "csr").hand_over()
 
 
 class MaxPoolOperator:
     """Max pooling through a data-dependent 0/1 selection matrix.
+
+    Not a ``LinearOperator``: which input each output copies depends on the input itself, so
+    there is no fixed matrix to multiply by (``P(a x + b y) != a P x + b P y``). For one batch
+    the map *is* linear in a neighbourhood of that batch -- its Jacobian, the selection
+    matrix -- which :meth:`selection_matrix` returns (pass it where a LinearOperator is
+    wanted, e.g. to spectral analysis).
 
     Parameters
     ----------
@@ -187,10 +196,9 @@ class MaxPoolOperator:
 
     def __init__(self, input_shape: tuple[int, ...], kernel_size: IntOrTuple, *,
                  stride: Optional[IntOrTuple] = None, padding: PaddingSpec = 0, dtype: type = np.float64):
-        if np.dtype(dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
-            raise TypeError(f"dtype must be float32 or float64; got {np.dtype(dtype)}")
+        dtype = check_float_dtype(dtype)
         self.geometry = pool_geometry(input_shape, kernel_size, stride=stride, padding=padding)
-        self.dtype = np.dtype(dtype)
+        self.dtype = dtype
         spat = spatial_pattern(self.geometry)
         if np.any(spat.counts == 0):
             raise ValueError(
@@ -230,7 +238,7 @@ class MaxPoolOperator:
 
     def _winners_of(self, x: np.ndarray) -> np.ndarray:
         n, c = x.shape[:2]
-        taps = np.argmax(x.reshape(n, c, -1)[..., self._windows], axis=-1)
+        taps = np.argmax(x.reshape(n, c, int(np.prod(self.geometry.in_size)))[..., self._windows], axis=-1)
         return self._windows[np.arange(self._windows.shape[0]), taps]
 
     def forward(self, x: np.ndarray) -> np.ndarray:
@@ -248,7 +256,7 @@ class MaxPoolOperator:
         win = self._winners_of(x)
         self._winners = win
         n, c = win.shape[:2]
-        return np.take_along_axis(x.reshape(n, c, -1), win, axis=-1).reshape((n, *self.out_shape))
+        return np.take_along_axis(x.reshape(n, c, int(np.prod(self.geometry.in_size))), win, axis=-1).reshape((n, *self.out_shape))
 
     def selection_matrix(self, x: Optional[np.ndarray] = None) -> sp.csr_array:
         """The 0/1 selection matrix of a batch (of the last forward batch when ``x`` is None).

@@ -124,16 +124,16 @@ def assert_allclose(actual: object, desired: object, *, dtype: object = None, sc
 
 # ---------------------------------------------------------------------- dot test
 def _linear_operator(op: object) -> LinearOperator:
-    if hasattr(op, "as_linear_operator"):
-        return aslinearoperator(op.as_linear_operator())
     if isinstance(op, LinearOperator):
         return op
     if sp.issparse(op) or isinstance(op, np.ndarray):
         if op.ndim != 2:
             raise ValueError(f"op must be a matrix (2 axes); got shape {op.shape}")
         return aslinearoperator(op)
-    raise TypeError("op must have .as_linear_operator(), or be a scipy LinearOperator, a scipy sparse "
-                    f"matrix or array, or a 2-D ndarray; got {type(op).__name__}")
+    hint = (" (max pooling is not linear: pass its selection_matrix(x) for a given batch)"
+            if hasattr(op, "selection_matrix") else "")
+    raise TypeError("op must be a scipy LinearOperator (every sparseconv linear operator is one), a scipy "
+                    f"sparse matrix or array, or a 2-D ndarray; got {type(op).__name__}{hint}")
 
 
 def dottest(op: object, *, rng: Seed = None, rtol: Optional[float] = None, n_trials: int = 3) -> tuple[float, float]:
@@ -141,7 +141,7 @@ def dottest(op: object, *, rng: Seed = None, rtol: Optional[float] = None, n_tri
 
     Parameters
     ----------
-    op : object with ``as_linear_operator()``, LinearOperator, sparse matrix/array or 2-D ndarray
+    op : LinearOperator, sparse matrix/array or 2-D ndarray
         ``A``, of shape ``(m, n)``; its adjoint is ``rmatvec``.
     rng : None, int or numpy Generator
         Source of the random ``u`` and ``v``; ``None`` is seed 0, so failures reproduce.

@@ -3,8 +3,10 @@
 A transposed ("fractionally strided", "deconvolution") layer is defined as the adjoint of a
 convolution: its matrix is ``W.T`` for the ``W`` of the convolution it undoes the shape of.
 :class:`ConvTransposeOperator` therefore builds that forward :class:`~sparseconv.conv.ConvOperator`
-and delegates every product to it -- the transposed layer's forward pass is the convolution's
-``backward_input`` and vice versa -- so no index arithmetic is repeated here. Weights and
+and delegates every product to its engines -- the transposed layer's forward pass is the
+convolution's adjoint and vice versa -- so no index arithmetic is repeated here. Its own
+explicit matrix (the transpose, stored as CSR) is built only when :attr:`ConvTransposeOperator.matrix`
+is read; geometry and validation are :func:`~sparseconv.geometry.conv_transpose_geometry`'s. Weights and
 options follow PyTorch's ``ConvTranspose1d/2d/3d``.
 """
 
@@ -15,57 +17,11 @@ from typing import Optional
 import numpy as np
 import scipy.sparse as sp
 
-from .conv import ConvOperator, MatrixOperator
-from .geometry import (IntOrTuple, PaddingSpec, check_array_dtype, check_batch, conv_transpose_output_size,
-                       normalize_padding, normalize_tuple, resolve_dtype)
+from .conv import ConvOperator, MatrixOperator, engine_keyword
+from .engines.base import GuardedMatrix, freeze
+from .geometry import IntOrTuple, PaddingSpec, check_array_dtype, check_batch, conv_transpose_geometry, resolve_dtype
 
 __all__ = ["ConvTransposeOperator", "conv_transpose_matrix"]
-
-
-
-def _transposed_geometry(weight_shape: tuple[int, ...], input_shape: tuple[int, ...], stride: IntOrTuple,
-                         padding: PaddingSpec, output_padding: IntOrTuple, dilation: IntOrTuple,
-                         groups: int) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...], tuple[int, ...],
-                                               tuple[int, ...], tuple[int, ...]]:
-    """Validate a transposed convolution's options in its own terms; return the normalised
-    ``(stride, padding pairs, output_padding, dilation, output size)``."""
-    if len(weight_shape) not in (3, 4, 5):
-        raise ValueError("weight must have shape (C_in, C_out // groups, *kernel) with 1, 2 or 3 kernel "
-                         f"dimensions (3 to 5 axes); got shape {weight_shape}")
-    ndim = len(weight_shape) - 2
-    if (not isinstance(input_shape, (tuple, list)) or len(input_shape) != ndim + 1
-            or not all(isinstance(v, (int, np.integer)) and v >= 1 for v in input_shape)):
-        raise ValueError(f"input_shape must be (C_in, *spatial), {ndim + 1} positive ints to match the weight "
-                         f"of shape {weight_shape}; got {input_shape!r}")
-    if input_shape[0] != weight_shape[0]:
-        raise ValueError(f"input_shape[0] (C_in) must equal weight.shape[0] = {weight_shape[0]} for a weight of "
-                         f"shape (C_in, C_out // groups, *kernel) = {weight_shape}; got input_shape {input_shape}")
-    if isinstance(padding, str):
-        raise ValueError("padding of a transposed convolution must be an int, per-dimension ints or (low, high) "
-                         f"pairs (PyTorch has no string spelling for it); got {padding!r}")
-    kernel = weight_shape[2:]
-    stride_t = normalize_tuple(stride, ndim, "stride")
-    dilation_t = normalize_tuple(dilation, ndim, "dilation")
-    extra = normalize_tuple(output_padding, ndim, "output_padding", minimum=0)
-    pads = normalize_padding(padding, kernel, stride_t, dilation_t)
-    in_size = tuple(int(v) for v in input_shape[1:])
-    out = []
-    for axis, (i, k, s, d, (lo, hi), e) in enumerate(zip(in_size, kernel, stride_t, dilation_t, pads, extra)):
-        if e >= max(s, d):
-            raise ValueError(
-                f"output_padding must be smaller than max(stride, dilation) in every dimension (PyTorch's "
-                f"rule); spatial dimension {axis} has output_padding={e}, stride={s}, dilation={d}")
-        o = conv_transpose_output_size(i, k, s, lo, hi, d, e)
-        if o < 1:
-            raise ValueError(
-                f"padding {(lo, hi)} crops the whole output along spatial dimension {axis}: input size {i}, "
-                f"kernel {k}, stride {s}, dilation {d}, output_padding {e} give output size {o} < 1")
-        out.append(o)
-    if not isinstance(groups, (int, np.integer)) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"groups must be a positive int; got {groups!r}")
-    if weight_shape[0] % groups:
-        raise ValueError(f"groups={groups} must divide C_in = weight.shape[0] = {weight_shape[0]}")
-    return stride_t, pads, extra, dilation_t, tuple(out)
 
 
 class ConvTransposeOperator(MatrixOperator):
@@ -89,13 +45,19 @@ class ConvTransposeOperator(MatrixOperator):
     groups : int, default 1
         Must divide ``C_in``; each group maps ``C_in // groups`` to ``C_out // groups`` channels.
     bias : ndarray of shape (C_out,), optional
-    memory_budget : int, optional
-        Bytes the forward convolution's matrix may use (see :class:`ConvOperator`).
+    memory_budget : int or str, optional
+        Bytes the structures of the forward convolution and this operator may use (see
+        :class:`~sparseconv.conv.ConvOperator`).
+    engine : {"auto", "csr", "factored"}, optional
+        The forward convolution's engines (this layer's forward runs on its adjoint).
+    method : str, optional
+        Deprecated spelling of ``engine``.
 
     Attributes
     ----------
-    matrix : scipy.sparse.csr_array of shape (C_out * prod(out), C_in * prod(in))
-        Kept in sync with :meth:`set_weight`.
+    shape : (int, int)
+        ``(C_out * prod(out), C_in * prod(in))``: a scipy ``LinearOperator`` on flattened
+        samples (no bias).
     conv : ConvOperator
         The forward convolution ``(C_out, *out) -> (C_in, *out_conv)`` with the same weight,
         stride, padding and dilation; ``matrix`` is the transpose of its matrix.
@@ -142,20 +104,24 @@ class ConvTransposeOperator(MatrixOperator):
 
     def __init__(self, weight: np.ndarray, input_shape: tuple[int, ...], *, stride: IntOrTuple = 1,
                  padding: PaddingSpec = 0, output_padding: IntOrTuple = 0, dilation: IntOrTuple = 1,
-                 groups: int = 1, bias: Optional[np.ndarray] = None, memory_budget: Optional[int] = None):
+                 groups: int = 1, bias: Optional[np.ndarray] = None, memory_budget: object = None,
+                 engine: Optional[str] = None, method: Optional[str] = None):
         resolve_dtype(weight, "weight")
         weight = np.asarray(weight)
-        stride_t, pads, extra, dilation_t, out = _transposed_geometry(weight.shape, input_shape, stride, padding,
-                                                                     output_padding, dilation, groups)
+        tg = conv_transpose_geometry(weight.shape, input_shape, stride=stride, padding=padding,
+                                     output_padding=output_padding, dilation=dilation, groups=groups)
         in_size = tuple(int(v) for v in input_shape[1:])
         c_out = weight.shape[1] * int(groups)
-        self.conv = ConvOperator(weight, (c_out, *out), stride=stride_t, padding=pads, dilation=dilation_t,
-                                 groups=groups, memory_budget=memory_budget)
-        self.dtype = self.conv.dtype
-        self.stride, self.dilation, self.padding, self.output_padding = stride_t, dilation_t, pads, extra
+        self.conv = ConvOperator(weight, (c_out, *tg.out_size), stride=tg.stride, padding=tg.padding,
+                                 dilation=tg.dilation, groups=groups, memory_budget=memory_budget,
+                                 engine=engine_keyword(engine, method))
         self._input_shape = (int(input_shape[0]), *in_size)
+        super().__init__(dtype=self.conv.dtype, shape=(self.conv.shape[1], int(np.prod(self._input_shape))))
+        self.stride, self.dilation, self.padding, self.output_padding = tg.stride, tg.dilation, tg.padding, \
+            tg.output_padding
         conv_out = self.conv.geometry.out_size
-        assert all(c >= i for c, i in zip(conv_out, in_size)), "conv output must cover the transposed input"
+        if not all(c >= i for c, i in zip(conv_out, in_size)):
+            raise AssertionError("the convolution's output must cover the transposed input")
         # Rows of the convolution that are this layer's inputs: all of them unless
         # output_padding >= stride gave the convolution extra output positions.
         if conv_out == in_size:
@@ -163,18 +129,8 @@ class ConvTransposeOperator(MatrixOperator):
         else:
             grid = np.arange(self.conv.geometry.n_out).reshape(self.conv.out_shape)
             self._rows = grid[(slice(None), *(slice(0, i) for i in in_size))].ravel()
-        # The transpose's CSR structure, with the position of each of its entries in the
-        # convolution's value array, so that set_weight is one gather.
-        nnz = self.conv.nnz
-        fwd = self.conv.matrix
-        # Positions are stored 1-based so that none is an explicit zero a conversion may drop.
-        positions = sp.csr_array((np.arange(1, nnz + 1, dtype=np.int64), fwd.indices, fwd.indptr), shape=fwd.shape)
-        if self._rows is not None:
-            positions = positions[self._rows]
-        transposed = positions.T.tocsr()
-        self._perm = transposed.data - 1
-        self.matrix = sp.csr_array((self.conv.matrix.data[self._perm], transposed.indices, transposed.indptr),
-                                   shape=transposed.shape)
+        self._matrix: Optional[GuardedMatrix] = None
+        self._perm: Optional[np.ndarray] = None
         self.bias: Optional[np.ndarray] = None
         if bias is not None:
             self.set_bias(bias)
@@ -195,11 +151,73 @@ class ConvTransposeOperator(MatrixOperator):
         """A read-only view of the weight, shape (C_in, C_out // groups, *kernel)."""
         return self.conv.weight
 
+    @property
+    def nnz(self) -> int:
+        """Stored entries of the matrix."""
+        return self.conv.nnz if self._rows is None else int(self.matrix.nnz)
+
+    @property
+    def matrix(self) -> sp.csr_array:
+        """The explicit matrix of shape (C_out * prod(out), C_in * prod(in)), built on first access.
+
+        Read-only arrays, kept in sync by :meth:`set_weight` (see
+        :attr:`sparseconv.conv.ConvOperator.matrix` for what may and may not be done with it).
+        """
+        if self._matrix is None:
+            self._build_matrix()
+        return self._matrix.public()
+
+    def release_matrix(self) -> None:
+        """Detach the matrix :attr:`matrix` handed out (see :meth:`ConvOperator.release_matrix`)."""
+        if self._matrix is not None:
+            self._matrix.detach()
+
+    def _build_matrix(self) -> None:
+        """The transpose's CSR structure, with the position of each of its entries in the
+        convolution's value array, so that :meth:`set_weight` is one gather."""
+        fwd = self.conv._engine("forward", "csr").private
+        nnz = fwd.nnz
+        # The transpose's values, indices and row pointers, plus the int64 gather positions.
+        self.conv._structure.reserve(nnz * (fwd.data.itemsize + fwd.indices.itemsize + 8)
+                                     + (self.shape[0] + 1) * fwd.indptr.itemsize, "the transposed matrix")
+        # Positions are stored 1-based so that none is an explicit zero a conversion may drop.
+        positions = sp.csr_array((np.arange(1, nnz + 1, dtype=np.int64), fwd.indices, fwd.indptr), shape=fwd.shape)
+        if self._rows is not None:
+            positions = positions[self._rows]
+        transposed = positions.T.tocsr()
+        self._perm = freeze(transposed.data - 1)
+        self._matrix = GuardedMatrix(fwd.data[self._perm], freeze(transposed.indices), freeze(transposed.indptr),
+                                     transposed.shape)
+
+    # ------------------------------------------------------------------ engines
+    def engine(self, product: str) -> str:
+        """The engine a product runs on: this layer's forward is the convolution's adjoint.
+
+        Parameters
+        ----------
+        product : {"forward", "adjoint", "weight_grad"}
+
+        Returns
+        -------
+        str
+        """
+        swap = {"forward": "adjoint", "adjoint": "forward"}
+        return self.conv.engine(swap.get(product, product))
+
     # ------------------------------------------------------------------ values
     def set_weight(self, weight: np.ndarray) -> None:
-        """Refresh the stored values from a new weight of shape (C_in, C_out // groups, *kernel)."""
+        """Refresh the values from a new weight of shape (C_in, C_out // groups, *kernel).
+
+        Raises
+        ------
+        MatrixModifiedError
+            When the arrays of :attr:`matrix` were replaced by the caller; nothing is changed.
+        """
+        if self._matrix is not None:
+            self._matrix.check()
         self.conv.set_weight(weight)
-        np.take(self.conv.matrix.data, self._perm, out=self.matrix.data)
+        if self._matrix is not None:
+            np.take(self.conv._engine("forward", "csr").private.data, self._perm, out=self._matrix.writer)
 
     def set_bias(self, bias: Optional[np.ndarray]) -> None:
         """Set (or, with None, remove) the per-channel bias of shape (C_out,)."""
@@ -212,58 +230,85 @@ class ConvTransposeOperator(MatrixOperator):
         self.bias = bias.copy()
 
     # ------------------------------------------------------------------ products
-    def _as_conv_output(self, x: np.ndarray, name: str) -> np.ndarray:
-        """A batch of this layer's inputs, zero-extended to the convolution's output size."""
-        x = check_batch(x, self.input_shape, self.dtype, name)
+    def _columns_product(self, a: np.ndarray, adjoint: bool, engine: Optional[str],
+                         threads: Optional[int]) -> np.ndarray:
+        if adjoint:
+            out = self.conv._columns_product(a, False, engine, threads)
+            return out if self._rows is None else out[self._rows]
+        if self._rows is not None:
+            full = np.zeros((self.conv.shape[0], a.shape[1]), dtype=a.dtype)
+            full[self._rows] = a
+            a = full
+        return self.conv._columns_product(a, True, engine, threads)
+
+    def _as_conv_output(self, x: np.ndarray) -> np.ndarray:
+        """A checked batch of this layer's inputs, zero-extended to the convolution's output size."""
         if self._rows is None:
             return x
         full = np.zeros((x.shape[0], *self.conv.out_shape), dtype=self.dtype)
         full[(slice(None), slice(None), *(slice(0, i) for i in self.input_shape[1:]))] = x
         return full
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def forward(self, x: np.ndarray, *, engine: Optional[str] = None, threads: Optional[int] = None,
+                method: Optional[str] = None) -> np.ndarray:
         """``y = W.T @ x + b`` for every sample.
 
         Parameters
         ----------
         x : ndarray of shape (N, C_in, *in)
+        engine, threads, method
+            As for :meth:`ConvOperator.backward_input`, which this runs.
 
         Returns
         -------
         ndarray of shape (N, C_out, *out)
         """
-        y = self.conv.backward_input(self._as_conv_output(x, "x"))
+        x = check_batch(x, self.input_shape, self.dtype, "x")
+        y = self.conv.backward_input(self._as_conv_output(x), engine=engine_keyword(engine, method), threads=threads)
         if self.bias is not None:
             y += self.bias.reshape((-1,) + (1,) * (len(self.out_shape) - 1))
         return y
 
-    def backward_input(self, dy: np.ndarray) -> np.ndarray:
+    def backward_input(self, dy: np.ndarray, *, engine: Optional[str] = None, threads: Optional[int] = None,
+                       method: Optional[str] = None) -> np.ndarray:
         """``dJ/dx = W @ dy`` for every sample: the forward convolution of ``dy``.
 
         Parameters
         ----------
         dy : ndarray of shape (N, C_out, *out)
+        engine, threads, method
+            As for :meth:`ConvOperator.forward`, which this runs.
 
         Returns
         -------
         ndarray of shape (N, C_in, *in)
         """
-        dx = self.conv.forward(dy)
+        dy = check_batch(dy, self.out_shape, self.dtype, "dy")
+        dx = self.conv.forward(dy, engine=engine_keyword(engine, method), threads=threads)
         return dx[(slice(None), slice(None), *(slice(0, i) for i in self.input_shape[1:]))]
 
-    def weight_grad(self, x: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    def weight_grad(self, x: np.ndarray, dy: np.ndarray, *, engine: Optional[str] = None,
+                    threads: Optional[int] = None, method: Optional[str] = None) -> np.ndarray:
         """Kernel gradient ``dJ/dw``, the convolution's with the roles of input and sensitivity swapped.
 
         Parameters
         ----------
         x : ndarray of shape (N, C_in, *in)
         dy : ndarray of shape (N, C_out, *out)
+        engine, threads, method
+            As for :meth:`ConvOperator.weight_grad`.
 
         Returns
         -------
         ndarray of shape (C_in, C_out // groups, *kernel)
         """
-        return self.conv.weight_grad(dy, self._as_conv_output(x, "x"))
+        x = check_batch(x, self.input_shape, self.dtype, "x")
+        dy = check_batch(dy, self.out_shape, self.dtype, "dy")
+        if x.shape[0] != dy.shape[0]:
+            raise ValueError(f"x and dy must hold the same number of samples; got {x.shape[0]} (x) and "
+                             f"{dy.shape[0]} (dy)")
+        return self.conv.weight_grad(dy, self._as_conv_output(x), engine=engine_keyword(engine, method),
+                                     threads=threads)
 
     def __repr__(self) -> str:
         def dims(t: tuple[int, ...]) -> str:
@@ -275,7 +320,7 @@ class ConvTransposeOperator(MatrixOperator):
 
 def conv_transpose_matrix(weight: np.ndarray, input_shape: tuple[int, ...], *, stride: IntOrTuple = 1,
                           padding: PaddingSpec = 0, output_padding: IntOrTuple = 0, dilation: IntOrTuple = 1,
-                          groups: int = 1, memory_budget: Optional[int] = None) -> sp.csr_array:
+                          groups: int = 1, memory_budget: object = None) -> sp.csr_array:
     """The sparse matrix of a transposed convolution (PyTorch's ``conv_transpose1d/2d/3d``).
 
     Parameters
@@ -303,5 +348,8 @@ def conv_transpose_matrix(weight: np.ndarray, input_shape: tuple[int, ...], *, s
            [2., 1.],
            [0., 2.]])
     """
-    return ConvTransposeOperator(weight, input_shape, stride=stride, padding=padding, output_padding=output_padding,
-                                 dilation=dilation, groups=groups, memory_budget=memory_budget).matrix
+    op = ConvTransposeOperator(weight, input_shape, stride=stride, padding=padding, output_padding=output_padding,
+                               dilation=dilation, groups=groups, memory_budget=memory_budget, engine="csr")
+    op._build_matrix()
+    # The operator is discarded: its matrix is handed over writeable, not copied.
+    return op._matrix.hand_over()

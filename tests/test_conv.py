@@ -13,6 +13,7 @@ from scipy.sparse.linalg import LinearOperator
 
 import sparseconv as sc
 from sparseconv import reference as ref
+from sparseconv.engines import ENGINE_NAMES
 from sparseconv.geometry import conv_geometry
 from sparseconv.testing import assert_allclose, dottest, gradcheck, numerical_gradient
 
@@ -66,9 +67,9 @@ def test_matches_references(case: Case):
     sy, sdx, sdw = magnitudes(x, w, dy, case.opts)
     sy += float(np.abs(b).max())
 
-    # Both product methods, whatever "auto" would pick for this shape.
-    for method in ("csr", "taps"):
-        y = op.forward(x, method=method)
+    # Every registered engine, whatever "auto" would pick for this shape.
+    for engine in ENGINE_NAMES:
+        y = op.forward(x, engine=engine)
         assert y.dtype == np.dtype(case.dtype)
         assert_allclose(y, y_ref, scale=sy)
         assert_allclose(y, ref.conv_im2col(x, w, b, **case.opts), scale=sy)
@@ -79,20 +80,22 @@ def test_matches_references(case: Case):
 
     dx_i, dw_i, db_i = ref.conv_im2col_backward(x, w, dy, **case.opts)
     dx_d, dw_d, _ = ref.conv_dense_backward(x, w, dy, **case.opts)
-    for method in ("csr", "taps"):
-        dx = op.backward_input(dy, method=method)
+    for engine in ENGINE_NAMES:
+        dx = op.backward_input(dy, engine=engine)
         assert dx.dtype == np.dtype(case.dtype)
         assert_allclose(dx, dx_ref, scale=sdx)
         assert_allclose(dx, dx_i, scale=sdx)
         assert_allclose(dx, dx_d, scale=sdx)
-    for method in ("taps", "entries"):
-        dw = op.weight_grad(x, dy, method=method)
+    for engine in ENGINE_NAMES:
+        dw = op.weight_grad(x, dy, engine=engine)
         assert dw.dtype == np.dtype(case.dtype) and dw.shape == w.shape
         assert_allclose(dw, dw_ref, scale=sdw)
         assert_allclose(dw, dw_i, scale=sdw)
         assert_allclose(dw, dw_d, scale=sdw)
     assert_allclose(op.bias_grad(dy), db_ref, scale=float(np.abs(dy).sum(axis=(0, *range(2, dy.ndim))).max()))
     dottest(op)
+    for engine in ENGINE_NAMES:
+        dottest(op.as_linear_operator(engine))
 
 
 @pytest.mark.parametrize("case", [c for c in GRID if c.dtype == "float64"][::4],
@@ -212,7 +215,8 @@ def test_set_weight_writes_every_value(case: Case):
     _, w, _, _ = case.arrays()
     op = sc.ConvOperator(w, (case.c, *case.in_size), **case.opts)
     w2 = np.random.default_rng(7).standard_normal(w.shape).astype(case.dtype)
-    op.matrix.data[...] = np.nan
+    op.matrix  # built, then poisoned through the engine's private writer
+    op._engines["csr"]._matrix.writer[...] = np.nan
     op.set_weight(w2)
     np.testing.assert_array_equal(op.matrix.data, (op.tying @ w2.ravel().astype(np.float64)).astype(case.dtype))
 
@@ -233,7 +237,8 @@ def test_value_layout_blocks(size, kernel, opts, mask, blocks):
     if mask:
         w = w * weight_mask
     op = sc.ConvOperator(w, (2, *size), weight_mask=weight_mask, **opts)
-    assert (None if op._layout is None else len(op._layout.blocks)) == blocks
+    layout = op._structure.value_layout()
+    assert (None if layout is None else len(layout.blocks)) == blocks
     w2 = rng.standard_normal(w.shape) * (1 if weight_mask is None else weight_mask)
     op.set_weight(w2)
     np.testing.assert_array_equal(op.matrix.data, w2.ravel()[op.param_index])
@@ -245,12 +250,15 @@ def test_copied_operator_set_weight_updates_its_own_matrix(copier):
     w, w2 = rng.standard_normal((2, 4, 3, 3, 3))
     x = rng.standard_normal((2, 3, 6, 6))
     op = sc.ConvOperator(w, (3, 6, 6), padding=1)
-    assert op._layout is not None
+    op.matrix
+    assert op._structure.value_layout() is not None
     twin = copier(op)
     twin.set_weight(w2)
-    for method in ("csr", "taps"):
-        assert_allclose(twin.forward(x, method=method), ref.conv_direct(x, w2, padding=1))
-        assert_allclose(op.forward(x, method=method), ref.conv_direct(x, w, padding=1))
+    for engine in ENGINE_NAMES:
+        assert_allclose(twin.forward(x, engine=engine), ref.conv_direct(x, w2, padding=1))
+        assert_allclose(op.forward(x, engine=engine), ref.conv_direct(x, w, padding=1))
+    assert_allclose(twin.matrix.toarray(), sc.conv_matrix(w2, (3, 6, 6), padding=1).toarray())
+    assert_allclose(op.matrix.toarray(), sc.conv_matrix(w, (3, 6, 6), padding=1).toarray())
 
 
 def test_tying_map_reproduces_values_everywhere():
@@ -281,8 +289,8 @@ def test_weight_mask_removes_entries_and_gradients():
     assert_allclose(op.matrix.toarray(), full.matrix.toarray())
     x = rng.standard_normal((2, 3, 7, 7))
     dy = rng.standard_normal((2, *op.out_shape))
-    for method in ("taps", "entries"):
-        assert_allclose(op.weight_grad(x, dy, method=method), full.weight_grad(x, dy) * mask)
+    for engine in ENGINE_NAMES:
+        assert_allclose(op.weight_grad(x, dy, engine=engine), full.weight_grad(x, dy) * mask)
     with pytest.raises(ValueError, match="weight_mask is False"):
         op.set_weight(rng.standard_normal(w.shape))
 
@@ -311,7 +319,7 @@ def test_float32_stays_float32():
     assert op.matrix.dtype == np.float32
     x = rng.standard_normal((3, 2, 8)).astype(np.float32)
     dy = rng.standard_normal((3, *op.out_shape)).astype(np.float32)
-    for out in (op.forward(x), op.backward_input(dy), op.weight_grad(x, dy), op.weight_grad(x, dy, method="entries"),
+    for out in (op.forward(x), op.backward_input(dy), op.weight_grad(x, dy), op.weight_grad(x, dy, engine="csr"),
                 op.bias_grad(dy)):
         assert out.dtype == np.float32
     with pytest.raises(TypeError, match="float64.*float32"):
@@ -334,8 +342,21 @@ def test_conv_matrix_function_equals_operator_matrix():
 def test_memory_budget_refuses_before_allocating():
     w = np.ones((64, 64, 3, 3))
     with pytest.raises(sc.MemoryBudgetError, match=r"would need .*MiB.*memory_budget=") as info:
-        sc.ConvOperator(w, (64, 56, 56), padding=1, memory_budget=10 * 2**20)
+        sc.ConvOperator(w, (64, 56, 56), padding=1, memory_budget=10 * 2**20, engine="csr")
     assert "SPARSECONV_MEMORY_BUDGET" in str(info.value)
+
+
+def test_memory_budget_counts_only_what_the_engines_build():
+    """The factored engines of a wide layer need tables of a few hundred KiB, not the matrix:
+    the layer fits a budget its matrix would not, and the matrix is refused when asked for."""
+    w = np.ones((64, 64, 3, 3))
+    op = sc.ConvOperator(w, (64, 56, 56), padding=1, memory_budget="10MiB")
+    assert (op.engine("forward"), op.engine("adjoint")) == ("factored", "factored")
+    assert 0 < op.nbytes < 2**20
+    before = op.nbytes
+    with pytest.raises(sc.MemoryBudgetError, match=r"sparse matrix .*would need .*GiB"):
+        op.matrix
+    assert op.nbytes == before and "csr" not in op._engines
 
 
 def test_memory_budget_environment(monkeypatch):

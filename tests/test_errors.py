@@ -70,11 +70,10 @@ def op():
 BATCH_ERRORS = [
     ("forward-unbatched", "forward", (np.ones((3, 8, 8)),), ValueError, r"x must have shape \(N, 3, 8, 8\); got \(3, 8, 8\).*x\[None\]"),
     ("forward-wrong-channels", "forward", (np.ones((2, 4, 8, 8)),), ValueError, r"x must have shape \(N, 3, 8, 8\); got \(2, 4, 8, 8\)"),
-    ("forward-empty-batch", "forward", (np.ones((0, 3, 8, 8)),), ValueError, r"at least one sample"),
     ("forward-complex", "forward", (np.ones((1, 3, 8, 8), complex),), TypeError, r"x has dtype complex128"),
     ("forward-float32", "forward", (np.ones((1, 3, 8, 8), np.float32),), TypeError, r"x has dtype float32 but the operator computes in float64"),
     ("backward-wrong-shape", "backward_input", (np.ones((2, 4, 7, 8)),), ValueError, r"dy must have shape \(N, 4, 8, 8\); got \(2, 4, 7, 8\)"),
-    ("weight-grad-batch-mismatch", "weight_grad", (np.ones((2, 3, 8, 8)), np.ones((3, 4, 8, 8))), ValueError, r"same number of samples; got 2 and 3"),
+    ("weight-grad-batch-mismatch", "weight_grad", (np.ones((2, 3, 8, 8)), np.ones((3, 4, 8, 8))), ValueError, r"same number of samples; got 2 \(x\) and 3 \(dy\)"),
     ("bias-grad-shape", "bias_grad", (np.ones((1, 4, 8)),), ValueError, r"dy must have shape"),
     ("set-weight-shape", "set_weight", (np.ones((4, 3, 3, 2)),), ValueError, r"weight must have shape \(4, 3, 3, 3\); got \(4, 3, 3, 2\)"),
     ("set-weight-dtype", "set_weight", (np.ones((4, 3, 3, 3), np.float32),), TypeError, r"weight has dtype float32"),
@@ -87,16 +86,35 @@ def test_call_errors(op, method, args, exc, pattern):
         getattr(op, method)(*args)
 
 
-def test_unknown_weight_grad_method(op):
-    with pytest.raises(ValueError, match=r"method must be 'taps' or 'entries'; got 'fast'"):
-        op.weight_grad(np.ones((1, 3, 8, 8)), np.ones((1, 4, 8, 8)), method="fast")
-
-
+@pytest.mark.parametrize("keyword", ["engine", "method"])
 @pytest.mark.parametrize("call", [
-    pytest.param(lambda op: op.forward(np.ones((1, 3, 8, 8)), method="gemm"), id="forward"),
-    pytest.param(lambda op: op.backward_input(np.ones((1, 4, 8, 8)), method="gemm"), id="backward_input"),
-    pytest.param(lambda op: op.as_linear_operator("gemm"), id="as_linear_operator"),
+    pytest.param(lambda op, kw: op.forward(np.ones((1, 3, 8, 8)), **kw), id="forward"),
+    pytest.param(lambda op, kw: op.backward_input(np.ones((1, 4, 8, 8)), **kw), id="backward_input"),
+    pytest.param(lambda op, kw: op.weight_grad(np.ones((1, 3, 8, 8)), np.ones((1, 4, 8, 8)), **kw), id="weight_grad"),
+    pytest.param(lambda op, kw: op.as_linear_operator(**kw), id="as_linear_operator"),
+    pytest.param(lambda op, kw: sc.ConvOperator(W2, (3, 8, 8), **kw), id="constructor"),
 ])
-def test_unknown_product_method(op, call):
-    with pytest.raises(ValueError, match=r"method must be one of \('auto', 'csr', 'taps'\); got 'gemm'"):
-        call(op)
+def test_unknown_engine(op, call, keyword):
+    with pytest.raises(ValueError, match=rf"{keyword} must be one of \('auto', 'csr', 'factored'\); got 'gemm'"):
+        call(op, {keyword: "gemm"})
+
+
+def test_engine_and_method_together_are_refused(op):
+    with pytest.raises(TypeError, match="not both"):
+        op.forward(np.ones((1, 3, 8, 8)), engine="csr", method="taps")
+
+
+def test_unknown_product_name(op):
+    with pytest.raises(ValueError, match=r"product must be one of \('forward', 'adjoint', 'weight_grad'\); got 'both'"):
+        op.engine("both")
+
+
+def test_unknown_layout(op):
+    with pytest.raises(ValueError, match=r"layout must be one of \('batch_first', 'columns'\); got 'nchw'"):
+        op.weight_grad(np.ones((1, 3, 8, 8)), np.ones((1, 4, 8, 8)), layout="nchw")
+
+
+def test_environment_engine_is_checked(monkeypatch):
+    monkeypatch.setenv("SPARSECONV_ENGINE", "fast")
+    with pytest.raises(ValueError, match=r"SPARSECONV_ENGINE must be one of .*got 'fast'"):
+        sc.ConvOperator(W2, (3, 8, 8))

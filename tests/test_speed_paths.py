@@ -8,9 +8,10 @@ import pytest
 import scipy.sparse as sp
 
 import sparseconv as sc
-from sparseconv import conv as conv_module
-from sparseconv import factored, parallel
+from sparseconv import _sparsetools, factored, parallel
 from sparseconv import reference as ref
+from sparseconv.engines import ENGINE_NAMES, policy
+from sparseconv.engines import csr as csr_engine
 from sparseconv.models import lenet5
 from sparseconv.nn import SGD, CrossEntropyLoss
 from sparseconv.testing import assert_allclose, dottest
@@ -137,21 +138,21 @@ def test_block_errors_propagate(small_blocks):
 
 
 # ---------------------------------------------------------------------- the operator
-@pytest.mark.parametrize("method", ["csr", "taps"])
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("key", list(LAYERS))
-def test_operator_threads_agree(small_blocks, key, dtype, method):
+def test_operator_threads_agree(small_blocks, key, dtype, engine):
     op, w, x, dy, opts = _case(key, dtype)
     x64, w64, dy64 = (a.astype(np.float64) for a in (x, w, dy))
     sy, sdx, sdw = magnitudes(x64, w64, dy64, opts)
-    y1 = op.forward(x, method=method, threads=1)
-    dx1 = op.backward_input(dy, method=method, threads=1)
+    y1 = op.forward(x, engine=engine, threads=1)
+    dx1 = op.backward_input(dy, engine=engine, threads=1)
     dw1 = op.weight_grad(x, dy, threads=1)
     assert_allclose(y1, ref.conv_im2col(x64, w64, **opts), dtype=dtype, scale=sy)
     assert_allclose(dx1, ref.conv_im2col_backward(x64, w64, dy64, **opts)[0], dtype=dtype, scale=sdx)
     for t in THREADS[1:]:
-        y = op.forward(x, method=method, threads=t)
-        dx = op.backward_input(dy, method=method, threads=t)
+        y = op.forward(x, engine=engine, threads=t)
+        dx = op.backward_input(dy, engine=engine, threads=t)
         dw = op.weight_grad(x, dy, threads=t)
         assert y.dtype == dx.dtype == dw.dtype == np.dtype(dtype)
         # Threads split rows (CSR) or samples (gathers): each output is summed by one
@@ -160,20 +161,23 @@ def test_operator_threads_agree(small_blocks, key, dtype, method):
         assert_allclose(dx, dx1, dtype=dtype, scale=sdx)
         assert_allclose(dw, dw1, dtype=dtype, scale=sdw)
     with parallel.threads(2):
-        np.testing.assert_array_equal(op.forward(x, method=method), y1)
+        np.testing.assert_array_equal(op.forward(x, engine=engine), y1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("key", list(LAYERS))
-def test_weight_grad_taps_matches_entries_and_reference(key, dtype):
+def test_weight_grad_engines_match_reference_in_both_layouts(key, dtype):
     op, w, x, dy, opts = _case(key, dtype, seed=3)
     x64, w64, dy64 = (a.astype(np.float64) for a in (x, w, dy))
     _, _, sdw = magnitudes(x64, w64, dy64, opts)
     _, dw_ref, _ = ref.conv_im2col_backward(x64, w64, dy64, **opts)
-    taps = op.weight_grad(x, dy, method="taps")
-    assert taps.dtype == np.dtype(dtype)
-    assert_allclose(taps, dw_ref, dtype=dtype, scale=sdw)
-    assert_allclose(op.weight_grad(x, dy, method="entries"), dw_ref, dtype=dtype, scale=sdw)
+    n = x.shape[0]
+    xc, dc = np.ascontiguousarray(x.reshape(n, -1).T), np.ascontiguousarray(dy.reshape(n, -1).T)
+    for engine in ENGINE_NAMES + ("auto",):
+        dw = op.weight_grad(x, dy, engine=engine)
+        assert dw.dtype == np.dtype(dtype)
+        assert_allclose(dw, dw_ref, dtype=dtype, scale=sdw)
+        assert_allclose(op.weight_grad(xc, dc, engine=engine, layout="columns"), dw_ref, dtype=dtype, scale=sdw)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 50, 400], ids=lambda c: f"chunk{c}")
@@ -182,29 +186,33 @@ def test_weight_grad_taps_matches_entries_and_reference(key, dtype):
 def test_chunk_boundaries(monkeypatch, key, chunk):
     """Scratch chunks smaller than one output row, than one sample, and not dividing the batch."""
     op, w, x, dy, opts = _case(key, "float64", seed=5)
-    full = {m: op.weight_grad(x, dy, method=m) for m in ("taps", "entries")}
-    y, dx = op.forward(x, method="taps"), op.backward_input(dy, method="taps")
-    monkeypatch.setattr(conv_module, "_GRAD_CHUNK_ELEMENTS", chunk)
+    full = {m: op.weight_grad(x, dy, engine=m) for m in ENGINE_NAMES}
+    y, dx = op.forward(x, engine="factored"), op.backward_input(dy, engine="factored")
+    monkeypatch.setattr(csr_engine, "GRAD_CHUNK_ELEMENTS", chunk)
     monkeypatch.setattr(factored, "CHUNK_ELEMENTS", chunk)
-    for m in ("taps", "entries"):
-        assert_allclose(op.weight_grad(x, dy, method=m), full[m])
-    assert_allclose(op.forward(x, method="taps"), y)
-    assert_allclose(op.backward_input(dy, method="taps"), dx)
+    for m in ENGINE_NAMES:
+        assert_allclose(op.weight_grad(x, dy, engine=m), full[m])
+    assert_allclose(op.forward(x, engine="factored"), y)
+    assert_allclose(op.backward_input(dy, engine="factored"), dx)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("key", list(LAYERS))
 def test_factored_products_are_adjoint(key, dtype):
     op = _case(key, dtype)[0]
-    lin = op.as_linear_operator("taps")
+    lin = op.as_linear_operator("factored")
     dottest(lin)
     u = np.random.default_rng(1).standard_normal((op.shape[1], 3)).astype(dtype)
     assert_allclose(lin @ u, op.matrix @ u, dtype=dtype, scale=float((abs(op.matrix) @ np.abs(u)).max()))
 
 
-def test_factored_linear_operator_inputs():
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_linear_operator_inputs_of_other_dtypes(engine):
+    """A float32 operator: complex blocks in two real parts; float64 blocks computed in float64
+    with the float32 weights (not rounded to float32); integer blocks promoted as numpy does."""
     op = _case("N3-C2-F3-9x7-k3-p1", "float32")[0]
-    lin = op.as_linear_operator("taps")
+    lin = op.as_linear_operator(engine)
+    w64 = op.matrix.astype(np.float64)
     rng = np.random.default_rng(0)
     u = rng.standard_normal(op.shape[1]).astype(np.float32)
     v = rng.standard_normal(op.shape[1]).astype(np.float32)
@@ -212,8 +220,15 @@ def test_factored_linear_operator_inputs():
     assert np.iscomplexobj(z)
     assert_allclose(z.real, op.matrix @ u, dtype="float32")
     assert_allclose(z.imag, op.matrix @ v, dtype="float32")
-    with pytest.raises(TypeError, match="computes in float32; a float64 block would be rounded"):
-        lin.matvec(u.astype(np.float64))
+    u64 = rng.standard_normal((op.shape[1], 2))
+    for block, adjoint in ((u64, False), (rng.standard_normal((op.shape[0], 2)), True)):
+        got = lin.rmatmat(block) if adjoint else lin.matmat(block)
+        assert got.dtype == np.float64
+        assert_allclose(got, (w64.T if adjoint else w64) @ block, dtype="float64")
+    ints = np.arange(op.shape[1], dtype=np.int16)
+    assert lin.matvec(ints).dtype == np.float32
+    with pytest.raises(TypeError, match="would be rounded"):
+        lin.matvec(u.astype(np.longdouble))
 
 
 @pytest.mark.parametrize("key", list(LAYERS))
@@ -235,7 +250,7 @@ def test_tap_tables_factor_the_matrix(key):
     # The inverse tables list every (output, tap) reading each input position exactly once,
     # and their phases partition the input positions.
     n_read, produced = 0, []
-    phases = factored.gather_tables(g, op._spatial)
+    phases = factored.gather_tables(g, op._structure.spatial)
     for phase in phases:
         positions = np.arange(n_in) if phase.positions is None else phase.positions
         produced.append(positions)
@@ -243,10 +258,10 @@ def test_tap_tables_factor_the_matrix(key):
         n_read += int(read.sum())
         r, slot = np.nonzero(read)
         np.testing.assert_array_equal(forward[phase.table[r, slot], phase.taps[slot]], positions[r])
-    assert n_read == op._spatial.n_items
+    assert n_read == op._structure.spatial.n_items
     np.testing.assert_array_equal(np.sort(np.concatenate(produced)), np.arange(n_in))
-    # The method rule counts the slots without building the tables.
-    scatter, slots = factored.adjoint_plan(g, op._spatial)
+    # The engine rule counts the slots without building the tables.
+    scatter, slots = factored.adjoint_plan(g, op._structure.spatial)
     assert slots == (forward.size if scatter else sum(p.table.size for p in phases))
 
 
@@ -254,8 +269,9 @@ def test_strided_adjoint_phases_have_no_holes():
     # Stride 2, 3x3, padding 1: four phases reading 1, 2, 2 and 4 taps (9 in all, not 4 x 9).
     op = sc.ConvOperator(np.ones((8, 8, 3, 3)), (8, 8, 8), stride=2, padding=1)
     assert sorted(p.taps.size for p in op.adjoint_tables().phases) == [1, 2, 2, 4]
-    assert factored.adjoint_plan(op.geometry, op._spatial) == (False, 16 * 9)
-    assert op.method("adjoint") == "taps"
+    assert factored.adjoint_plan(op.geometry, op._structure.spatial) == (False, 16 * 9)
+    assert op.engine("adjoint") == "factored"
+    assert op.method("adjoint") == "taps"  # the deprecated name, kept for old callers
 
 
 def test_scatter_adjoint_rounds_read_disjoint_positions():
@@ -280,9 +296,9 @@ def test_tables_are_built_only_for_the_products_that_use_them():
     op = sc.ConvOperator(np.ones((1, 1, 7, 7), np.float32), (1, 64, 64), padding=3, padding_mode="replicate")
     x = np.ones((2, 1, 64, 64), np.float32)
     op.backward_input(op.forward(x))
-    assert op._forward_table is None and op._adjoint_tables is None
+    assert op._structure._forward_table is None and op._structure._adjoint_tables is None
     op.weight_grad(x, x)
-    assert op._forward_table is not None and op._adjoint_tables is None
+    assert op._structure._forward_table is not None and op._structure._adjoint_tables is None
 
 
 def test_tap_tables_multiplicity_when_circular_wraps_twice():
@@ -291,21 +307,21 @@ def test_tap_tables_multiplicity_when_circular_wraps_twice():
     (phase,) = op.adjoint_tables().phases
     assert phase.table.shape == (5, 10) and phase.taps.tolist() == [t for t in range(5) for _ in range(2)]
     dy = np.random.default_rng(0).standard_normal((2, 1, 9))
-    assert_allclose(op.backward_input(dy, method="taps"), op.backward_input(dy, method="csr"))
+    assert_allclose(op.backward_input(dy, engine="factored"), op.backward_input(dy, engine="csr"))
 
 
 @pytest.mark.parametrize("layer, forward, adjoint", [
     pytest.param(dict(c=1, f=6, size=32, k=5), "csr", "csr", id="lenet-C1-one-channel"),
-    pytest.param(dict(c=6, f=16, size=14, k=5), "taps", "csr", id="lenet-C3-adjoint-too-narrow"),
-    pytest.param(dict(c=16, f=16, size=32, k=3, padding=1), "taps", "taps", id="cifar-16-16"),
-    pytest.param(dict(c=16, f=32, size=32, k=3, padding=1, stride=2), "taps", "taps", id="stride2-phases"),
-    pytest.param(dict(c=16, f=120, size=5, k=5), "taps", "taps", id="lenet-C5-adjoint-scatters"),
+    pytest.param(dict(c=6, f=16, size=14, k=5), "factored", "csr", id="lenet-C3-adjoint-too-narrow"),
+    pytest.param(dict(c=16, f=16, size=32, k=3, padding=1), "factored", "factored", id="cifar-16-16"),
+    pytest.param(dict(c=16, f=32, size=32, k=3, padding=1, stride=2), "factored", "factored", id="stride2-phases"),
+    pytest.param(dict(c=16, f=120, size=5, k=5), "factored", "factored", id="lenet-C5-adjoint-scatters"),
     pytest.param(dict(c=16, f=16, size=32, k=3, padding=1, prune=0.9), "csr", "csr", id="pruned-90"),
-    pytest.param(dict(c=16, f=16, size=32, k=3, padding=1, prune=0.6), "taps", "taps", id="pruned-60-wide"),
+    pytest.param(dict(c=16, f=16, size=32, k=3, padding=1, prune=0.6), "factored", "factored", id="pruned-60-wide"),
     pytest.param(dict(c=8, f=8, size=32, k=3, padding=1, prune=0.6), "csr", "csr", id="pruned-60-narrow"),
     pytest.param(dict(c=16, f=16, size=8, k=3, padding=1, groups=16), "csr", "csr", id="depthwise"),
 ])
-def test_auto_method_rule(layer, forward, adjoint):
+def test_auto_engine_rule(layer, forward, adjoint):
     c, f, size, k = layer["c"], layer["f"], layer["size"], layer["k"]
     groups = layer.get("groups", 1)
     mask = None
@@ -314,13 +330,15 @@ def test_auto_method_rule(layer, forward, adjoint):
     w = np.ones((f, c // groups, k, k)) if mask is None else mask * 1.0
     op = sc.ConvOperator(w, (c, size, size), padding=layer.get("padding", 0), stride=layer.get("stride", 1),
                          groups=groups, weight_mask=mask)
-    assert (op.method("forward"), op.method("adjoint")) == (forward, adjoint)
+    assert (op.engine("forward"), op.engine("adjoint"), op.engine("weight_grad")) == (forward, adjoint, "factored")
+    # Only what the chosen engines need is built: the matrix only for a CSR product.
+    assert (op._structure._pattern is not None) == ("csr" in (forward, adjoint))
 
 
-def test_method_rule_rejects_unknown_product():
+def test_engine_rule_rejects_unknown_product():
     op = sc.ConvOperator(np.ones((2, 2, 3)), (2, 8))
-    with pytest.raises(ValueError, match="product must be 'forward' or 'adjoint'; got 'both'"):
-        factored.choose_method(op.geometry, op._spatial, "both")
+    with pytest.raises(ValueError, match=r"product must be one of \('forward', 'adjoint', 'weight_grad'\); got 'both'"):
+        policy.choose_engine(op._structure, "both")
 
 
 def test_weight_grad_masked_and_after_set_weight(small_blocks):
@@ -392,8 +410,8 @@ def test_float32_operator_rejects_float64_batches():
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_public_scipy_fallback_without_private_kernels(monkeypatch, n_threads):
     """Without scipy's private CSR kernels the blocks go through public sparse products."""
-    for name in ("_csr_matvecs", "_csc_matvecs", "_csr_matvec", "_csc_matvec"):
-        monkeypatch.setattr(parallel, name, None)
+    for name in ("csr_matvecs", "csc_matvecs", "csr_matvec", "csc_matvec"):
+        monkeypatch.setattr(_sparsetools, name, None)
     rng = np.random.default_rng(0)
     a = sp.random_array((700, 300), density=0.05, format="csr", rng=rng)
     x = rng.standard_normal((300, 9))

@@ -9,6 +9,7 @@ import pytest
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, aslinearoperator
 
+import sparseconv as sc
 from sparseconv import reference as ref
 from sparseconv import testing
 from sparseconv.testing import (
@@ -87,12 +88,8 @@ def test_assert_allclose_finite_differences():
 
 
 # ---------------------------------------------------------------------- dottest
-class _HasOperator:
-    def __init__(self, matrix):
-        self.matrix = matrix
-
-    def as_linear_operator(self) -> LinearOperator:
-        return aslinearoperator(self.matrix)
+_CONV = sc.ConvOperator(np.random.default_rng(0).standard_normal((3, 2, 3, 3)), (2, 6, 6), padding=1)
+_POOL = sc.PoolOperator((3, 6, 6), 2)
 
 
 @pytest.mark.parametrize("op", [
@@ -102,10 +99,12 @@ class _HasOperator:
     sp.csr_matrix(np.where(MATRIX > 0, MATRIX, 0)),
     sp.csr_array(np.where(MATRIX > 0, MATRIX, 0).astype(np.float32)),
     aslinearoperator(MATRIX),
-    _HasOperator(sp.coo_matrix(MATRIX)),
+    _CONV,
+    _CONV.H,
+    _POOL @ _CONV,
     np.zeros((3, 2)),
 ], ids=["ndarray", "ndarray-float32", "int", "csr_matrix", "csr_array-float32", "LinearOperator",
-        "as_linear_operator", "zero"])
+        "ConvOperator", "ConvOperator.H", "composition", "zero"])
 def test_dottest_passes_true_adjoints(op):
     lhs, rhs = dottest(op)
     assert isinstance(lhs, float) and isinstance(rhs, float)
@@ -157,7 +156,7 @@ def test_dottest_float32_tolerance_is_dtype_aware():
 
 
 def test_dottest_rejects_what_is_not_an_operator():
-    with pytest.raises(TypeError, match="op must have .as_linear_operator"):
+    with pytest.raises(TypeError, match="op must be a scipy LinearOperator"):
         dottest([[1.0, 2.0]])
     with pytest.raises(ValueError, match=r"matrix \(2 axes\); got shape \(2, 2, 2\)"):
         dottest(np.ones((2, 2, 2)))

@@ -1,0 +1,62 @@
+"""Product engines of the convolution operators, and the registry that names them.
+
+Every operator product (``"forward"`` ``W @ X``, ``"adjoint"`` ``W.T @ D``, ``"weight_grad"``)
+runs on an *engine*: ``"csr"`` (scipy's CSR kernel on the explicit matrix,
+:mod:`sparseconv.engines.csr`) or ``"factored"`` (tap gathers and BLAS GEMMs,
+:mod:`sparseconv.engines.factored`). ``"auto"`` asks the policy
+(:func:`~sparseconv.engines.policy.choose_engine`), which decides per product at construction
+from the layer's shape and mask. The protocol an engine implements is in
+:mod:`sparseconv.engines.base`. Adding one is a module defining ``ENGINE`` (its class) plus
+one line in ``_MODULES`` below.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .base import PRODUCTS, Engine, GuardedMatrix, MatrixModifiedError, Structure
+from .policy import choose_engine, default_engine
+
+__all__ = ["PRODUCTS", "ENGINE_NAMES", "Engine", "GuardedMatrix", "MatrixModifiedError", "Structure",
+           "choose_engine", "default_engine", "engine_class", "resolve_engine_name", "LEGACY_NAMES"]
+
+# name -> module defining ENGINE (relative to this package). Imported on first use, so an
+# engine with an optional dependency costs nothing until it is asked for.
+_MODULES = {
+    "csr": ".csr",
+    "factored": ".factored",
+}
+
+#: Every registered engine name.
+ENGINE_NAMES = tuple(_MODULES)
+
+#: Names of the first releases, accepted through the ``method=`` keywords and mapped here.
+LEGACY_NAMES = {"taps": "factored", "entries": "csr"}
+
+
+def engine_class(name: str) -> type[Engine]:
+    """The engine class registered as ``name``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name.
+    ImportError
+        When the engine's module (or a dependency of it) cannot be imported.
+    """
+    if name not in _MODULES:
+        raise ValueError(f"engine must be one of {('auto',) + ENGINE_NAMES}; got {name!r}")
+    return importlib.import_module(_MODULES[name], __name__).ENGINE
+
+
+def resolve_engine_name(name: object, argument: str = "engine") -> str:
+    """Check an engine keyword: ``"auto"`` or a registered name.
+
+    Raises
+    ------
+    ValueError
+        Naming ``argument``, the accepted names and the value given.
+    """
+    if isinstance(name, str) and (name == "auto" or name in _MODULES):
+        return name
+    raise ValueError(f"{argument} must be one of {('auto',) + ENGINE_NAMES}; got {name!r}")

@@ -1,0 +1,376 @@
+"""The engine protocol: what a product engine is built from, and what it must provide.
+
+An operator owns one :class:`Structure` (geometry, dtype, weight mask, the weight itself and
+lazily built, cached pattern data) and one engine per product it has run. An engine is a
+:class:`Engine` subclass constructed from the structure; it computes
+
+- ``matmat(X, threads)``: ``W @ X`` for column blocks ``X`` of shape ``(in_size, N)``,
+- ``rmatmat(D, threads)``: ``W.T @ D`` for ``D`` of shape ``(out_size, N)``,
+- ``weight_grad(X, D, threads)``: the kernel gradient, shape ``weight_shape``,
+
+refreshes what it derived from the weight in ``refresh(weight)``, reports the bytes it holds
+in ``nbytes`` and, before it builds anything, what it would build in ``estimate_nbytes``, so
+that the memory budget refuses *before* allocating. ``applicable(structure, product)`` says
+whether it can run a structure at all (the policy never picks an engine that cannot).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Optional
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..factored import AdjointTables, adjoint_plan, adjoint_tables, forward_table
+from ..geometry import ConvGeometry, parse_memory_budget
+from ..pattern import (MemoryBudgetError, TiedPattern, ValueLayout, build_pattern, format_bytes, pattern_nbytes,
+                       spatial_pattern, value_layout)
+
+__all__ = ["PRODUCTS", "Structure", "Engine", "GuardedMatrix", "MatrixModifiedError", "freeze"]
+
+#: The products every engine implements, by the names used everywhere (operator keywords,
+#: ``op.engine(product)``, the benchmark).
+PRODUCTS = ("forward", "adjoint", "weight_grad")
+
+
+def freeze(array: np.ndarray) -> np.ndarray:
+    """Make ``array`` read-only and return a view of it that cannot be made writeable again.
+
+    numpy lets the owner of a buffer flip its ``writeable`` flag back, but not a view of a
+    read-only owner: the view is what leaves the package.
+    """
+    array.flags.writeable = False
+    return array[...]
+
+
+class MatrixModifiedError(ValueError):
+    """The public ``op.matrix`` no longer has the arrays the operator gave it."""
+
+
+class GuardedMatrix:
+    """A CSR matrix whose values the package writes and whose public face users cannot corrupt.
+
+    The value array is owned privately; the package writes it through a private writeable
+    view, the products read a private ``csr_array``, and :meth:`public` hands out a second
+    ``csr_array`` over read-only views of the same buffers (no copy). In-place edits of the
+    public arrays raise numpy's read-only error; scipy methods that restructure the matrix
+    (``eliminate_zeros``, ``sort_indices`` on unsorted flags) fail the same way; replacing its
+    arrays (``setdiag``, ``resize``, assignment) is detected by :meth:`check`, which the
+    operator calls before writing new values, so nothing is written into a structure the
+    public matrix no longer has.
+
+    Parameters
+    ----------
+    values : ndarray of shape (nnz,)
+        Contiguous; becomes owned by this object.
+    indices, indptr : ndarray
+        Read-only CSR index arrays.
+    shape : (int, int)
+    """
+
+    def __init__(self, values: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple[int, int]):
+        self.writer = values.view()
+        self._values = values
+        values.flags.writeable = False
+        self.private = sp.csr_array((values, indices, indptr), shape=shape)
+        self._public: Optional[sp.csr_array] = None
+        self._public_arrays: tuple[np.ndarray, ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the values (the index arrays belong to the structure)."""
+        return int(self._values.nbytes)
+
+    def public(self) -> sp.csr_array:
+        """The matrix users see: same buffers, read-only."""
+        if self._public is None:
+            p = self.private
+            self._public = sp.csr_array((p.data[...], p.indices[...], p.indptr[...]), shape=p.shape)
+            self._public.has_sorted_indices = True
+            self._public_arrays = (self._public.indptr, self._public.indices, self._public.data)
+        else:
+            self.check()
+        return self._public
+
+    def check(self) -> None:
+        """Raise :class:`MatrixModifiedError` if the public matrix's arrays were replaced."""
+        m = self._public
+        if m is None:
+            return
+        if (type(m) is not sp.csr_array or m.shape != self.private.shape
+                or any(a is not b for a, b in zip((m.indptr, m.indices, m.data), self._public_arrays))):
+            raise MatrixModifiedError(
+                "op.matrix was modified: its data/indices/indptr arrays were replaced (by setdiag, resize, "
+                "item assignment or direct assignment), so it no longer shows the values this operator "
+                "computes with. Edit a copy instead (op.matrix.copy()); call op.release_matrix() to detach "
+                "the modified matrix (it keeps its values; op.matrix then returns a fresh one)")
+
+    def detach(self) -> None:
+        """Give the public matrix up: later writes go to a new value array it does not share."""
+        if self._public is None:
+            return
+        values = self.private.data.copy()
+        p = self.private
+        self.__init__(values, p.indices, p.indptr, p.shape)
+
+    def hand_over(self) -> sp.csr_array:
+        """The matrix with writeable arrays, for a caller that takes it over (no copy).
+
+        Only for an owner about to be discarded (``conv_matrix``): afterwards nothing guards
+        the arrays.
+        """
+        arrays = []
+        for a in (self.private.data, self.private.indices, self.private.indptr):
+            owner = a
+            while isinstance(owner.base, np.ndarray):
+                owner = owner.base
+            owner.flags.writeable = True
+            a.flags.writeable = True
+            arrays.append(a)
+        return sp.csr_array(tuple(arrays), shape=self.private.shape)
+
+    def __getstate__(self) -> dict:
+        # Views would be copied as arrays of their own and lose their link to the values.
+        p = self.private
+        return {"values": np.array(self._values), "indices": p.indices, "indptr": p.indptr, "shape": p.shape}
+
+    def __setstate__(self, state: dict) -> None:
+        for name in ("indices", "indptr"):
+            state[name].flags.writeable = False
+        self.__init__(state["values"], state["indices"], state["indptr"], state["shape"])
+
+
+class Structure:
+    """Everything the engines of one convolution share: geometry, dtype, mask, weight, pattern data.
+
+    The weight is held here once (engines read it; the CSR engine derives its value array
+    from it). Pattern data is built on first request, each piece after the memory budget has
+    been charged for it, and kept.
+
+    Parameters
+    ----------
+    geometry : ConvGeometry
+    dtype : dtype
+        float32 or float64.
+    weight_mask : ndarray of bool, shape ``weight_shape``, optional
+        Copied; the copy is read-only.
+    memory_budget : int or str, optional
+        See :func:`sparseconv.geometry.parse_memory_budget`.
+
+    Attributes
+    ----------
+    geometry : ConvGeometry
+    dtype : numpy.dtype
+    mask : ndarray of bool or None
+        Read-only.
+    weight : ndarray of shape ``weight_shape``
+        The current weight (write it only through the operator's ``set_weight``).
+    public_weight : ndarray of shape ``weight_shape``
+        A read-only view of it that cannot be made writeable (what ``op.weight`` returns).
+    spatial : SpatialPattern
+        The tap-level pattern of one (filter, channel) pair (small: built at construction).
+    memory_budget : int
+    built_bytes : int
+        Bytes charged so far for built pattern data and engine arrays.
+    """
+
+    def __init__(self, geometry: ConvGeometry, dtype: np.dtype, *, weight_mask: Optional[np.ndarray] = None,
+                 memory_budget: object = None) -> None:
+        self.geometry = geometry
+        self.dtype = np.dtype(dtype)
+        self.memory_budget = parse_memory_budget(memory_budget)
+        if weight_mask is None:
+            self.mask = None
+        else:
+            mask = np.asarray(weight_mask)
+            if mask.dtype != bool or mask.shape != geometry.weight_shape:
+                raise ValueError(f"weight_mask must be a bool array of shape {geometry.weight_shape}; "
+                                 f"got {mask.dtype} array of shape {mask.shape}")
+            self.mask = freeze(mask.copy())
+        self.spatial = spatial_pattern(geometry)
+        self._set_weight_arrays(np.zeros(geometry.weight_shape, dtype=self.dtype))
+        self.built_bytes = 0
+        self._pattern: Optional[TiedPattern] = None
+        self._layout: Optional[ValueLayout] = None
+        self._forward_table: Optional[np.ndarray] = None
+        self._adjoint_tables: Optional[AdjointTables] = None
+
+    def _set_weight_arrays(self, owner: np.ndarray) -> None:
+        # ``weight`` writes through a view taken before the owner is frozen; ``public_weight``
+        # is a view of the frozen owner, which nobody can make writeable again.
+        self.weight = owner.view()
+        self.public_weight = freeze(owner)
+
+    def __getstate__(self) -> dict:
+        # The two weight views would be copied as separate arrays: keep the values only.
+        state = dict(self.__dict__)
+        state["weight"] = np.array(self.weight)
+        del state["public_weight"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        owner = state.pop("weight")
+        self.__dict__.update(state)
+        self._set_weight_arrays(owner)
+
+    # ------------------------------------------------------------------ shape facts
+    @property
+    def mask_fraction(self) -> float:
+        """Fraction of weights present (1.0 without a mask)."""
+        return 1.0 if self.mask is None else float(self.mask.mean())
+
+    @property
+    def nnz(self) -> int:
+        """Stored entries of the CSR matrix (counted without building it when every entry is one weight)."""
+        if self._pattern is None and self.spatial.single_tap:
+            g = self.geometry
+            per_tap = np.bincount(self.spatial.tap, minlength=int(np.prod(g.kernel_size)))
+            if self.mask is None:
+                return int(g.out_channels * (g.in_channels // g.groups) * self.spatial.n_items)
+            return int((self.mask.reshape(g.out_channels, -1, per_tap.size) * per_tap).sum())
+        return self.pattern().nnz
+
+    def kernel(self, dtype: Optional[np.dtype] = None) -> np.ndarray:
+        """The weight as ``(F, C // G, prod(kernel))``, in ``dtype`` (default the structure's)."""
+        g = self.geometry
+        k = self.weight.reshape(g.out_channels, g.in_channels // g.groups, -1)
+        return k if dtype is None or np.dtype(dtype) == self.dtype else k.astype(dtype)
+
+    def finish_grad(self, grad: np.ndarray) -> np.ndarray:
+        """A kernel gradient in the weight's shape and dtype, zero at masked weights."""
+        grad = grad.reshape(self.geometry.weight_shape)
+        if self.mask is not None:
+            grad[~self.mask] = 0
+        return grad.astype(self.dtype, copy=False)
+
+    # ------------------------------------------------------------------ budget
+    def reserve(self, nbytes: int, what: str) -> None:
+        """Charge ``nbytes`` to the memory budget, or raise before anything is allocated.
+
+        Raises
+        ------
+        MemoryBudgetError
+            When the bytes built so far plus ``nbytes`` exceed the budget.
+        """
+        if self.built_bytes + nbytes > self.memory_budget:
+            already = f" on top of {format_bytes(self.built_bytes)} already built" if self.built_bytes else ""
+            raise MemoryBudgetError(
+                f"{what} of this convolution ({self.geometry.describe()}) would need {format_bytes(nbytes)}"
+                f"{already} but the memory budget is {format_bytes(self.memory_budget)}; pass "
+                f"memory_budget=<bytes, or a string such as '8GiB'> or set the SPARSECONV_MEMORY_BUDGET "
+                f"environment variable to raise it, or pick an engine that needs less (engine=...)")
+        self.built_bytes += nbytes
+
+    # ------------------------------------------------------------------ cached pattern data
+    def pattern_nbytes(self) -> int:
+        """Bytes of the CSR matrix (values, indices, row pointers, tying map), 0 once built."""
+        if self._pattern is not None:
+            return 0
+        return pattern_nbytes(self.geometry, self.spatial, self.mask, self.dtype)
+
+    def pattern(self) -> TiedPattern:
+        """The CSR structure and tying map (index arrays read-only), built at first call.
+
+        The budget is charged for the whole matrix, values included (the CSR engine
+        allocates them right after).
+        """
+        if self._pattern is None:
+            self.reserve(self.pattern_nbytes(), "the sparse matrix")
+            p = build_pattern(self.geometry, weight_mask=self.mask, value_dtype=self.dtype,
+                              memory_budget=self.memory_budget, spatial=self.spatial)
+            for array in (p.indptr, p.indices, p.param_index):
+                if array is not None:
+                    array.flags.writeable = False
+            self._pattern = p
+        return self._pattern
+
+    def value_layout(self) -> Optional[ValueLayout]:
+        """How a weight fills the CSR value array in strided broadcasts (None: gather instead)."""
+        p = self.pattern()
+        if self._layout is None and p.param_index is not None:
+            self._layout = value_layout(self.geometry, p.indptr, p.param_index, uniform_filters=self.mask is None)
+        return self._layout
+
+    def forward_table_nbytes(self) -> int:
+        """Bytes of :meth:`forward_table`, 0 once built."""
+        if self._forward_table is not None:
+            return 0
+        return int(np.prod(self.geometry.out_size)) * int(np.prod(self.geometry.kernel_size)) * np.intp(0).itemsize
+
+    def forward_table(self) -> np.ndarray:
+        """The tap table, see :func:`sparseconv.factored.forward_table` (read-only)."""
+        if self._forward_table is None:
+            self.reserve(self.forward_table_nbytes(), "the tap table")
+            self._forward_table = freeze(forward_table(self.geometry, self.spatial))
+        return self._forward_table
+
+    def adjoint_tables_nbytes(self) -> int:
+        """Bytes of :meth:`adjoint_tables` (counted without building them), 0 once built."""
+        if self._adjoint_tables is not None:
+            return 0
+        scatter, slots = adjoint_plan(self.geometry, self.spatial)
+        return (int(np.prod(self.geometry.kernel_size)) if scatter else slots) * np.intp(0).itemsize
+
+    def adjoint_tables(self) -> AdjointTables:
+        """The factored adjoint's tables, see :func:`sparseconv.factored.adjoint_tables`."""
+        if self._adjoint_tables is None:
+            self.reserve(self.adjoint_tables_nbytes(), "the adjoint tap tables")
+            self._adjoint_tables = adjoint_tables(self.geometry, self.spatial)
+        return self._adjoint_tables
+
+
+class Engine:
+    """Base class of product engines (see the module docstring for the protocol).
+
+    Subclasses set :attr:`name`, implement the three products and, if they build anything,
+    :meth:`estimate_nbytes`, :meth:`prepare` and :attr:`nbytes`. Inputs are real arrays of
+    the structure's dtype, or float64 for a float32 structure (an engine then computes in
+    float64 with the float32 weight values, exactly; the operator's LinearOperator interface
+    uses this so that no input is rounded). ``N`` may be anything from 1 up (the operator
+    answers empty batches itself).
+
+    Parameters
+    ----------
+    structure : Structure
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, structure: Structure) -> None:
+        self.structure = structure
+
+    @classmethod
+    def applicable(cls, structure: Structure, product: str) -> bool:
+        """Whether this engine can run ``product`` on ``structure`` at all."""
+        return True
+
+    @classmethod
+    def estimate_nbytes(cls, structure: Structure, product: str) -> int:
+        """Bytes :meth:`prepare` would build for ``product`` (not counting what is built already)."""
+        return 0
+
+    def prepare(self, product: str) -> None:
+        """Build what ``product`` needs, charging the memory budget first. Idempotent."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this engine holds itself (pattern data shared in the structure not included)."""
+        return 0
+
+    def matmat(self, X: np.ndarray, threads: Optional[int]) -> np.ndarray:
+        """``W @ X``: ``(in_size, N) -> (out_size, N)``."""
+        raise NotImplementedError
+
+    def rmatmat(self, D: np.ndarray, threads: Optional[int]) -> np.ndarray:
+        """``W.T @ D``: ``(out_size, N) -> (in_size, N)``."""
+        raise NotImplementedError
+
+    def weight_grad(self, X: np.ndarray, D: np.ndarray, threads: Optional[int]) -> np.ndarray:
+        """Kernel gradient of ``<D, W @ X>``: shape ``weight_shape``, zero at masked weights."""
+        raise NotImplementedError
+
+    def refresh(self, weight: np.ndarray) -> None:
+        """The structure's weight now holds ``weight``: update anything derived from it."""
+
+    def check(self) -> None:
+        """Raise if something this engine handed out was changed so that a refresh would be unsafe."""

@@ -1,0 +1,76 @@
+"""Which engine runs which product: one rule, from the layer's shape and mask only.
+
+The factored product wins when BLAS gets wide enough operands and few of the gathered taps
+are explicit zeros; this rule encodes the measurements in ``benchmarks/bench_speed.py`` (the
+factored forward runs at 33-87 GFLOP/s where the CSR kernel runs at about 15 per core). It
+never looks at timing, so results are reproducible. The kernel gradient always takes the
+factored engine (one GEMM per group, no ``(nnz, N)`` scratch).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..factored import adjoint_plan
+from .base import PRODUCTS, Structure
+
+__all__ = ["choose_engine", "default_engine", "ENV_VAR"]
+
+#: The environment variable that, when set, replaces ``"auto"`` as every operator's default.
+ENV_VAR = "SPARSECONV_ENGINE"
+
+# When the factored product is used: at least this many channels per group on the gathered
+# side (each gathered row is one contiguous run of them), this many on the GEMM's output
+# side, and at least this fraction of the gathered taps real (not padding, not masked, not a
+# hole between strided outputs). With 16 or more channels on both sides the factored product
+# does a tap 5-7x faster than the CSR kernel does an entry (32->32 3x3 layer: 1.05 ms against
+# 6.9 ms), so it still wins with three taps in four masked out; narrower layers need half the
+# taps real.
+_MIN_GATHER_CHANNELS = 4
+_MIN_OUTPUT_CHANNELS = {"forward": 4, "adjoint": 8}
+_WIDE_CHANNELS = 16
+_MIN_FILL = 0.5
+_MIN_FILL_WIDE = 0.25
+
+
+def choose_engine(structure: Structure, product: str) -> str:
+    """``"factored"`` or ``"csr"`` for one product of one layer.
+
+    Parameters
+    ----------
+    structure : Structure
+        The layer's geometry, spatial pattern and mask.
+    product : {"forward", "adjoint", "weight_grad"}
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``product``.
+    """
+    if product not in PRODUCTS:
+        raise ValueError(f"product must be one of {PRODUCTS}; got {product!r}")
+    if product == "weight_grad":
+        return "factored"
+    geom, spatial = structure.geometry, structure.spatial
+    cin_g, f_per_g = geom.in_channels // geom.groups, geom.out_channels // geom.groups
+    gathered, produced = (cin_g, f_per_g) if product == "forward" else (f_per_g, cin_g)
+    if gathered < _MIN_GATHER_CHANNELS or produced < _MIN_OUTPUT_CHANNELS[product]:
+        return "csr"
+    if product == "forward":
+        slots = int(np.prod(geom.out_size)) * int(np.prod(geom.kernel_size))
+    else:
+        slots = adjoint_plan(geom, spatial)[1]
+    fill = structure.mask_fraction * spatial.n_items / max(slots, 1)
+    wide = min(gathered, produced) >= _WIDE_CHANNELS
+    return "factored" if fill >= (_MIN_FILL_WIDE if wide else _MIN_FILL) else "csr"
+
+
+def default_engine() -> str:
+    """The engine an operator uses when none is named: ``$SPARSECONV_ENGINE``, else ``"auto"``."""
+    return os.environ.get(ENV_VAR) or "auto"
