@@ -378,6 +378,9 @@ def test_layout_option_validated():
     assert net[0:1].layout == "columns"
     net.layout = "batch_first"
     assert net[0:1].layout == "batch_first"
+    assert lenet5(build=False, layout="batch_first").layout == "batch_first"
+    with pytest.raises(ValueError, match="layout must be one of"):
+        lenet5(build=False, layout="NCHW")
 
 
 def test_backward_in_the_other_layout_is_refused_and_consumes_nothing():

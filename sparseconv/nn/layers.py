@@ -156,7 +156,8 @@ def _channel_view(values: np.ndarray, ndim: int) -> np.ndarray:
 
 
 def _size(shape: Sequence[int]) -> int:
-    return int(np.prod(shape, dtype=np.int64))
+    """Entries of one sample of ``shape`` (1 for ``()``)."""
+    return math.prod(int(v) for v in shape)
 
 
 def _as_columns(X: object, shape: tuple[int, ...], dtype: Optional[np.dtype], name: str = "X") -> np.ndarray:
