@@ -410,18 +410,25 @@ def test_sequential_backward_checks_dy_and_names_bad_input_layer():
         net.forward(np.zeros((2, 1, 32, 32), dtype=np.float32))
 
 
-def test_column_blocks_stay_column_blocks():
-    """Between layers the batch is never turned back into (N, ...) rows: a sparse layer's input
-    is the C-contiguous (features, N) block the Sequential made or the previous layer returned."""
+def test_memory_order_follows_the_engine():
+    """The batch enters as the transposed view of x (no copy); a CSR layer gets (and returns) a
+    C-contiguous block, a factored layer the F-contiguous one (its batch-first view), and
+    element-wise layers keep the order they are given -- no transposes back to rows between."""
     seen = []
 
     class Spy(nn.Identity):
         def forward_columns(self, X, shape):
-            seen.append((X.shape, X.flags.c_contiguous))
+            seen.append((X.shape, X.flags.c_contiguous, X.flags.f_contiguous, X.base is not None))
             return super().forward_columns(X, shape)
 
-    mask = _mask((8, 8, 3, 3), 0.1, 40)
-    net = nn.Sequential(Spy(), nn.Conv2d(8, 8, 3, padding=1, weight_mask=mask, rng=41), Spy(), nn.ReLU(), Spy())
-    assert net[1].build((8, 6, 6)).engine("forward") == "csr"
-    net.forward(np.ones((5, 8, 6, 6)))
-    assert seen == [((288, 5), True)] * 3
+    pruned = nn.Conv2d(8, 8, 3, padding=1, weight_mask=_mask((8, 8, 3, 3), 0.1, 40), rng=41)
+    dense = nn.Conv2d(8, 8, 3, padding=1, rng=42)
+    assert pruned.build((8, 6, 6)).engine("forward") == "csr"
+    assert dense.build((8, 6, 6)).engine("forward") == "factored"
+    net = nn.Sequential(Spy(), pruned, Spy(), nn.ReLU(), Spy(), dense, Spy(), nn.ReLU(), Spy())
+    x = np.ones((5, 8, 6, 6))
+    net.forward(x)
+    view_of_x, after_csr, after_relu, after_factored, after_relu2 = seen
+    assert view_of_x == ((288, 5), False, True, True)
+    assert after_csr[:3] == after_relu[:3] == ((288, 5), True, False)
+    assert after_factored[:3] == after_relu2[:3] == ((288, 5), False, True)

@@ -569,11 +569,11 @@ class Sequential(Module):
     layout : {"columns", "batch_first"}, default "columns"
         How :meth:`forward` and :meth:`backward` carry the batch between layers (the
         attribute :attr:`layout` can be changed between passes). ``"columns"``: the batch
-        ``x`` of shape ``(N, *sample)`` is transposed once into a C-contiguous column block
-        ``(prod(sample), N)``, every layer runs on column blocks
-        (:meth:`~Module.forward_columns`), and the result is transposed back once; the
-        backward pass likewise. Sparse products then multiply ``N``-wide rows with no
-        transposes between layers -- what pruned layers need to be fast. ``"batch_first"``:
+        ``x`` of shape ``(N, *sample)`` becomes a column block ``(prod(sample), N)``, every
+        layer runs on column blocks (:meth:`~Module.forward_columns`), and the result is
+        turned back into ``(N, *out)`` at the end; the backward pass likewise. Sparse
+        products then multiply ``N``-wide rows with no transposes between layers -- what
+        pruned layers need to be fast. ``"batch_first"``:
         every layer's own :meth:`~Module.forward` on ``(N, C, *spatial)`` batches. Both give
         the same results to rounding.
 
@@ -584,10 +584,17 @@ class Sequential(Module):
     layer; with a slice, a new ``Sequential`` sharing the layers (and the layout).
 
     Inside another ``Sequential`` a ``Sequential`` runs in whatever layout its container
-    passes it (its own ``layout`` applies to its own :meth:`forward`). The blocks between
-    layers are ``(features, N)`` in the memory order the producing computation gives
-    (C-contiguous from the CSR engine, the transposed batch from the factored one); nothing
-    is copied to change it.
+    passes it (its own ``layout`` applies to its own :meth:`forward`).
+
+    Memory order in the column layout: a block is ``(features, N)`` whatever its strides.
+    The CSR kernel (and compiled engines) multiply ``N``-wide rows and want it
+    C-contiguous; the factored engine computes on the batch-first view ``X.T`` and wants it
+    F-contiguous. Each sparse layer hands its engine the order that engine wants, copying
+    only when the block is in the other one, and element-wise layers keep the order they
+    are given. So the batch is transposed (copied) once on the way in, by the first layer
+    that needs C order, and once on the way out; a layer after one with the other engine
+    pays one more copy; a chain of factored layers (dense layers) pays none, as in
+    ``"batch_first"``.
     """
 
     def __init__(self, *layers: Module, layout: str = "columns"):
@@ -663,8 +670,10 @@ class Sequential(Module):
             if x.ndim < 1:
                 raise ValueError("x must be a batch of shape (N, ...); got a scalar")
             n, shape = x.shape[0], tuple(x.shape[1:])
-            # The one copy on the way in: samples become C-contiguous columns.
-            X = np.ascontiguousarray(x.reshape(n, int(np.prod(shape, dtype=np.int64))).T)
+            # The columns start as the transposed view of x: the first layer whose engine
+            # wants C-contiguous blocks makes the one transpose copy, and a network of
+            # factored-engine layers (which compute on that very view) makes none.
+            X = x.reshape(n, int(np.prod(shape, dtype=np.int64))).T
             Y, outs = self._forward_layers(X, shape)
             self._save((n, shape, outs), "columns")
             # ... and the one on the way out.
@@ -700,7 +709,7 @@ class Sequential(Module):
         if dy.shape != (n, *out):
             raise ValueError(f"Sequential.backward: dy must have the shape of the matching forward's output, "
                              f"{(n, *out)}; got {dy.shape}")
-        D = self._backward_layers(np.ascontiguousarray(dy.reshape(n, int(np.prod(out, dtype=np.int64))).T), outs)
+        D = self._backward_layers(np.asarray(dy).reshape(n, int(np.prod(out, dtype=np.int64))).T, outs)
         self._release()
         return np.ascontiguousarray(D.T).reshape((n, *shape))
 
