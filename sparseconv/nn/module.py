@@ -248,8 +248,8 @@ class Module:
         Parameters
         ----------
         X : ndarray of shape (prod(shape), N)
-            Column ``n`` is sample ``n`` flattened in C order (any memory order; C-contiguous
-            blocks are what the sparse engines run fastest on).
+            Column ``n`` is sample ``n`` flattened in C order, in any memory order (sparse
+            layers hand their engine the order it runs fastest on, see :class:`Sequential`).
         shape : tuple of int
             One sample's shape, ``(C, *spatial)`` (what ``x.shape[1:]`` is in batch-first layout).
 
@@ -597,6 +597,9 @@ class Sequential(Module):
     ``"batch_first"``.
     """
 
+    # Class default, so that a Sequential pickled before the layout existed unpickles as one.
+    _layout = "columns"
+
     def __init__(self, *layers: Module, layout: str = "columns"):
         super().__init__()
         for i, layer in enumerate(layers):
@@ -714,6 +717,7 @@ class Sequential(Module):
         return np.ascontiguousarray(D.T).reshape((n, *shape))
 
     def forward_columns(self, X: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
+        """Every layer's :meth:`~Module.forward_columns` in turn (whatever :attr:`layout` says)."""
         members = self._open_pass()
         try:
             Y, outs = self._forward_layers(X, tuple(shape))
@@ -724,6 +728,7 @@ class Sequential(Module):
         return Y, (outs[-1] if outs else tuple(shape))
 
     def backward_columns(self, D: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """Every layer's :meth:`~Module.backward_columns`, last layer first."""
         n, first, outs = self._restore("columns")
         out = outs[-1] if outs else first
         D = np.asarray(D)
