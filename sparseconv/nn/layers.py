@@ -205,7 +205,8 @@ def _per_channel(A: np.ndarray, channels: int) -> np.ndarray:
 
 def _add_channel_bias(Y: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """``Y`` (a fresh column block) plus ``bias[c]`` on every row of channel ``c``, in place."""
-    _per_channel(Y, bias.size)[...] += bias[:, None, None]
+    view = _per_channel(Y, bias.size)
+    view += bias[:, None, None]
     return Y
 
 

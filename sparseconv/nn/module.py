@@ -571,7 +571,7 @@ class Sequential(Module):
         attribute :attr:`layout` can be changed between passes). ``"columns"``: the batch
         ``x`` of shape ``(N, *sample)`` becomes a column block ``(prod(sample), N)``, every
         layer runs on column blocks (:meth:`~Module.forward_columns`), and the result is
-        turned back into ``(N, *out)`` at the end; the backward pass likewise. Sparse
+        viewed as ``(N, *out)`` at the end; the backward pass likewise. Sparse
         products then multiply ``N``-wide rows with no transposes between layers -- what
         pruned layers need to be fast. ``"batch_first"``:
         every layer's own :meth:`~Module.forward` on ``(N, C, *spatial)`` batches. Both give
@@ -591,10 +591,11 @@ class Sequential(Module):
     C-contiguous; the factored engine computes on the batch-first view ``X.T`` and wants it
     F-contiguous. Each sparse layer hands its engine the order that engine wants, copying
     only when the block is in the other one, and element-wise layers keep the order they
-    are given. So the batch is transposed (copied) once on the way in, by the first layer
-    that needs C order, and once on the way out; a layer after one with the other engine
-    pays one more copy; a chain of factored layers (dense layers) pays none, as in
-    ``"batch_first"``.
+    are given. The batch enters as the transposed view of ``x`` and leaves as the
+    ``(N, *out)`` view of the last block (strided, as the batch-first path's outputs are),
+    so it is transposed (copied) at most once on the way in, by the first layer that needs
+    C order; a layer after one with the other engine pays one more copy; a chain of
+    factored layers (dense layers) pays none.
     """
 
     # Class default, so that a Sequential pickled before the layout existed unpickles as one.
@@ -679,8 +680,9 @@ class Sequential(Module):
             X = x.reshape(n, int(np.prod(shape, dtype=np.int64))).T
             Y, outs = self._forward_layers(X, shape)
             self._save((n, shape, outs), "columns")
-            # ... and the one on the way out.
-            return np.ascontiguousarray(Y.T).reshape((n, *(outs[-1] if outs else shape)))
+            # The output is the (N, *out) view of the last block, as the batch-first path's
+            # outputs are views of their operators' column blocks: no copy.
+            return Y.T.reshape((n, *(outs[-1] if outs else shape)))
         finally:
             for m in members:
                 m._pass_open = False
@@ -714,7 +716,7 @@ class Sequential(Module):
                              f"{(n, *out)}; got {dy.shape}")
         D = self._backward_layers(np.asarray(dy).reshape(n, int(np.prod(out, dtype=np.int64))).T, outs)
         self._release()
-        return np.ascontiguousarray(D.T).reshape((n, *shape))
+        return D.T.reshape((n, *shape))
 
     def forward_columns(self, X: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
         """Every layer's :meth:`~Module.forward_columns` in turn (whatever :attr:`layout` says)."""
