@@ -431,3 +431,20 @@ def test_memory_order_follows_the_engine():
     assert view_of_x == ((288, 5), False, True, True)
     assert after_csr[:3] == after_relu[:3] == ((288, 5), True, False)
     assert after_factored[:3] == after_relu2[:3] == ((288, 5), False, True)
+
+
+def test_refused_backward_consumes_nothing_in_columns():
+    """A dy of the wrong dtype is refused before any layer runs; the right one then works."""
+    net = lenet5(seed=5)
+    x = np.random.default_rng(14).standard_normal((3, 1, 32, 32)).astype(np.float32)
+    dy = np.random.default_rng(15).standard_normal((3, 10))
+    net.zero_grad()
+    net.forward(x)
+    with pytest.raises(TypeError, match="has dtype float64 but the operator computes in float32"):
+        net.backward(dy)
+    assert all(not np.any(p.grad) for p in net.parameters())
+    dx = net.backward(dy.astype(np.float32))
+    twin = lenet5(seed=5, layout="batch_first")
+    twin.zero_grad()
+    twin.forward(x)
+    assert_allclose(dx, twin.backward(dy.astype(np.float32)))
