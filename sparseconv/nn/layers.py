@@ -188,7 +188,7 @@ def _check_columns_dy(layer: Module, D: object, shape: tuple[int, ...], given: S
 # Engines that compute on the batch-first view of a column block (``X.T`` as ``(N, C, *in)``)
 # and so run fastest when each sample is contiguous (the block F-contiguous); the others (the
 # CSR kernel, compiled kernels) multiply N-wide rows and want it C-contiguous. On a 64->64 3x3
-# 32x32 layer at N = 32 the factored gathers take 1.6-2x as long on a C-contiguous block as
+# 32x32 layer at N = 32 the factored products take 1.4-2x as long on a C-contiguous block as
 # on an F-contiguous one, several times the cost of the copy.
 _BATCH_FIRST_ENGINES = frozenset({"factored"})
 
