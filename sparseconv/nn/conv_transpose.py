@@ -96,6 +96,12 @@ class _ConvTransposeNd(_ConvBase):
         # the layer zeroes their gradient.
         return ConvTransposeOperator(self.weight.data, input_shape, memory_budget=self.memory_budget, **self.options)
 
+    def _weight_grad_columns(self, op: ConvTransposeOperator, X: np.ndarray, D: np.ndarray) -> np.ndarray:
+        # The operator's kernel gradient takes batches; the batch-first views of the column
+        # blocks are transposes (no copy), which it turns back into columns for its engine.
+        n = X.shape[1]
+        return op.weight_grad(X.T.reshape((n, *op.input_shape)), D.T.reshape((n, *op.out_shape)))
+
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         input_shape = tuple(input_shape)
         check_sample_shape(input_shape, self.ndim, self.in_channels)

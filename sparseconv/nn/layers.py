@@ -13,6 +13,13 @@ network.
 
 Each linear layer can also describe itself as a matrix on flattened samples
 (:meth:`export`), which is how :func:`sparseconv.to_mlp` turns a network into an MLP.
+
+Every layer also computes on *column blocks* ``(prod(sample), N)`` -- flattened samples as
+columns, the layout of ``W @ X`` -- through ``forward_columns(X, shape)`` and
+``backward_columns(D, shape)`` (see :class:`~sparseconv.nn.Module`): convolutions and
+pooling as ``op @ X``, ``op.H @ D`` and the column-layout kernel gradient of their operator,
+per-channel terms broadcast over the ``(C, prod(spatial), N)`` view, element-wise layers
+unchanged. A :class:`~sparseconv.nn.Sequential` runs its layers this way by default.
 """
 
 from __future__ import annotations
@@ -148,6 +155,69 @@ def _channel_view(values: np.ndarray, ndim: int) -> np.ndarray:
     return values.reshape((-1,) + (1,) * ndim)
 
 
+def _size(shape: Sequence[int]) -> int:
+    """Entries of one sample of ``shape`` (1 for ``()``)."""
+    return math.prod(int(v) for v in shape)
+
+
+def _as_columns(X: object, shape: tuple[int, ...], dtype: Optional[np.dtype], name: str = "X") -> np.ndarray:
+    """``X`` as a column block of samples of ``shape``: ``(prod(shape), N)``, in ``dtype`` when given."""
+    arr = np.asarray(X)
+    if dtype is None:
+        if arr.dtype.kind != "f":
+            raise TypeError(f"{name} must be a floating array; got dtype {arr.dtype}")
+    else:
+        arr = check_array_dtype(arr, dtype, name)
+    if arr.ndim != 2 or arr.shape[0] != _size(shape):
+        raise ValueError(f"{name} must be a column block of shape ({_size(shape)}, N) for samples of shape "
+                         f"{tuple(shape)}; got an array of shape {arr.shape}")
+    return arr
+
+
+def _check_columns_dy(layer: Module, D: object, shape: tuple[int, ...], given: Sequence[int], n: int,
+                      dtype: np.dtype) -> np.ndarray:
+    """The check every ``backward_columns`` makes: ``D`` is the block its forward produced."""
+    arr = np.asarray(D)
+    if tuple(given) != tuple(shape) or arr.shape != (_size(shape), n):
+        raise ValueError(f"{type(layer).__name__}.backward_columns: D must have the shape of the matching "
+                         f"forward's output, ({_size(shape)}, {n}) for samples of shape {tuple(shape)}; got "
+                         f"{arr.shape} for samples of shape {tuple(given)}")
+    return check_array_dtype(arr, dtype, "D")
+
+
+# Engines that compute on the batch-first view of a column block (``X.T`` as ``(N, C, *in)``)
+# and so run fastest when each sample is contiguous (the block F-contiguous); the others (the
+# CSR kernel, compiled kernels) multiply N-wide rows and want it C-contiguous. On a 64->64 3x3
+# 32x32 layer at N = 32 the factored products take 1.4-2x as long on a C-contiguous block as
+# on an F-contiguous one, several times the cost of the copy. The kernel gradient's inputs
+# are passed as they come: in a chain of one engine they are in its order already, and on
+# the mixed pruned LeNet-5 (CSR products, factored gradient) converting them made the
+# training step ~20% slower than not.
+_BATCH_FIRST_ENGINES = frozenset({"factored"})
+
+
+def _for_engine(A: np.ndarray, op: Any, product: str) -> np.ndarray:
+    """``A`` in the memory order ``op``'s engine for ``product`` runs fastest on (a copy only if needed)."""
+    return np.asarray(A, order="F" if op.engine(product) in _BATCH_FIRST_ENGINES else "C")
+
+
+def _per_channel(A: np.ndarray, channels: int) -> np.ndarray:
+    """The ``(C, prod(spatial), N)`` view of a column block (a view whatever its memory order)."""
+    return np.reshape(A, (channels, A.shape[0] // channels, A.shape[1]), copy=False)
+
+
+def _add_channel_bias(Y: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """``Y`` (a fresh column block) plus ``bias[c]`` on every row of channel ``c``, in place."""
+    view = _per_channel(Y, bias.size)
+    view += bias[:, None, None]
+    return Y
+
+
+def _channel_sum(A: np.ndarray, channels: int) -> np.ndarray:
+    """``A`` summed over positions and samples per channel, shape ``(C,)``."""
+    return _per_channel(A, channels).sum(axis=(1, 2))
+
+
 # ---------------------------------------------------------------------- operator layers
 class OperatorLayer(Module):
     """Base of layers that own a sparse operator per input shape.
@@ -217,9 +287,9 @@ class OperatorLayer(Module):
         """The operator most recently built or used (None before the first)."""
         return None if self._last is None else self._last[0]
 
-    def _restore_entry(self) -> tuple[list, Any]:
+    def _restore_entry(self, layout: str = "batch_first") -> tuple[list, Any]:
         """Pop this call's context and check that its operator still holds the forward's values."""
-        entry, versions, ctx = self._restore()
+        entry, versions, ctx = self._restore(layout)
         if entry[1] != versions:
             raise ValueError(f"{self!r}: its parameters were changed between forward() and backward(); run "
                              "forward() again before backward()")
@@ -346,6 +416,40 @@ class _ConvBase(OperatorLayer):
             grad[~self.weight.mask] = 0
         self.weight.grad += grad
         return op.backward_input(dy)
+
+    def _weight_grad_columns(self, op: Any, X: np.ndarray, D: np.ndarray) -> np.ndarray:
+        """The kernel gradient from column blocks of inputs and output sensitivities."""
+        return op.weight_grad(X, D, layout="columns")
+
+    def forward_columns(self, X: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
+        """``op @ X`` plus the bias per output channel; see :meth:`~sparseconv.nn.Module.forward_columns`."""
+        shape = tuple(shape)
+        check_sample_shape(shape, self.ndim, self.in_channels)
+        X = _as_columns(X, shape, self.dtype)
+        entry = self._entry(shape)
+        op = entry[0]
+        X = _for_engine(X, op, "forward")
+        Y = op.matmat(X)
+        if self.bias is not None:
+            Y = _add_channel_bias(Y, self.bias.data)
+        self._save((entry, entry[1], X), "columns")
+        return Y, tuple(op.out_shape)
+
+    def backward_columns(self, D: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """``op.H @ D``; adds the kernel gradient (column layout) and the bias gradient."""
+        op, X = self._restore_entry("columns")
+        n = X.shape[1]
+        D = _check_columns_dy(self, D, op.out_shape, shape, n, self.dtype)
+        self._release()
+        if self.bias is not None:
+            self.bias.grad += _channel_sum(D, self.out_channels)
+        if n == 0:
+            return np.zeros(X.shape, dtype=self.dtype)
+        grad = self._weight_grad_columns(op, X, D)
+        if self.weight.mask is not None:
+            grad[~self.weight.mask] = 0
+        self.weight.grad += grad
+        return op.rmatmat(_for_engine(D, op, "adjoint"))
 
     def export(self, input_shape: tuple[int, ...]) -> tuple[sp.csr_array, Optional[np.ndarray]]:
         """The layer as ``(matrix, bias)`` on flattened samples (bias repeated per position)."""
@@ -564,6 +668,30 @@ class Linear(Module):
             self.params["bias"].grad += dy.sum(axis=0)
         return dy @ self.params["weight"].data
 
+    def forward_columns(self, X: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
+        """``W @ X + b``; see :meth:`~sparseconv.nn.Module.forward_columns`."""
+        if tuple(shape) != (self.in_features,):
+            raise ValueError(f"expected samples of shape ({self.in_features},); got {tuple(shape)}")
+        X = _as_columns(X, shape, self.dtype)
+        Y = self.params["weight"].data @ X
+        if "bias" in self.params:
+            Y += self.params["bias"].data[:, None]
+        self._save((X, self.params["weight"].version), "columns")
+        return Y, (self.out_features,)
+
+    def backward_columns(self, D: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """``W.T @ D``; adds ``D @ X.T`` to the weight's gradient and ``D``'s row sums to the bias's."""
+        X, version = self._restore("columns")
+        if version != self.params["weight"].version:
+            raise ValueError(f"{self!r}: its parameters were changed between forward() and backward(); run "
+                             "forward() again before backward()")
+        D = _check_columns_dy(self, D, (self.out_features,), shape, X.shape[1], self.dtype)
+        self._release()
+        self.params["weight"].grad += D @ X.T
+        if "bias" in self.params:
+            self.params["bias"].grad += D.sum(axis=1)
+        return self.params["weight"].data.T @ D
+
     def export(self, input_shape: tuple[int, ...]) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """``(W, b)`` as dense arrays (copies)."""
         self.output_shape(input_shape)
@@ -632,6 +760,25 @@ class _FixedPool(_PoolBase):
         dy = _check_dy(self, dy, (n, *op.out_shape), self.dtype)
         self._release()
         return self._backward_batch(op, dy)
+
+    def forward_columns(self, X: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
+        """``op @ X`` (the pooling matrix on every column); see :meth:`~sparseconv.nn.Module.forward_columns`."""
+        shape = tuple(shape)
+        self._check_sample(shape)
+        X = _as_columns(X, shape, self.dtype)
+        entry = self._entry(shape)
+        op = entry[0]
+        if hasattr(op, "engine"):
+            X = _for_engine(X, op, "forward")
+        self._save((entry, entry[1], X.shape[1]), "columns")
+        return op.matmat(X), tuple(op.out_shape)
+
+    def backward_columns(self, D: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """``op.H @ D``: each output's sensitivity spread over its window."""
+        op, n = self._restore_entry("columns")
+        D = _check_columns_dy(self, D, op.out_shape, shape, n, self.dtype)
+        self._release()
+        return op.rmatmat(_for_engine(D, op, "adjoint") if hasattr(op, "engine") else D)
 
 
 class AvgPool1d(_FixedPool):
@@ -708,6 +855,42 @@ class _MaxPoolNd(_PoolBase):
         if selection is None:
             return np.zeros(x_shape, dtype=self.dtype)
         return np.asarray(selection.T @ dy.reshape(-1)).reshape(x_shape)
+
+    def forward_columns(self, X: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
+        """Each output copies its window's winner; see :meth:`~sparseconv.nn.Module.forward_columns`.
+
+        The winners are the operator's (:meth:`~sparseconv.pooling.MaxPoolOperator.winners`, on
+        the batch-first view of ``X``), so ties and NaN are resolved as in :meth:`forward`.
+        """
+        shape = tuple(shape)
+        self._check_sample(shape)
+        X = _as_columns(X, shape, self.dtype)
+        entry = self._entry(shape)
+        op = entry[0]
+        n, c = X.shape[1], shape[0]
+        out = tuple(op.out_shape)
+        if n == 0:
+            rows = None
+            Y = np.zeros((_size(out), 0), dtype=self.dtype)
+        else:
+            win = op.winners(X.T.reshape((n, *shape)))
+            # The input row each output row copies, per sample: (C * prod(out), N).
+            rows = (win.transpose(1, 2, 0) + (np.arange(c) * _size(shape[1:]))[:, None, None]).reshape(_size(out), n)
+            Y = X[rows, np.arange(n)]
+        self._save((entry, entry[1], (X.shape, rows)), "columns")
+        return Y, out
+
+    def backward_columns(self, D: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """Each sensitivity routed to the input its output copied (sums where winners are shared)."""
+        op, (x_shape, rows) = self._restore_entry("columns")
+        D = _check_columns_dy(self, D, op.out_shape, shape, x_shape[1], self.dtype)
+        self._release()
+        if rows is None:
+            return np.zeros(x_shape, dtype=self.dtype)
+        n = x_shape[1]
+        flat = (rows * n + np.arange(n)).ravel()
+        dx = np.bincount(flat, weights=D.ravel(), minlength=x_shape[0] * n)
+        return dx.astype(self.dtype, copy=False).reshape(x_shape)
 
 
 class MaxPool1d(_MaxPoolNd):
@@ -817,6 +1000,21 @@ class _ChannelwiseOperator:
         n, c = dy.shape[:2]
         dx = self.spatial_t @ dy.reshape(n * c, -1).T
         return np.ascontiguousarray(dx.T).reshape((n, *self.input_shape))
+
+    def _blocks(self) -> tuple[sp.csr_array, sp.csr_array]:
+        """``kron(I_C, spatial)`` and its transpose, built at the first column product."""
+        if getattr(self, "_block_matrices", None) is None:
+            m = self.matrix
+            self._block_matrices = (m, sp.csr_array(m.T))
+        return self._block_matrices
+
+    def matmat(self, X: np.ndarray) -> np.ndarray:
+        """The pooling of column blocks, ``(C * prod(in), N) -> (C * prod(out), N)``."""
+        return np.asarray(self._blocks()[0] @ X)
+
+    def rmatmat(self, D: np.ndarray) -> np.ndarray:
+        """The transpose on column blocks, ``(C * prod(out), N) -> (C * prod(in), N)``."""
+        return np.asarray(self._blocks()[1] @ D)
 
 
 class _AdaptiveAvgPoolNd(_FixedPool):
@@ -959,6 +1157,31 @@ class Subsampling2d(OperatorLayer):
         self.params["bias"].grad += dy.sum(axis=(0, 2, 3))
         return self._backward_batch(op, dy * self.params["beta"].data[:, None, None])
 
+    def forward_columns(self, X: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
+        """``beta * (P @ X) + b`` per channel; see :meth:`~sparseconv.nn.Module.forward_columns`."""
+        shape = tuple(shape)
+        self._check_sample(shape)
+        X = _as_columns(X, shape, self.dtype)
+        entry = self._entry(shape)
+        down = entry[0].matmat(_for_engine(X, entry[0], "forward"))
+        beta, b = self.params["beta"].data, self.params["bias"].data
+        self._save((entry, entry[1], (down, self.params["beta"].version)), "columns")
+        Y = _per_channel(down, self.channels) * beta[:, None, None] + b[:, None, None]
+        return Y.reshape(down.shape), tuple(entry[0].out_shape)
+
+    def backward_columns(self, D: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """``P.T @ (beta * D)``; adds the gradients of ``beta`` and ``b``."""
+        op, (down, beta_version) = self._restore_entry("columns")
+        if beta_version != self.params["beta"].version:
+            raise ValueError(f"{self!r}: its parameters were changed between forward() and backward(); run "
+                             "forward() again before backward()")
+        D = _check_columns_dy(self, D, op.out_shape, shape, down.shape[1], self.dtype)
+        self._release()
+        self.params["beta"].grad += _channel_sum(D * down, self.channels)
+        self.params["bias"].grad += _channel_sum(D, self.channels)
+        scaled = _per_channel(D, self.channels) * self.params["beta"].data[:, None, None]
+        return op.rmatmat(_for_engine(scaled.reshape(D.shape), op, "adjoint"))
+
     def export(self, input_shape: tuple[int, ...]) -> tuple[sp.csr_array, np.ndarray]:
         """``diag(beta per map) @ P_sum``: each entry is tied to its map's ``beta``."""
         op = self.build(input_shape)
@@ -1045,6 +1268,28 @@ class ChannelAffine(Module):
         self.params["shift"].grad += dy.sum(axis=axes)
         return dy * _channel_view(self.params["scale"].data, x.ndim - 2)
 
+    def forward_columns(self, X: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
+        """``scale * X + shift`` per channel on the ``(C, positions, N)`` view."""
+        shape = tuple(shape)
+        self._check(shape)
+        X = _as_columns(X, shape, self.dtype)
+        self._save((X, shape, self.params["scale"].version), "columns")
+        s, t = self.params["scale"].data, self.params["shift"].data
+        Y = _per_channel(X, self.channels) * s[:, None, None] + t[:, None, None]
+        return Y.reshape(X.shape), shape
+
+    def backward_columns(self, D: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """``scale * D`` per channel; adds the gradients of ``scale`` and ``shift``."""
+        X, x_shape, version = self._restore("columns")
+        if version != self.params["scale"].version:
+            raise ValueError(f"{self!r}: its parameters were changed between forward() and backward(); run "
+                             "forward() again before backward()")
+        D = _check_columns_dy(self, D, x_shape, shape, X.shape[1], self.dtype)
+        self._release()
+        self.params["scale"].grad += _channel_sum(D * X, self.channels)
+        self.params["shift"].grad += _channel_sum(D, self.channels)
+        return (_per_channel(D, self.channels) * self.params["scale"].data[:, None, None]).reshape(D.shape)
+
     def export(self, input_shape: tuple[int, ...]) -> tuple[sp.csr_array, np.ndarray]:
         """``diag(scale per position)`` and the shift repeated per position."""
         shape = self.output_shape(input_shape)
@@ -1106,6 +1351,21 @@ class Activation(Module):
         dy = _check_dy(self, dy, z.shape, z.dtype)
         self._release()
         return dy * self.derivative(z, a)
+
+    def forward_columns(self, X: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
+        """``f(X)`` element-wise (the layout does not matter); see :meth:`~sparseconv.nn.Module.forward_columns`."""
+        shape = tuple(shape)
+        X = _as_columns(X, shape, None)
+        a = self.function(X)
+        self._save((X, a, shape), "columns")
+        return a, shape
+
+    def backward_columns(self, D: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """``D * f'(X)`` element-wise."""
+        z, a, z_shape = self._restore("columns")
+        D = _check_columns_dy(self, D, z_shape, shape, z.shape[1], z.dtype)
+        self._release()
+        return D * self.derivative(z, a)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -1273,6 +1533,22 @@ class Flatten(Module):
         self._release()
         return dy.reshape(shape)
 
+    def forward_columns(self, X: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
+        """``X`` itself: a column block already holds flattened samples."""
+        shape = tuple(shape)
+        if len(shape) < 1:
+            raise ValueError("Flatten needs a batch of shape (N, ...); got samples of shape ()")
+        X = _as_columns(X, shape, None)
+        self._save((shape, X.shape[1], X.dtype), "columns")
+        return X, (_size(shape),)
+
+    def backward_columns(self, D: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """``D`` itself."""
+        x_shape, n, dtype = self._restore("columns")
+        D = _check_columns_dy(self, D, (_size(x_shape),), shape, n, dtype)
+        self._release()
+        return D
+
     def __repr__(self) -> str:
         return "Flatten()"
 
@@ -1293,6 +1569,20 @@ class Identity(Module):
         dy = _check_dy(self, dy, shape, dtype)
         self._release()
         return dy
+
+    def forward_columns(self, X: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
+        """``X`` itself."""
+        shape = tuple(shape)
+        X = _as_columns(X, shape, None)
+        self._save((shape, X.shape[1], X.dtype), "columns")
+        return X, shape
+
+    def backward_columns(self, D: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """``D`` itself."""
+        x_shape, n, dtype = self._restore("columns")
+        D = _check_columns_dy(self, D, x_shape, shape, n, dtype)
+        self._release()
+        return D
 
     def __repr__(self) -> str:
         return "Identity()"
@@ -1337,8 +1627,7 @@ class Dropout(Module):
         if self.is_identity:
             self._save((x.shape, x.dtype, None))
             return x
-        keep = self._rng.random(x.shape) >= self.p
-        scale = np.zeros(x.shape, dtype=x.dtype) if self.p == 1 else keep.astype(x.dtype) / x.dtype.type(1 - self.p)
+        scale = self._scale(x.shape, x.dtype)
         self._save((x.shape, x.dtype, scale))
         return x * scale
 
@@ -1347,6 +1636,36 @@ class Dropout(Module):
         dy = _check_dy(self, dy, shape, dtype)
         self._release()
         return dy if scale is None else dy * scale
+
+    def _scale(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """The mask-and-scale array of one training-mode call on a batch of ``shape``."""
+        keep = self._rng.random(shape) >= self.p
+        if self.p == 1:
+            return np.zeros(shape, dtype=dtype)
+        return keep.astype(dtype) / dtype.type(1 - self.p)
+
+    def forward_columns(self, X: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
+        """``X`` times the mask and scale; see :meth:`~sparseconv.nn.Module.forward_columns`.
+
+        The mask is drawn over the batch-first shape ``(N, *shape)`` and used transposed, so a
+        seeded layer drops the same entries in either layout.
+        """
+        shape = tuple(shape)
+        X = _as_columns(X, shape, None)
+        n = X.shape[1]
+        if self.is_identity:
+            self._save((shape, n, X.dtype, None), "columns")
+            return X, shape
+        scale = self._scale((n, *shape), X.dtype).reshape(n, _size(shape)).T
+        self._save((shape, n, X.dtype, scale), "columns")
+        return X * scale, shape
+
+    def backward_columns(self, D: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """``D`` times the forward call's mask and scale."""
+        x_shape, n, dtype, scale = self._restore("columns")
+        D = _check_columns_dy(self, D, x_shape, shape, n, dtype)
+        self._release()
+        return D if scale is None else D * scale
 
     def __repr__(self) -> str:
         return f"Dropout(p={self.p!r})"

@@ -30,7 +30,10 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 
-__all__ = ["Parameter", "Module", "Sequential", "LayerInputError"]
+__all__ = ["Parameter", "Module", "Sequential", "LayerInputError", "LAYOUTS"]
+
+#: The layouts a :class:`Sequential` can run in (see its ``layout`` parameter).
+LAYOUTS = ("columns", "batch_first")
 
 # One counter for every parameter: a version number is never reused, so an operator synced
 # to one parameter can never mistake a replaced parameter for the one it was built from.
@@ -239,29 +242,83 @@ class Module:
         """One sample's output shape for one sample's input shape (no batch axis)."""
         raise NotImplementedError
 
+    def forward_columns(self, X: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
+        """The layer's output for a batch held as columns.
+
+        Parameters
+        ----------
+        X : ndarray of shape (prod(shape), N)
+            Column ``n`` is sample ``n`` flattened in C order, in any memory order (sparse
+            layers hand their engine the order it runs fastest on, see :class:`Sequential`).
+        shape : tuple of int
+            One sample's shape, ``(C, *spatial)`` (what ``x.shape[1:]`` is in batch-first layout).
+
+        Returns
+        -------
+        Y : ndarray of shape (prod(out_shape), N)
+        out_shape : tuple of int
+            One output sample's shape.
+
+        Notes
+        -----
+        This base implementation runs :meth:`forward` on a transposed *view* of ``X`` (no
+        copy), so any layer works in a column network; the layers of :mod:`sparseconv.nn`
+        override it with column-native computations. Its backward is
+        :meth:`backward_columns`.
+        """
+        n = X.shape[1]
+        y = self.forward(X.T.reshape((n, *shape)))
+        return y.reshape(n, int(np.prod(y.shape[1:], dtype=np.int64))).T, tuple(y.shape[1:])
+
+    def backward_columns(self, D: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """``dJ/dX`` for ``D = dJ/dY`` of the matching :meth:`forward_columns` call, as columns.
+
+        Adds the parameter gradients, as :meth:`backward` does.
+
+        Parameters
+        ----------
+        D : ndarray of shape (prod(shape), N)
+        shape : tuple of int
+            One output sample's shape (the ``out_shape`` the forward call returned).
+
+        Returns
+        -------
+        ndarray of shape (prod(input sample shape), N)
+        """
+        n = D.shape[1]
+        dx = self.backward(D.T.reshape((n, *shape)))
+        return dx.reshape(n, int(np.prod(dx.shape[1:], dtype=np.int64))).T
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.forward(x)
 
-    def _save(self, context: Any) -> None:
-        """Keep ``context`` for the ``backward`` of this call.
+    def _save(self, context: Any, layout: str = "batch_first") -> None:
+        """Keep ``context`` for the backward of this call (``layout``: which forward made it).
 
         Inside a pass (a :meth:`Sequential.forward`) calls stack up; outside one, only the
         latest call is kept, so a layer used on its own for inference holds one context.
         """
         if not self._pass_open:
             self._saved.clear()
-        self._saved.append(context)
+        self._saved.append((layout, context))
 
-    def _restore(self) -> Any:
+    def _restore(self, layout: str = "batch_first") -> Any:
         """The context of the most recent forward call not yet consumed by a backward.
 
         It stays saved until :meth:`_release`: a backward that refuses its ``dy`` leaves the
-        layer as it was, so the call can be repeated with the right ``dy``.
+        layer as it was, so the call can be repeated with the right ``dy``. A context saved by
+        the other layout's forward is refused (``backward`` after ``forward_columns``, or
+        ``backward_columns`` after ``forward``).
         """
         if not self._saved:
             raise ValueError(f"{self!r}: backward() called before forward() (each forward call allows one "
                              "backward call)")
-        return self._saved[-1]
+        saved_layout, context = self._saved[-1]
+        if saved_layout != layout:
+            names = {"batch_first": ("forward", "backward"), "columns": ("forward_columns", "backward_columns")}
+            raise ValueError(f"{self!r}: its last forward call was {names[saved_layout][0]}(); call "
+                             f"{names[saved_layout][1]}() for it, not {names[layout][1]}()")
+        return context
 
     def _release(self) -> None:
         """Consume the context :meth:`_restore` returned (a backward that succeeded)."""
@@ -495,6 +552,12 @@ def _read_checkpoint(path: str) -> dict[str, np.ndarray]:
                          f"{type(err).__name__}: {err}") from None
 
 
+def _check_layout(layout: object) -> str:
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
+    return layout
+
+
 class Sequential(Module):
     """Layers applied one after the other.
 
@@ -503,20 +566,57 @@ class Sequential(Module):
     *layers : Module
         The same instance may appear more than once (e.g. one ``ReLU`` after every layer);
         gradients stay exact.
+    layout : {"columns", "batch_first"}, default "columns"
+        How :meth:`forward` and :meth:`backward` carry the batch between layers (the
+        attribute :attr:`layout` can be changed between passes). ``"columns"``: the batch
+        ``x`` of shape ``(N, *sample)`` becomes a column block ``(prod(sample), N)``, every
+        layer runs on column blocks (:meth:`~Module.forward_columns`), and the result is
+        viewed as ``(N, *out)`` at the end; the backward pass likewise. Sparse
+        products then multiply ``N``-wide rows with no transposes between layers -- what
+        pruned layers need to be fast. ``"batch_first"``:
+        every layer's own :meth:`~Module.forward` on ``(N, C, *spatial)`` batches. Both give
+        the same results to rounding.
 
     Notes
     -----
     A layer that rejects its input raises :class:`LayerInputError` naming its position and
     type, so a wrongly shaped batch says where it went wrong. Indexing with an int returns a
-    layer; with a slice, a new ``Sequential`` sharing the layers.
+    layer; with a slice, a new ``Sequential`` sharing the layers (and the layout).
+
+    Inside another ``Sequential`` a ``Sequential`` runs in whatever layout its container
+    passes it (its own ``layout`` applies to its own :meth:`forward`).
+
+    Memory order in the column layout: a block is ``(features, N)`` whatever its strides.
+    The CSR kernel (and compiled engines) multiply ``N``-wide rows and want it
+    C-contiguous; the factored engine computes on the batch-first view ``X.T`` and wants it
+    F-contiguous. Each sparse layer hands its engine the order that engine wants, copying
+    only when the block is in the other one, and element-wise layers keep the order they
+    are given. The batch enters as the transposed view of ``x`` and leaves as the
+    ``(N, *out)`` view of the last block (strided, as the batch-first path's outputs are),
+    so it is transposed (copied) at most once on the way in, by the first layer that needs
+    C order; a layer after one with the other engine pays one more copy; a chain of
+    factored layers (dense layers) pays none.
     """
 
-    def __init__(self, *layers: Module):
+    # Class default, so that a Sequential pickled before the layout existed unpickles as one.
+    _layout = "columns"
+
+    def __init__(self, *layers: Module, layout: str = "columns"):
         super().__init__()
         for i, layer in enumerate(layers):
             if not isinstance(layer, Module):
                 raise TypeError(f"Sequential takes Module instances; argument {i} is {type(layer).__name__}")
         self.layers = list(layers)
+        self._layout = _check_layout(layout)
+
+    @property
+    def layout(self) -> str:
+        """``"columns"`` or ``"batch_first"``: how :meth:`forward` runs its layers (assignable)."""
+        return self._layout
+
+    @layout.setter
+    def layout(self, value: str) -> None:
+        self._layout = _check_layout(value)
 
     def named_children(self) -> Iterator[tuple[str, Module]]:
         for i, layer in enumerate(self.layers):
@@ -530,7 +630,7 @@ class Sequential(Module):
 
     def __getitem__(self, index: Union[int, slice]) -> Union[Module, "Sequential"]:
         if isinstance(index, slice):
-            return Sequential(*self.layers[index])
+            return Sequential(*self.layers[index], layout=self._layout)
         if isinstance(index, (int, np.integer)) and not isinstance(index, bool):
             return self.layers[index]
         raise TypeError(f"Sequential indices must be ints or slices; got {type(index).__name__}")
@@ -542,29 +642,105 @@ class Sequential(Module):
         self.layers.append(module)
         return self
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        outer = not self._pass_open
-        members = list(self.modules()) if outer else []
+    def _run(self, i: int, layer: Module, call: Callable[[], Any]) -> Any:
+        """``call()`` (layer ``i``'s forward), its input errors re-raised naming the layer."""
+        try:
+            return call()
+        except LayerInputError:
+            raise
+        except (ValueError, TypeError) as err:
+            raise LayerInputError(f"layer {i} ({layer!r}) rejected its input: {err}") from err
+
+    def _open_pass(self) -> list[Module]:
+        """Start a fresh pass when this is the outermost call: every stack emptied and opened."""
+        if self._pass_open:
+            return []
+        members = list(self.modules())
         for m in members:
             m._saved.clear()
             m._pass_open = True
+        return members
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """The network's output for a batch ``x`` of shape ``(N, *sample)``, run in :attr:`layout`."""
+        members = self._open_pass()
         try:
-            for i, layer in enumerate(self.layers):
-                try:
-                    x = layer.forward(x)
-                except LayerInputError:
-                    raise
-                except (ValueError, TypeError) as err:
-                    raise LayerInputError(f"layer {i} ({layer!r}) rejected its input: {err}") from err
+            if self._layout == "batch_first":
+                for i, layer in enumerate(self.layers):
+                    x = self._run(i, layer, lambda layer=layer, x=x: layer.forward(x))
+                self._save(None)
+                return x
+            x = np.asarray(x)
+            if x.ndim < 1:
+                raise ValueError("x must be a batch of shape (N, ...); got a scalar")
+            n, shape = x.shape[0], tuple(x.shape[1:])
+            # The columns start as the transposed view of x: the first layer whose engine
+            # wants C-contiguous blocks makes the one transpose copy, and a network of
+            # factored-engine layers (which compute on that very view) makes none.
+            X = x.reshape(n, int(np.prod(shape, dtype=np.int64))).T
+            Y, outs = self._forward_layers(X, shape)
+            self._save((n, shape, outs), "columns")
+            # The output is the (N, *out) view of the last block, as the batch-first path's
+            # outputs are views of their operators' column blocks: no copy.
+            return Y.T.reshape((n, *(outs[-1] if outs else shape)))
         finally:
             for m in members:
                 m._pass_open = False
-        return x
+
+    def _forward_layers(self, X: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, list[tuple[int, ...]]]:
+        """Every layer on column blocks; the output and each layer's output sample shape."""
+        outs = []
+        for i, layer in enumerate(self.layers):
+            X, shape = self._run(i, layer, lambda layer=layer, X=X, shape=shape: layer.forward_columns(X, shape))
+            outs.append(tuple(shape))
+        return X, outs
+
+    def _backward_layers(self, D: np.ndarray, outs: list[tuple[int, ...]]) -> np.ndarray:
+        for layer, out in zip(reversed(self.layers), reversed(outs)):
+            D = layer.backward_columns(D, out)
+        return D
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
-        for layer in reversed(self.layers):
-            dy = layer.backward(dy)
-        return dy
+        """``dJ/dx`` for ``dy = dJ/dy`` of the matching :meth:`forward`, in the layout it ran in."""
+        if self._saved and self._saved[-1][0] == "batch_first":
+            self._restore()
+            for layer in reversed(self.layers):
+                dy = layer.backward(dy)
+            self._release()
+            return dy
+        n, shape, outs = self._restore("columns")
+        out = outs[-1] if outs else shape
+        dy = np.asarray(dy)
+        if dy.shape != (n, *out):
+            raise ValueError(f"Sequential.backward: dy must have the shape of the matching forward's output, "
+                             f"{(n, *out)}; got {dy.shape}")
+        D = self._backward_layers(np.asarray(dy).reshape(n, int(np.prod(out, dtype=np.int64))).T, outs)
+        self._release()
+        return D.T.reshape((n, *shape))
+
+    def forward_columns(self, X: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
+        """Every layer's :meth:`~Module.forward_columns` in turn (whatever :attr:`layout` says)."""
+        members = self._open_pass()
+        try:
+            Y, outs = self._forward_layers(X, tuple(shape))
+            self._save((X.shape[1], tuple(shape), outs), "columns")
+        finally:
+            for m in members:
+                m._pass_open = False
+        return Y, (outs[-1] if outs else tuple(shape))
+
+    def backward_columns(self, D: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """Every layer's :meth:`~Module.backward_columns`, last layer first."""
+        n, first, outs = self._restore("columns")
+        out = outs[-1] if outs else first
+        D = np.asarray(D)
+        if tuple(shape) != out or D.shape != (int(np.prod(out)), n):
+            raise ValueError(f"Sequential.backward_columns: D must have the shape of the matching forward's "
+                             f"output, ({int(np.prod(out))}, {n}) for samples of shape {out}; got {D.shape} "
+                             f"for samples of shape {tuple(shape)}")
+        D = self._backward_layers(D, outs)
+        self._release()
+        return D
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         shape = tuple(input_shape)
