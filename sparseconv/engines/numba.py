@@ -1,0 +1,679 @@
+"""Compiled engines (numba): ``"numba"``, CSR products on column blocks, and ``"stencil"``,
+direct convolution of few-channel images.
+
+Both follow the engine protocol (``matmat``, ``rmatmat``, ``weight_grad``, ``refresh``,
+``nbytes``, an ``estimate_nbytes`` classmethod and an ``applicable`` classmethod). numba is
+optional: this module imports without it, :func:`available` then says False (with
+:func:`unavailable_reason`), and constructing an engine raises ``ImportError``. The kernels live
+in :mod:`sparseconv.engines._numba_kernels`, imported at the first construction.
+
+``"numba"`` (:class:`NumbaEngine`)
+    Any convolution (any geometry, padding mode, mask or tying): the CSR arrays of ``W``, values
+    gathered from the weight through ``param_index`` (or the tying map), products on C-ordered
+    column blocks ``X`` of shape ``(in_size, N)`` with each row's ``N`` outputs in vector
+    registers; the adjoint is the same kernel on a stored CSR of ``W.T`` whose values follow
+    ``W``'s through a fixed permutation; the kernel gradient is one dot product over ``N`` per
+    stored entry, added into per-thread parameter buffers. Work is proportional to the
+    stored entries, so it wins on pruned and partially connected layers.
+
+``"stencil"`` (:class:`StencilEngine`)
+    1-D/2-D, zero padding, stride 1 (any dilation, groups, mask): no matrix at all; each
+    output row is accumulated in registers over the kernel's taps from a zero-padded copy of
+    the input, and the adjoint is the same loop on the padded output sensitivities with the
+    rotated kernel. It serves image operators (one or a few channels, large kernels) applied
+    one vector at a time, where a CSR kernel does one multiply-add per stored entry and
+    vector.
+
+Examples
+--------
+>>> import numpy as np, sparseconv as sc
+>>> from sparseconv.engines.numba import NumbaEngine, available
+>>> op = sc.ConvOperator(np.ones((2, 1, 3, 3), np.float32), (1, 5, 5), padding=1)
+>>> if available():
+...     eng = NumbaEngine.from_operator(op)
+...     x = np.ones((25, 4), np.float32)
+...     bool(np.allclose(eng.matmat(x, threads=1), op.matrix @ x))
+... else:
+...     True
+True
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from types import ModuleType
+from typing import Any, Optional
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..geometry import ConvGeometry
+from ..parallel import get_threads
+
+__all__ = ["NumbaEngine", "StencilEngine", "available", "unavailable_reason"]
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+# Bytes of input a band of rows may read: about half of one core's L2, so the rows a band
+# reads stay cached while every filter of the band passes over them.
+_BAND_INPUT_BYTES = 1 << 20
+
+_kernels: Optional[ModuleType] = None
+_import_error: Optional[str] = None
+_import_lock = threading.Lock()
+# numba's "workqueue" threading layer aborts the process when two threads launch parallel
+# kernels at once; launches are serialised under this lock when that layer is in use.
+_launch_lock = threading.Lock()
+
+
+def _load() -> Optional[ModuleType]:
+    """The kernel module, imported once; None (reason kept) when numba is missing or broken."""
+    global _kernels, _import_error
+    with _import_lock:
+        if _kernels is None and _import_error is None:
+            try:
+                _kernels = importlib.import_module("sparseconv.engines._numba_kernels")
+            except Exception as err:  # ImportError, or numba failing on this platform
+                _import_error = f"{type(err).__name__}: {err}"
+    return _kernels
+
+
+def available() -> bool:
+    """True when numba imports and the compiled engines can run."""
+    return _load() is not None
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why :func:`available` is False (the import error), or None when it is True."""
+    _load()
+    return _import_error
+
+
+def _require() -> ModuleType:
+    kernels = _load()
+    if kernels is None:
+        raise ImportError(f"the compiled engines need numba (pip install 'sparseconv[fast]'); importing it failed: "
+                          f"{_import_error}")
+    return kernels
+
+
+def _threads(threads: Optional[int]) -> int:
+    """The thread count to run on: the request, capped at numba's pool size."""
+    import numba
+
+    return min(get_threads(threads), numba.config.NUMBA_NUM_THREADS)
+
+
+def _launch(kernel: Any, n_threads: int, *args: Any) -> None:
+    """Run a parallel kernel on ``n_threads`` threads, restoring the caller's numba setting."""
+    import numba
+
+    previous = numba.get_num_threads()
+    numba.set_num_threads(n_threads)
+    try:
+        if _serialise_launches():
+            with _launch_lock:
+                kernel(*args)
+        else:
+            kernel(*args)
+    finally:
+        numba.set_num_threads(previous)
+
+
+_layer: Optional[str] = None
+
+
+def _serialise_launches() -> bool:
+    """Whether launches must be serialised (the "workqueue" layer, or not yet known)."""
+    global _layer
+    if _layer is None:
+        import numba
+
+        try:
+            _layer = numba.threading_layer()
+        except ValueError:  # no parallel kernel has run yet: serialise this first launch
+            return True
+    return _layer == "workqueue"
+
+
+def _block(a: np.ndarray, rows: int, dtype: np.dtype, name: str) -> tuple[np.ndarray, bool]:
+    """A checked, C-contiguous ``(rows, N)`` block in ``dtype`` and whether ``a`` was 1-D."""
+    a = np.asarray(a)
+    if a.ndim not in (1, 2) or a.shape[0] != rows:
+        raise ValueError(f"{name} must have shape ({rows}, N) or ({rows},); got {a.shape}")
+    if not np.can_cast(a.dtype, dtype, "safe") or a.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must be a real array castable to {dtype} without loss; got {a.dtype}")
+    vector = a.ndim == 1
+    return np.ascontiguousarray(a.reshape(rows, -1), dtype=dtype), vector
+
+
+def _check_weight(weight: Any, name: str = "weight") -> np.ndarray:
+    w = np.asarray(weight)
+    if w.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be a float32 or float64 array; got {w.dtype}")
+    return w
+
+
+class NumbaEngine:
+    """Compiled CSR products of a tied sparse matrix ``W`` on column blocks (``"numba"``).
+
+    Parameters
+    ----------
+    shape : (int, int)
+        ``(out_size, in_size)`` of ``W``.
+    indptr : ndarray of shape (out_size + 1,), int32 or int64
+    indices : ndarray of shape (nnz,), int32 or int64
+        CSR structure of ``W``; kept by reference (not copied), so it must not change.
+    weight : ndarray, float32 or float64
+        The parameters, any shape (``weight_grad`` returns this shape); their dtype is the
+        engine's.
+    param_index : ndarray of shape (nnz,), optional
+        Index into ``weight.ravel()`` of the weight each stored entry holds.
+    tying : scipy.sparse array of shape (nnz, weight.size), optional
+        The general tying map (``data = tying @ weight.ravel()``); exactly one of
+        ``param_index`` and ``tying`` is given.
+    out_blocks, in_blocks : int, default 1
+        The rows (columns) of ``W`` are this many equal runs -- the output (input) channels
+        of a convolution. Products walk bands of positions with every run inside, so the input
+        rows a band reads stay in cache; 1 for a general matrix.
+
+    Attributes
+    ----------
+    name : str
+        ``"numba"``.
+    shape : (int, int)
+    dtype : numpy.dtype
+    weight_shape : tuple of int
+
+    Raises
+    ------
+    ImportError
+        When numba is not available.
+    ValueError, TypeError
+        For inconsistent structure arrays or a weight of another kind.
+    """
+
+    name = "numba"
+
+    def __init__(self, shape: tuple[int, int], indptr: np.ndarray, indices: np.ndarray, weight: np.ndarray, *,
+                 param_index: Optional[np.ndarray] = None, tying: Optional[sp.sparray] = None,
+                 out_blocks: int = 1, in_blocks: int = 1) -> None:
+        self._k = _require()
+        weight = _check_weight(weight)
+        m, k = (int(s) for s in shape)
+        indptr, indices = np.asarray(indptr), np.asarray(indices)
+        for name, arr in (("indptr", indptr), ("indices", indices)):
+            if arr.ndim != 1 or arr.dtype not in (np.dtype(np.int32), np.dtype(np.int64)):
+                raise TypeError(f"{name} must be a 1-D int32 or int64 array; got {arr.dtype} of shape {arr.shape}")
+        if indptr.size != m + 1 or indptr[0] != 0 or indptr[-1] != indices.size or np.any(np.diff(indptr) < 0):
+            raise ValueError(f"indptr must be a non-decreasing array of {m + 1} row pointers from 0 to "
+                             f"nnz={indices.size}")
+        if indices.size and (indices.min() < 0 or indices.max() >= k):
+            raise ValueError(f"indices must lie in [0, {k}); got values in [{indices.min()}, {indices.max()}]")
+        if (param_index is None) == (tying is None):
+            raise ValueError("give exactly one of param_index and tying")
+        nnz = indices.size
+        if param_index is not None:
+            param_index = np.asarray(param_index)
+            if param_index.shape != (nnz,) or param_index.dtype.kind not in "iu":
+                raise ValueError(f"param_index must be an integer array of shape ({nnz},); got {param_index.dtype} "
+                                 f"of shape {param_index.shape}")
+            if nnz and (param_index.min() < 0 or param_index.max() >= weight.size):
+                raise ValueError(f"param_index must lie in [0, {weight.size}) (weight.size)")
+        else:
+            tying = sp.csr_array(tying)
+            if tying.shape != (nnz, weight.size):
+                raise ValueError(f"tying must have shape ({nnz}, {weight.size}); got {tying.shape}")
+        for name, blocks, size in (("out_blocks", out_blocks, m), ("in_blocks", in_blocks, k)):
+            if isinstance(blocks, bool) or not isinstance(blocks, (int, np.integer)) or blocks < 1 or size % blocks:
+                raise ValueError(f"{name} must be a positive int dividing {size}; got {blocks!r}")
+        self.shape = (m, k)
+        self.dtype = weight.dtype
+        self.weight_shape = weight.shape
+        self._indptr, self._indices = indptr, indices
+        self._param = param_index
+        self._tying = tying
+        self._blocks = (int(out_blocks), int(in_blocks))
+        self._data = np.empty(nnz, dtype=self.dtype)
+        # The transposed structure is built at the first adjoint (inference never needs it).
+        self._t_indptr: Optional[np.ndarray] = None
+        self._t_indices: Optional[np.ndarray] = None
+        self._t_perm: Optional[np.ndarray] = None
+        self._t_data: Optional[np.ndarray] = None
+        self._bands: dict[tuple[bool, int, int], np.ndarray] = {}
+        self.refresh(weight)
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_operator(cls, op: Any) -> "NumbaEngine":
+        """The engine of a :class:`~sparseconv.ConvOperator` (or any operator with ``matrix``,
+        ``weight``, ``geometry`` and ``param_index``/``tying``), sharing its structure arrays.
+
+        Parameters
+        ----------
+        op : ConvOperator
+
+        Returns
+        -------
+        NumbaEngine
+        """
+        geom = op.geometry
+        try:
+            param, tying = op.param_index, None
+        except ValueError:  # entries holding weight sums: the general tying map
+            param, tying = None, op.tying
+        return cls(op.matrix.shape, op.matrix.indptr, op.matrix.indices, np.asarray(op.weight), param_index=param,
+                   tying=tying, out_blocks=geom.out_channels, in_blocks=geom.in_channels)
+
+    @classmethod
+    def applicable(cls, geometry: Optional[ConvGeometry] = None) -> bool:
+        """Whether this engine can run a structure: whenever numba is available (any geometry).
+
+        Parameters
+        ----------
+        geometry : ConvGeometry, optional
+            Unused: every convolution's matrix is a CSR matrix.
+
+        Returns
+        -------
+        bool
+        """
+        return available()
+
+    @classmethod
+    def estimate_nbytes(cls, nnz: int, shape: tuple[int, int], dtype: Any, *, adjoint: bool = True) -> int:
+        """Bytes the engine would allocate (structure arrays it is given are not counted).
+
+        Parameters
+        ----------
+        nnz : int
+        shape : (int, int)
+        dtype : dtype
+            The value dtype.
+        adjoint : bool, default True
+            Count the transposed CSR built at the first :meth:`rmatmat`.
+
+        Returns
+        -------
+        int
+            Values; with ``adjoint``, the transpose's values, int64 permutation, and indices
+            and row pointers (int32 when they fit).
+        """
+        item = np.dtype(dtype).itemsize
+        total = nnz * item
+        if adjoint:
+            idx = 4 if max(nnz, shape[0], shape[1]) < np.iinfo(np.int32).max else 8
+            total += nnz * (item + 8 + idx) + (shape[1] + 1) * idx
+        return int(total)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the engine holds beyond the structure arrays it was given."""
+        arrays = (self._data, self._t_indptr, self._t_indices, self._t_perm, self._t_data)
+        return int(sum(a.nbytes for a in arrays if a is not None))
+
+    # ------------------------------------------------------------------ values
+    def refresh(self, weight: np.ndarray) -> None:
+        """Take new weight values (same structure).
+
+        Parameters
+        ----------
+        weight : ndarray of shape :attr:`weight_shape`, the engine's dtype
+        """
+        w = _check_weight(weight)
+        if w.shape != self.weight_shape or w.dtype != self.dtype:
+            raise ValueError(f"weight must be a {self.dtype} array of shape {self.weight_shape}; "
+                             f"got {w.dtype} array of shape {w.shape}")
+        flat = w.reshape(-1)
+        if self._param is not None:
+            # Indices were checked in range; "wrap" is numpy's fastest take mode.
+            np.take(flat, self._param, out=self._data, mode="wrap")
+        else:
+            self._data[...] = self._tying @ flat
+        if self._t_data is not None:
+            np.take(self._data, self._t_perm, out=self._t_data)
+
+    def _transpose(self) -> None:
+        """Build the CSR of ``W.T`` and the permutation that fills its values from ``W``'s."""
+        m, k = self.shape
+        nnz = self._indices.size
+        order = sp.csr_array((np.arange(nnz, dtype=np.int64), self._indices, self._indptr), shape=(m, k)).T.tocsr()
+        order.sort_indices()
+        idx = np.int32 if max(nnz, m, k) < np.iinfo(np.int32).max else np.int64
+        self._t_indptr = order.indptr.astype(idx)
+        self._t_indices = order.indices.astype(idx)
+        self._t_perm = order.data
+        self._t_data = np.take(self._data, self._t_perm)
+
+    # ------------------------------------------------------------------ products
+    def _band_bounds(self, adjoint: bool, n_threads: int, n: int) -> np.ndarray:
+        """Row bands of ``W`` (or ``W.T``) for ``n_threads`` and ``n`` vectors, cached."""
+        key = (adjoint, n_threads, n)
+        if key not in self._bands:
+            indptr = self._t_indptr if adjoint else self._indptr
+            blocks = self._blocks[1] if adjoint else self._blocks[0]
+            rows, cols = (self.shape[1], self.shape[0]) if adjoint else self.shape
+            block_rows = rows // blocks
+            per_row = np.diff(indptr).astype(np.int64).reshape(blocks, block_rows).sum(axis=0)
+            cum = np.concatenate(([0], np.cumsum(per_row)))
+            n_bands = max(n_threads, -(-cols * n * self.dtype.itemsize // _BAND_INPUT_BYTES))
+            n_bands = min(block_rows, -(-n_bands // n_threads) * n_threads)
+            # Bands of about equal stored entries (not rows): border rows hold fewer.
+            targets = np.linspace(0, cum[-1], n_bands + 1)[1:-1]
+            inner = np.searchsorted(cum, targets, side="left")
+            self._bands[key] = np.unique(np.concatenate(([0], inner, [block_rows]))).astype(np.int64)
+        return self._bands[key]
+
+    def _product(self, a: np.ndarray, threads: Optional[int], adjoint: bool) -> np.ndarray:
+        m, k = self.shape
+        rows_in, rows_out = (m, k) if adjoint else (k, m)
+        block, vector = _block(a, rows_in, self.dtype, "D" if adjoint else "X")
+        if adjoint and self._t_data is None:
+            self._transpose()
+        n = block.shape[1]
+        out = np.empty((rows_out, n), dtype=self.dtype)
+        nt = _threads(threads)
+        blocks = self._blocks[1] if adjoint else self._blocks[0]
+        if adjoint:
+            arrays = (self._t_indptr, self._t_indices, self._t_data)
+        else:
+            arrays = (self._indptr, self._indices, self._data)
+        _launch(self._k.csr_bands, nt, *arrays, block, out, self._band_bounds(adjoint, nt, n), blocks,
+                rows_out // blocks)
+        return out[:, 0] if vector else out
+
+    def matmat(self, X: np.ndarray, threads: Optional[int] = None) -> np.ndarray:
+        """``Y = W @ X``.
+
+        Parameters
+        ----------
+        X : ndarray of shape (in_size, N) or (in_size,)
+            Any memory order (C-contiguous in the engine's dtype is used as is, anything else is
+            copied into that layout first); a dtype that casts to the engine's without loss.
+        threads : int, optional
+            Default :func:`sparseconv.parallel.get_threads`; capped at numba's pool size.
+
+        Returns
+        -------
+        ndarray of shape (out_size, N) (or (out_size,)), the engine's dtype
+            Each row is summed by one thread in a fixed order: the same bits for every thread
+            count.
+        """
+        return self._product(X, threads, adjoint=False)
+
+    def rmatmat(self, D: np.ndarray, threads: Optional[int] = None) -> np.ndarray:
+        """``Z = W.T @ D`` (the first call builds the transposed structure).
+
+        Parameters
+        ----------
+        D : ndarray of shape (out_size, N) or (out_size,)
+        threads : int, optional
+
+        Returns
+        -------
+        ndarray of shape (in_size, N) (or (in_size,))
+            Independent of the thread count, as for :meth:`matmat`.
+        """
+        return self._product(D, threads, adjoint=True)
+
+    def weight_grad(self, X: np.ndarray, D: np.ndarray, threads: Optional[int] = None) -> np.ndarray:
+        """``g[p] = sum over stored entries e tied to p of D[row(e)] . X[col(e)]``.
+
+        Parameters
+        ----------
+        X : ndarray of shape (in_size, N)
+        D : ndarray of shape (out_size, N)
+            Output sensitivities of the same ``N`` samples.
+        threads : int, optional
+
+        Returns
+        -------
+        ndarray of shape :attr:`weight_shape`, the engine's dtype
+            Zero for weights with no stored entry (masked taps). Entry dot products are summed
+            in float64, per thread, and the threads' sums added in thread order: the result
+            depends on the thread count only in the last bits.
+        """
+        m, k = self.shape
+        x, _ = _block(X, k, self.dtype, "X")
+        d, _ = _block(D, m, self.dtype, "D")
+        if x.shape[1] != d.shape[1]:
+            raise ValueError(f"X and D must hold the same number of vectors; got {x.shape[1]} and {d.shape[1]}")
+        n = x.shape[1]
+        nt = _threads(threads)
+        bands = self._band_bounds(False, nt, n)
+        n_parts = min(nt, bands.size - 1)
+        if self._param is not None:
+            n_params = int(np.prod(self.weight_shape))
+            buffers = np.zeros(n_parts * n_params)
+            _launch(self._k.csr_grad_bands, nt, self._indptr, self._indices, self._param, x, d, buffers, bands,
+                    self._blocks[0], m // self._blocks[0], n_parts, True)
+            grad = buffers.reshape(n_parts, n_params).sum(axis=0)
+        else:
+            per_entry = np.zeros(self._indices.size)
+            _launch(self._k.csr_grad_bands, nt, self._indptr, self._indices,
+                    np.arange(self._indices.size, dtype=np.int64), x, d, per_entry, bands, self._blocks[0],
+                    m // self._blocks[0], n_parts, False)
+            grad = self._tying.T @ per_entry
+        return grad.astype(self.dtype).reshape(self.weight_shape)
+
+    def __repr__(self) -> str:
+        return (f"NumbaEngine({self.shape[0]}x{self.shape[1]}, nnz={self._indices.size}, dtype={self.dtype}, "
+                f"blocks={self._blocks})")
+
+
+class StencilEngine:
+    """Direct compiled convolution of zero-padded, stride-1, 1-D or 2-D layers (``"stencil"``).
+
+    Holds no matrix: only the kernel (and its rotated, channel-transposed copy for the
+    adjoint). Each output row is accumulated in vector registers over every tap; the adjoint
+    runs the same loop on the zero-padded output sensitivities with the rotated kernel, so it
+    costs what the forward costs.
+
+    Parameters
+    ----------
+    geometry : ConvGeometry
+        Must satisfy :meth:`applicable`.
+    weight : ndarray of shape ``geometry.weight_shape``, float32 or float64
+        Masked taps simply hold zero weights.
+
+    Attributes
+    ----------
+    name : str
+        ``"stencil"``.
+    shape : (int, int)
+        ``(geometry.n_out, geometry.n_in)``.
+    dtype : numpy.dtype
+    weight_shape : tuple of int
+
+    Raises
+    ------
+    ImportError
+        When numba is not available.
+    ValueError
+        When the geometry is not one :meth:`applicable` accepts.
+    """
+
+    name = "stencil"
+
+    def __init__(self, geometry: ConvGeometry, weight: np.ndarray) -> None:
+        self._k = _require()
+        if not self.applicable(geometry):
+            raise ValueError(f"the stencil engine runs 1-D/2-D stride-1 convolutions with zero padding; got "
+                             f"{geometry.describe()}")
+        w = _check_weight(weight)
+        self.geometry = geometry
+        self.dtype = w.dtype
+        self.weight_shape = tuple(geometry.weight_shape)
+        self.shape = (geometry.n_out, geometry.n_in)
+        g = geometry
+        # Everything as 2-D: a 1-D layer is one row.
+        two = (lambda t: (1, *t)) if g.ndim == 1 else (lambda t: tuple(t))
+        self._in = two(g.in_size)
+        self._out = two(g.out_size)
+        self._ksize = two(g.kernel_size)
+        self._dil = two(g.dilation)
+        self._pad_lo = (0, g.padding[0][0]) if g.ndim == 1 else (g.padding[0][0], g.padding[1][0])
+        self._kern = np.empty((g.out_channels, g.in_channels // g.groups, *self._ksize), dtype=self.dtype)
+        self._kern_t = np.empty((g.in_channels, g.out_channels // g.groups, *self._ksize), dtype=self.dtype)
+        self.refresh(w)
+
+    @classmethod
+    def applicable(cls, geometry: ConvGeometry) -> bool:
+        """numba available, 1 or 2 spatial dimensions, stride 1, zero padding.
+
+        Parameters
+        ----------
+        geometry : ConvGeometry
+
+        Returns
+        -------
+        bool
+        """
+        return (available() and geometry.ndim in (1, 2) and geometry.padding_mode == "zeros"
+                and all(s == 1 for s in geometry.stride))
+
+    @classmethod
+    def estimate_nbytes(cls, geometry: ConvGeometry, dtype: Any) -> int:
+        """Bytes the engine holds: the kernel twice (as given and rotated for the adjoint).
+
+        Parameters
+        ----------
+        geometry : ConvGeometry
+        dtype : dtype
+
+        Returns
+        -------
+        int
+        """
+        return 2 * geometry.n_params * np.dtype(dtype).itemsize
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the engine holds (scratch for padded copies is allocated per call)."""
+        return int(self._kern.nbytes + self._kern_t.nbytes)
+
+    def refresh(self, weight: np.ndarray) -> None:
+        """Take new weight values.
+
+        Parameters
+        ----------
+        weight : ndarray of shape :attr:`weight_shape`, the engine's dtype
+        """
+        w = _check_weight(weight)
+        if w.shape != self.weight_shape or w.dtype != self.dtype:
+            raise ValueError(f"weight must be a {self.dtype} array of shape {self.weight_shape}; "
+                             f"got {w.dtype} array of shape {w.shape}")
+        g = self.geometry
+        kern = w.reshape(self._kern.shape)
+        # The correlation kernel: a true convolution reads the weight rotated by 180 degrees.
+        if g.flip:
+            kern = kern[:, :, ::-1, ::-1]
+        self._kern[...] = kern
+        # Adjoint: within each group, output and input channels swap and the kernel rotates.
+        fg = g.out_channels // g.groups
+        cg = g.in_channels // g.groups
+        rot = self._kern[:, :, ::-1, ::-1]
+        for grp in range(g.groups):
+            self._kern_t[grp * cg:(grp + 1) * cg] = rot[grp * fg:(grp + 1) * fg].swapaxes(0, 1)
+
+    def _planes(self, a: np.ndarray, channels: int, size: tuple[int, int], name: str) -> tuple[np.ndarray, bool]:
+        """``(N, channels, *size)`` C-contiguous samples from a column block, and whether 1-D."""
+        block_rows = channels * size[0] * size[1]
+        a = np.asarray(a)
+        if a.ndim not in (1, 2) or a.shape[0] != block_rows:
+            raise ValueError(f"{name} must have shape ({block_rows}, N) or ({block_rows},); got {a.shape}")
+        if not np.can_cast(a.dtype, self.dtype, "safe") or a.dtype.kind not in "biuf":
+            raise TypeError(f"{name} must be a real array castable to {self.dtype} without loss; got {a.dtype}")
+        vector = a.ndim == 1
+        # One vector is a view; a block of N columns is transposed once into N planes.
+        planes = np.ascontiguousarray(a.reshape(block_rows, -1).T, dtype=self.dtype)
+        return planes.reshape(-1, channels, *size), vector
+
+    def _correlate(self, planes: np.ndarray, kern: np.ndarray, shift: tuple[int, int], out_size: tuple[int, int],
+                   threads: Optional[int]) -> np.ndarray:
+        """Stencil over every sample: pad by ``shift``, correlate with ``kern``; ``(in, N)`` result."""
+        (kh, kw), (dh, dw) = self._ksize, self._dil
+        padded = np.empty((planes.shape[1], out_size[0] + (kh - 1) * dh, out_size[1] + (kw - 1) * dw),
+                          dtype=self.dtype)
+        out = np.empty((planes.shape[0], kern.shape[0], *out_size), dtype=self.dtype)
+        nt = _threads(threads)
+        n_bands = max(1, min(nt, out_size[0]))
+        for i, sample in enumerate(planes):
+            self._k.shift_pad(sample, padded, shift[0], shift[1])
+            _launch(self._k.stencil_forward, nt, padded, kern, out[i], self.geometry.groups, dh, dw, n_bands)
+        return out.reshape(out.shape[0], -1).T
+
+    def _finish(self, out: np.ndarray, vector: bool) -> np.ndarray:
+        return out[:, 0] if vector else np.ascontiguousarray(out)
+
+    def matmat(self, X: np.ndarray, threads: Optional[int] = None) -> np.ndarray:
+        """``Y = W @ X``.
+
+        Parameters
+        ----------
+        X : ndarray of shape (in_size, N) or (in_size,)
+        threads : int, optional
+            Threads over bands of output rows; default :func:`sparseconv.parallel.get_threads`.
+
+        Returns
+        -------
+        ndarray of shape (out_size, N) (or (out_size,))
+        """
+        g = self.geometry
+        planes, vector = self._planes(X, g.in_channels, self._in, "X")
+        return self._finish(self._correlate(planes, self._kern, self._pad_lo, self._out, threads), vector)
+
+    def rmatmat(self, D: np.ndarray, threads: Optional[int] = None) -> np.ndarray:
+        """``Z = W.T @ D``: the full correlation of ``D`` with the rotated kernel, cropped.
+
+        Parameters
+        ----------
+        D : ndarray of shape (out_size, N) or (out_size,)
+        threads : int, optional
+
+        Returns
+        -------
+        ndarray of shape (in_size, N) (or (in_size,))
+        """
+        g = self.geometry
+        planes, vector = self._planes(D, g.out_channels, self._out, "D")
+        (kh, kw), (dh, dw) = self._ksize, self._dil
+        shift = ((kh - 1) * dh - self._pad_lo[0], (kw - 1) * dw - self._pad_lo[1])
+        return self._finish(self._correlate(planes, self._kern_t, shift, self._in, threads), vector)
+
+    def weight_grad(self, X: np.ndarray, D: np.ndarray, threads: Optional[int] = None) -> np.ndarray:
+        """Kernel gradient ``sum_n dL/dw`` for the samples (columns) of ``X`` and ``D``.
+
+        Parameters
+        ----------
+        X : ndarray of shape (in_size, N)
+        D : ndarray of shape (out_size, N)
+        threads : int, optional
+            Threads over taps.
+
+        Returns
+        -------
+        ndarray of shape :attr:`weight_shape`
+            Summed in float64; each tap by one thread in a fixed order (independent of the
+            thread count).
+        """
+        g = self.geometry
+        xs, _ = self._planes(X, g.in_channels, self._in, "X")
+        ds, _ = self._planes(D, g.out_channels, self._out, "D")
+        if xs.shape[0] != ds.shape[0]:
+            raise ValueError(f"X and D must hold the same number of vectors; got {xs.shape[0]} and {ds.shape[0]}")
+        (kh, kw), (dh, dw) = self._ksize, self._dil
+        padded = np.empty((g.in_channels, self._out[0] + (kh - 1) * dh, self._out[1] + (kw - 1) * dw),
+                          dtype=self.dtype)
+        grad = np.zeros(self._kern.size)
+        nt = _threads(threads)
+        for xi, di in zip(xs, ds):
+            self._k.shift_pad(xi, padded, self._pad_lo[0], self._pad_lo[1])
+            _launch(self._k.stencil_grad, nt, padded, di, grad, self._kern.shape[1], kh, kw, g.groups, dh, dw)
+        grad = grad.reshape(self._kern.shape)
+        if g.flip:
+            grad = grad[:, :, ::-1, ::-1]
+        return np.ascontiguousarray(grad, dtype=self.dtype).reshape(self.weight_shape)
+
+    def __repr__(self) -> str:
+        return f"StencilEngine({self.geometry.describe()}, dtype={self.dtype})"
