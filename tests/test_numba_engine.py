@@ -261,9 +261,11 @@ def test_nbytes_and_estimate():
     op = sc.ConvOperator(w, (4, 8, 8), padding=1)
     eng = NumbaEngine.from_operator(op)
     assert eng.nbytes == op.nnz * 4
-    assert NumbaEngine.estimate_nbytes(op.nnz, op.shape, np.float32, adjoint=False) == eng.nbytes
+    assert NumbaEngine.estimate_nbytes(op.nnz, op.shape, np.float32, adjoint=False, weight_grad=False) == eng.nbytes
     eng.rmatmat(_columns(dy))
-    assert eng.nbytes == NumbaEngine.estimate_nbytes(op.nnz, op.shape, np.float32)
+    assert eng.nbytes == NumbaEngine.estimate_nbytes(op.nnz, op.shape, np.float32, weight_grad=False)
+    eng.weight_grad(_columns(x), _columns(dy))
+    assert op.nnz * (4 + 4 + 8 + 4 + 8) < eng.nbytes <= NumbaEngine.estimate_nbytes(op.nnz, op.shape, np.float32)
     sten = StencilEngine(case.geometry(), w)
     assert sten.nbytes == StencilEngine.estimate_nbytes(case.geometry(), np.float32) == 2 * w.nbytes
 

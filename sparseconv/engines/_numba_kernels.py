@@ -24,6 +24,9 @@ Design (the measured reasons are in issue 11):
   bands are the parallel tasks (``prange``).
 - **Two partial sums per row** (even and odd entries) break the FMA latency chain: four
   independent accumulator registers at ``N = 32`` in float32.
+- **Kernel gradient by segments**: the entries of one parameter within one band are
+  contiguous (a permutation built once), so their dot products accumulate in registers and
+  are summed across lanes once per segment instead of once per entry.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ __all__ = [
     "TAIL_BYTES",
     "Vec",
     "csr_bands",
-    "csr_grad_bands",
+    "csr_grad_segments",
     "stencil_forward",
     "stencil_grad",
     "shift_pad",
@@ -365,28 +368,59 @@ def csr_bands(indptr, indices, data, x, y, bands, n_blocks, block_rows):
                     vstore_masked(y, r * n + c0, _row_tail(lo, hi, indices, data, x, n, c0, rem, tail), rem)
 
 
+@_jit(inline="always")
+def _segment_main(lo, hi, rows, cols, x, d, n, c0, like):
+    """``sum_e d[rows[e]] . x[cols[e]]`` over entries ``[lo, hi)``, the ``like``-wide chunk at ``c0``."""
+    acc0 = like
+    acc1 = like
+    e = lo
+    while e + 1 < hi:
+        acc0 = vfma_vv(acc0, vload(d, uload(rows, e) * n + c0, like), vload(x, uload(cols, e) * n + c0, like))
+        acc1 = vfma_vv(acc1, vload(d, uload(rows, e + 1) * n + c0, like),
+                       vload(x, uload(cols, e + 1) * n + c0, like))
+        e += 2
+    if e < hi:
+        acc0 = vfma_vv(acc0, vload(d, uload(rows, e) * n + c0, like), vload(x, uload(cols, e) * n + c0, like))
+    return vsum(vadd(acc0, acc1))
+
+
+@_jit(inline="always")
+def _segment_tail(lo, hi, rows, cols, x, d, n, c0, rem, like):
+    """As :func:`_segment_main` for a masked chunk of ``rem`` columns."""
+    acc = like
+    for e in range(lo, hi):
+        acc = vfma_vv(acc, vload_masked(d, uload(rows, e) * n + c0, rem, like),
+                      vload_masked(x, uload(cols, e) * n + c0, rem, like))
+    return vsum(acc)
+
+
 @_jit(parallel=True, nogil=True)
-def csr_grad_bands(indptr, indices, param, x, d, out, bands, n_blocks, block_rows, n_parts, per_part):
-    """Per stored entry ``e = (r, c)``, ``out[part, param[e]] += d[r] . x[c]`` (a dot over N).
+def csr_grad_segments(seg_ptr, seg_param, rows, cols, x, d, out, part_ptr, per_part):
+    """Kernel gradient by segments: ``out[part, seg_param[s]] += sum_{e in s} d[rows[e]] . x[cols[e]]``.
+
+    A segment is the stored entries of one parameter within one band of rows, so each
+    segment's dot products accumulate in registers over all its entries and are summed across
+    lanes once (not once per entry); the two rows read per entry advance together, entry
+    after entry, through one band of ``d`` and ``x``.
 
     Parameters
     ----------
-    indptr, indices : ndarray
-        CSR structure of ``A`` (``m`` rows).
-    param : ndarray of shape (nnz,), integer
-        Where each entry's dot product is added in a row of ``out``.
+    seg_ptr : ndarray of shape (n_segments + 1,), int64
+        Entry bounds of each segment in ``rows`` / ``cols``.
+    seg_param : ndarray of shape (n_segments,), integer
+        The parameter (column of ``out``) each segment adds to.
+    rows, cols : ndarray of shape (nnz,), integer
+        Row (into ``d``) and column (into ``x``) of each entry, grouped by segment.
     x : ndarray of shape (k, n), C-contiguous
     d : ndarray of shape (m, n), C-contiguous, ``x``'s dtype
     out : ndarray of shape (n_parts * P,) or (P,), float64
-        Added to. Part ``t`` handles bands ``[t * B // n_parts, (t + 1) * B // n_parts)``.
-    bands, n_blocks, block_rows
-        As for :func:`csr_bands`.
-    n_parts : int
-        Parallel tasks.
+        Added to.
+    part_ptr : ndarray of shape (n_parts + 1,), int64
+        Segment bounds of each parallel task.
     per_part : bool
-        True: part ``t`` adds into ``out[t * P:(t + 1) * P]`` (``param`` may repeat across
-        rows; the parts are summed afterwards); False: every part adds into ``out[:P]``
-        (``param`` unique per entry, so no two parts touch one element).
+        True: part ``t`` adds into ``out[t * P:(t + 1) * P]`` (a parameter may have segments in
+        several parts; the caller sums the parts); False: every part adds into ``out`` (each
+        parameter has one segment).
     """
     n = x.shape[1]
     main = vzero(x, MAIN_BYTES)
@@ -394,28 +428,19 @@ def csr_grad_bands(indptr, indices, param, x, d, out, bands, n_blocks, block_row
     main_w = MAIN_BYTES // x.itemsize
     tail_w = TAIL_BYTES // x.itemsize
     n_main = n - n % main_w
-    n_bands = bands.size - 1
+    n_parts = part_ptr.size - 1
     n_cols = out.size // n_parts if per_part else out.size
     for t in prange(n_parts):
         base = t * n_cols if per_part else 0
-        for b in range(t * n_bands // n_parts, (t + 1) * n_bands // n_parts):
-            for blk in range(n_blocks):
-                r0 = blk * block_rows + bands[b]
-                r1 = blk * block_rows + bands[b + 1]
-                for r in range(r0, r1):
-                    lo = uload(indptr, r)
-                    hi = uload(indptr, r + 1)
-                    for c0 in range(0, n_main, main_w):
-                        dv = vload(d, r * n + c0, main)
-                        for e in range(lo, hi):
-                            s = vsum(vfma_vv(main, dv, vload(x, uload(indices, e) * n + c0, main)))
-                            uadd(out, base + uload(param, e), s)
-                    for c0 in range(n_main, n, tail_w):
-                        rem = min(tail_w, n - c0)
-                        dv = vload_masked(d, r * n + c0, rem, tail)
-                        for e in range(lo, hi):
-                            s = vsum(vfma_vv(tail, dv, vload_masked(x, uload(indices, e) * n + c0, rem, tail)))
-                            uadd(out, base + uload(param, e), s)
+        for s in range(part_ptr[t], part_ptr[t + 1]):
+            lo = uload(seg_ptr, s)
+            hi = uload(seg_ptr, s + 1)
+            total = 0.0
+            for c0 in range(0, n_main, main_w):
+                total += _segment_main(lo, hi, rows, cols, x, d, n, c0, main)
+            for c0 in range(n_main, n, tail_w):
+                total += _segment_tail(lo, hi, rows, cols, x, d, n, c0, min(tail_w, n - c0), tail)
+            uadd(out, base + uload(seg_param, s), total)
 
 
 # ---------------------------------------------------------------------- stencil kernels

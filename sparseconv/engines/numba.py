@@ -97,11 +97,16 @@ def _require() -> ModuleType:
     return kernels
 
 
-def _threads(threads: Optional[int]) -> int:
-    """The thread count to run on: the request, capped at numba's pool size."""
+def _pool_size() -> int:
+    """Threads in numba's pool (``NUMBA_NUM_THREADS``)."""
     import numba
 
-    return min(get_threads(threads), numba.config.NUMBA_NUM_THREADS)
+    return int(numba.config.NUMBA_NUM_THREADS)
+
+
+def _threads(threads: Optional[int]) -> int:
+    """The thread count to run on: the request, capped at numba's pool size."""
+    return min(get_threads(threads), _pool_size())
 
 
 def _launch(kernel: Any, n_threads: int, *args: Any) -> None:
@@ -145,6 +150,30 @@ def _block(a: np.ndarray, rows: int, dtype: np.dtype, name: str) -> tuple[np.nda
         raise TypeError(f"{name} must be a real array castable to {dtype} without loss; got {a.dtype}")
     vector = a.ndim == 1
     return np.ascontiguousarray(a.reshape(rows, -1), dtype=dtype), vector
+
+
+def _balanced_bands(indptr: np.ndarray, blocks: int, n_bands: int) -> np.ndarray:
+    """Bounds of at most ``n_bands`` runs of positions (rows within one of ``blocks`` equal row
+    blocks) holding about equal numbers of stored entries over all blocks.
+
+    Parameters
+    ----------
+    indptr : ndarray of shape (rows + 1,)
+    blocks : int
+    n_bands : int
+
+    Returns
+    -------
+    ndarray of int64
+        Strictly increasing, from 0 to ``rows // blocks``.
+    """
+    block_rows = (indptr.size - 1) // blocks
+    per_pos = np.diff(indptr).astype(np.int64).reshape(blocks, block_rows).sum(axis=0)
+    cum = np.concatenate(([0], np.cumsum(per_pos)))
+    # Equal entries, not equal positions: border positions hold fewer.
+    targets = np.linspace(0, cum[-1], min(n_bands, max(block_rows, 1)) + 1)[1:-1]
+    inner = np.searchsorted(cum, targets, side="left")
+    return np.unique(np.concatenate(([0], inner, [block_rows]))).astype(np.int64)
 
 
 def _check_weight(weight: Any, name: str = "weight") -> np.ndarray:
@@ -241,6 +270,7 @@ class NumbaEngine:
         self._t_perm: Optional[np.ndarray] = None
         self._t_data: Optional[np.ndarray] = None
         self._bands: dict[tuple[bool, int, int], np.ndarray] = {}
+        self._grad_layout: Optional[dict[str, Any]] = None
         self.refresh(weight)
 
     # ------------------------------------------------------------------ construction helpers
@@ -281,7 +311,8 @@ class NumbaEngine:
         return available()
 
     @classmethod
-    def estimate_nbytes(cls, nnz: int, shape: tuple[int, int], dtype: Any, *, adjoint: bool = True) -> int:
+    def estimate_nbytes(cls, nnz: int, shape: tuple[int, int], dtype: Any, *, adjoint: bool = True,
+                        weight_grad: bool = True) -> int:
         """Bytes the engine would allocate (structure arrays it is given are not counted).
 
         Parameters
@@ -292,24 +323,33 @@ class NumbaEngine:
             The value dtype.
         adjoint : bool, default True
             Count the transposed CSR built at the first :meth:`rmatmat`.
+        weight_grad : bool, default True
+            Count the entry order built at the first :meth:`weight_grad`.
 
         Returns
         -------
         int
             Values; with ``adjoint``, the transpose's values, int64 permutation, and indices
-            and row pointers (int32 when they fit).
+            and row pointers; with ``weight_grad``, a row and a column index per entry and an
+            upper bound for the segment table (one int64 pointer and parameter per entry --
+            really one per band and kept parameter, usually far fewer). Indices are int32 when
+            they fit.
         """
         item = np.dtype(dtype).itemsize
+        idx = 4 if max(nnz, shape[0], shape[1]) < np.iinfo(np.int32).max else 8
         total = nnz * item
         if adjoint:
-            idx = 4 if max(nnz, shape[0], shape[1]) < np.iinfo(np.int32).max else 8
             total += nnz * (item + 8 + idx) + (shape[1] + 1) * idx
+        if weight_grad:
+            total += nnz * (2 * idx + 16) + 8
         return int(total)
 
     @property
     def nbytes(self) -> int:
         """Bytes the engine holds beyond the structure arrays it was given."""
-        arrays = (self._data, self._t_indptr, self._t_indices, self._t_perm, self._t_data)
+        arrays = [self._data, self._t_indptr, self._t_indices, self._t_perm, self._t_data]
+        if self._grad_layout is not None:
+            arrays += [a for a in self._grad_layout.values() if isinstance(a, np.ndarray)]
         return int(sum(a.nbytes for a in arrays if a is not None))
 
     # ------------------------------------------------------------------ values
@@ -352,16 +392,10 @@ class NumbaEngine:
         if key not in self._bands:
             indptr = self._t_indptr if adjoint else self._indptr
             blocks = self._blocks[1] if adjoint else self._blocks[0]
-            rows, cols = (self.shape[1], self.shape[0]) if adjoint else self.shape
-            block_rows = rows // blocks
-            per_row = np.diff(indptr).astype(np.int64).reshape(blocks, block_rows).sum(axis=0)
-            cum = np.concatenate(([0], np.cumsum(per_row)))
+            cols = self.shape[0] if adjoint else self.shape[1]
             n_bands = max(n_threads, -(-cols * n * self.dtype.itemsize // _BAND_INPUT_BYTES))
-            n_bands = min(block_rows, -(-n_bands // n_threads) * n_threads)
-            # Bands of about equal stored entries (not rows): border rows hold fewer.
-            targets = np.linspace(0, cum[-1], n_bands + 1)[1:-1]
-            inner = np.searchsorted(cum, targets, side="left")
-            self._bands[key] = np.unique(np.concatenate(([0], inner, [block_rows]))).astype(np.int64)
+            # A multiple of the thread count: every thread gets as many bands.
+            self._bands[key] = _balanced_bands(indptr, blocks, -(-n_bands // n_threads) * n_threads)
         return self._bands[key]
 
     def _product(self, a: np.ndarray, threads: Optional[int], adjoint: bool) -> np.ndarray:
@@ -440,21 +474,62 @@ class NumbaEngine:
             raise ValueError(f"X and D must hold the same number of vectors; got {x.shape[1]} and {d.shape[1]}")
         n = x.shape[1]
         nt = _threads(threads)
-        bands = self._band_bounds(False, nt, n)
-        n_parts = min(nt, bands.size - 1)
+        seg = self._segments(n)
+        n_bands = seg["band_ptr"].size - 1
+        n_parts = min(nt, n_bands)
+        part_ptr = seg["band_ptr"][np.arange(n_parts + 1) * n_bands // n_parts]
         if self._param is not None:
             n_params = int(np.prod(self.weight_shape))
             buffers = np.zeros(n_parts * n_params)
-            _launch(self._k.csr_grad_bands, nt, self._indptr, self._indices, self._param, x, d, buffers, bands,
-                    self._blocks[0], m // self._blocks[0], n_parts, True)
+            _launch(self._k.csr_grad_segments, nt, seg["ptr"], seg["param"], seg["rows"], seg["cols"], x, d,
+                    buffers, part_ptr, True)
             grad = buffers.reshape(n_parts, n_params).sum(axis=0)
         else:
             per_entry = np.zeros(self._indices.size)
-            _launch(self._k.csr_grad_bands, nt, self._indptr, self._indices,
-                    np.arange(self._indices.size, dtype=np.int64), x, d, per_entry, bands, self._blocks[0],
-                    m // self._blocks[0], n_parts, False)
+            _launch(self._k.csr_grad_segments, nt, seg["ptr"], seg["param"], seg["rows"], seg["cols"], x, d,
+                    per_entry, part_ptr, False)
             grad = self._tying.T @ per_entry
         return grad.astype(self.dtype).reshape(self.weight_shape)
+
+    def _segments(self, n: int) -> dict[str, np.ndarray]:
+        """The kernel gradient's entry order: grouped by (band, parameter), rows ascending.
+
+        Built at the first :meth:`weight_grad` for a band count (set by ``n``: the bands of
+        ``D`` and ``X`` should fit in L2) and kept while that count does not change.
+        """
+        m, k = self.shape
+        blocks = self._blocks[0]
+        n_bands = -(-(m + k) * n * self.dtype.itemsize // (2 * _BAND_INPUT_BYTES))
+        # Rounded to a multiple of the pool size so that any thread count up to it splits evenly.
+        pool = _pool_size()
+        n_bands = -(-max(n_bands, pool) // pool) * pool
+        if self._grad_layout is not None and self._grad_layout["n_bands"] == n_bands:
+            return self._grad_layout
+        self._grad_layout = None
+        bands = _balanced_bands(self._indptr, blocks, n_bands)
+        nnz = self._indices.size
+        block_rows = m // blocks
+        entry_rows = np.repeat(np.arange(m, dtype=np.int64), np.diff(self._indptr))
+        band_of_pos = np.searchsorted(bands, np.arange(block_rows), side="right") - 1
+        if self._param is not None:
+            param, n_params = self._param.astype(np.int64), int(np.prod(self.weight_shape))
+        else:
+            param, n_params = np.arange(nnz, dtype=np.int64), nnz
+        key = band_of_pos[entry_rows % block_rows] * n_params + param
+        # Stable: the entries of a segment stay in row order.
+        order = np.argsort(key, kind="stable")
+        key = key[order]
+        starts = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1]))) if nnz else np.zeros(0, np.int64)
+        idx = self._indices.dtype
+        self._grad_layout = {
+            "n_bands": n_bands,
+            "ptr": np.append(starts, nnz).astype(np.int64),
+            "param": (key[starts] % n_params).astype(np.int64),
+            "rows": entry_rows[order].astype(idx),
+            "cols": self._indices[order],
+            "band_ptr": np.searchsorted(key[starts] // n_params, np.arange(bands.size), side="left").astype(np.int64),
+        }
+        return self._grad_layout
 
     def __repr__(self) -> str:
         return (f"NumbaEngine({self.shape[0]}x{self.shape[1]}, nnz={self._indices.size}, dtype={self.dtype}, "
