@@ -15,12 +15,16 @@ the same thread count (:func:`sparseconv.bench.thread_limits`):
    engine's forward and adjoint against PyLops' ``Convolve2D(method="fft")``.
 
 Times are medians over repeats with their range; on a shared machine they are provisional.
+``--asm`` compiles the kernels in the process and counts their vector FMA instructions by
+register width (zmm: 512-bit AVX-512, ymm: 256-bit), as evidence that the explicit vectors
+survive to machine code.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Callable
 
@@ -31,7 +35,7 @@ import sparseconv as sc
 from sparseconv.bench import measure_interleaved, thread_limits
 from sparseconv.engines.numba import NumbaEngine, StencilEngine, available, unavailable_reason
 
-__all__ = ["layer_rows", "image_rows", "main"]
+__all__ = ["layer_rows", "image_rows", "assembly_counts", "main"]
 
 
 def _summary(timing: dict) -> dict:
@@ -148,6 +152,31 @@ def image_rows(kernels: tuple[int, ...], threads: tuple[int, ...], repeats: int)
     return rows
 
 
+def assembly_counts() -> dict[str, dict[str, int]]:
+    """Per compiled kernel and dtype, the vector FMA instructions in its machine code by register width.
+
+    The kernels must have been compiled in this process (inspection of cached code is not
+    possible), so this runs with ``SPARSECONV_NUMBA_CACHE=0`` set before the first engine use.
+
+    Returns
+    -------
+    dict
+        ``{"kernel/dtype": {"zmm": count, "ymm": count, "xmm": count}}`` counting ``vfmadd``
+        instructions.
+    """
+    from sparseconv.engines import _numba_kernels as kernels
+
+    counts = {}
+    for name in ("csr_bands", "csr_grad_segments", "stencil_forward", "stencil_grad"):
+        dispatcher = getattr(kernels, name)
+        for sig in dispatcher.signatures:
+            asm = dispatcher.inspect_asm(sig)
+            fma = [line for line in asm.splitlines() if "vfmadd" in line]
+            dtype = next((str(t.dtype) for t in sig if hasattr(t, "dtype") and "float" in str(t.dtype)), "?")
+            counts[f"{name}/{dtype}"] = {reg: sum(reg in line for line in fma) for reg in ("zmm", "ymm", "xmm")}
+    return counts
+
+
 def _print_rows(rows: list[dict]) -> None:
     for row in rows:
         parts = []
@@ -168,8 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     parser.add_argument("--json", help="write every number to this file")
     parser.add_argument("--part", choices=("all", "layer", "image"), default="all")
+    parser.add_argument("--asm", action="store_true",
+                        help="compile in this process (no cache) and count vfmadd instructions per register width")
     parser.add_argument("--zeros", default="0.9,0.95,0.99", help="comma-separated fractions of zero weights")
     args = parser.parse_args(argv)
+    if args.asm:
+        # Read when the kernels are first imported (by available() below).
+        os.environ["SPARSECONV_NUMBA_CACHE"] = "0"
     if not available():
         print(f"numba engines unavailable: {unavailable_reason()}", file=sys.stderr)
         return 1
@@ -184,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
         print("512x512 image, 'same' true convolution, one vector: stencil engine vs pylops Convolve2D(fft)")
         result["image"] = image_rows((7, 15), threads, repeats)
         _print_rows(result["image"])
+    if args.asm:
+        result["assembly"] = assembly_counts()
+        print("vfmadd instructions per kernel (register width):")
+        for key, value in result["assembly"].items():
+            print(f"  {key}: {value}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)

@@ -81,6 +81,22 @@ def test_random_matrix_products(shape, density, blocks, n, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_int64_structure(dtype):
+    """Structures too large for int32 indices use int64 ones: the same kernels, another signature."""
+    a, weight = _random_csr((200, 150), 0.1, dtype, seed=4)
+    eng = NumbaEngine(a.shape, a.indptr.astype(np.int64), a.indices.astype(np.int64), weight,
+                      param_index=np.arange(a.nnz), out_blocks=2, in_blocks=3)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((150, 19)).astype(dtype)
+    d = rng.standard_normal((200, 19)).astype(dtype)
+    rows = np.repeat(np.arange(200), np.diff(a.indptr))
+    assert_allclose(eng.matmat(x, 2), a @ x.astype(np.float64), dtype=dtype)
+    assert_allclose(eng.rmatmat(d, 2), a.T @ d.astype(np.float64), dtype=dtype)
+    assert_allclose(eng.weight_grad(x, d, 2),
+                    np.einsum("en,en->e", d[rows].astype(np.float64), x[a.indices].astype(np.float64)), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_empty_rows_and_empty_matrix(dtype):
     a, weight = _random_csr((120, 90), 0.1, dtype, seed=3, empty_rows=True)
     x = np.random.default_rng(0).standard_normal((90, 33)).astype(dtype)
