@@ -119,13 +119,14 @@ def test_products_do_not_depend_on_thread_count(dtype):
     eng = NumbaEngine(a.shape, a.indptr, a.indices, weight, param_index=np.arange(a.nnz), out_blocks=4,
                       in_blocks=3)
     rng = np.random.default_rng(2)
-    x = rng.standard_normal((1500, 37)).astype(dtype)
-    d = rng.standard_normal((2000, 37)).astype(dtype)
-    y1, z1, g1 = eng.matmat(x, 1), eng.rmatmat(d, 1), eng.weight_grad(x, d, 1)
-    for threads in (2, 3):
-        assert np.array_equal(eng.matmat(x, threads), y1)
-        assert np.array_equal(eng.rmatmat(d, threads), z1)
-        assert_allclose(eng.weight_grad(x, d, threads), g1)
+    for n in (1, 37):
+        x = rng.standard_normal((1500, n)).astype(dtype)
+        d = rng.standard_normal((2000, n)).astype(dtype)
+        y1, z1, g1 = eng.matmat(x, 1), eng.rmatmat(d, 1), eng.weight_grad(x, d, 1)
+        for threads in (2, 3):
+            assert np.array_equal(eng.matmat(x, threads), y1)
+            assert np.array_equal(eng.rmatmat(d, threads), z1)
+            assert_allclose(eng.weight_grad(x, d, threads), g1)
 
 
 def _grid_arrays(case: Case, n: int, mask=None):

@@ -47,6 +47,7 @@ __all__ = [
     "TAIL_BYTES",
     "Vec",
     "csr_bands",
+    "csr_vec_bands",
     "csr_grad_segments",
     "stencil_forward",
     "stencil_grad",
@@ -366,6 +367,49 @@ def csr_bands(indptr, indices, data, x, y, bands, n_blocks, block_rows):
                 for c0 in range(n_main, n, tail_w):
                     rem = min(tail_w, n - c0)
                     vstore_masked(y, r * n + c0, _row_tail(lo, hi, indices, data, x, n, c0, rem, tail), rem)
+
+
+@_jit(parallel=True, nogil=True)
+def csr_vec_bands(indptr, indices, data, x, y, bands, n_blocks, block_rows, zero):
+    """``y = A @ x`` for one vector (``N = 1``), band by band, four partial sums per row.
+
+    With one vector there are no lanes to fill along ``N``; four independent scalar sums per
+    row keep the multiply-adds from waiting on each other (one sum would wait the add's
+    latency at every entry).
+
+    Parameters
+    ----------
+    indptr, indices, data : ndarray
+        As for :func:`csr_bands`.
+    x : ndarray of shape (k,), contiguous
+    y : ndarray of shape (m,); every element is written.
+    bands, n_blocks, block_rows
+        As for :func:`csr_bands`.
+    zero : scalar of ``data``'s dtype
+        0, typed: the sums are kept in the data's precision.
+    """
+    for b in prange(bands.size - 1):
+        for blk in range(n_blocks):
+            r0 = blk * block_rows + bands[b]
+            r1 = blk * block_rows + bands[b + 1]
+            for r in range(r0, r1):
+                lo = uload(indptr, r)
+                hi = uload(indptr, r + 1)
+                s0 = zero
+                s1 = s0
+                s2 = s0
+                s3 = s0
+                e = lo
+                while e + 3 < hi:
+                    s0 += uload(data, e) * uload(x, uload(indices, e))
+                    s1 += uload(data, e + 1) * uload(x, uload(indices, e + 1))
+                    s2 += uload(data, e + 2) * uload(x, uload(indices, e + 2))
+                    s3 += uload(data, e + 3) * uload(x, uload(indices, e + 3))
+                    e += 4
+                while e < hi:
+                    s0 += uload(data, e) * uload(x, uload(indices, e))
+                    e += 1
+                y[r] = (s0 + s1) + (s2 + s3)
 
 
 @_jit(inline="always")

@@ -412,8 +412,13 @@ class NumbaEngine:
             arrays = (self._t_indptr, self._t_indices, self._t_data)
         else:
             arrays = (self._indptr, self._indices, self._data)
-        _launch(self._k.csr_bands, nt, *arrays, block, out, self._band_bounds(adjoint, nt, n), blocks,
-                rows_out // blocks)
+        bands = self._band_bounds(adjoint, nt, n)
+        if n == 1:
+            # One vector: scalar sums (a vector kernel would fill one lane of each register).
+            _launch(self._k.csr_vec_bands, nt, *arrays, block.reshape(-1), out.reshape(-1), bands, blocks,
+                    rows_out // blocks, self.dtype.type(0))
+        else:
+            _launch(self._k.csr_bands, nt, *arrays, block, out, bands, blocks, rows_out // blocks)
         return out[:, 0] if vector else out
 
     def matmat(self, X: np.ndarray, threads: Optional[int] = None) -> np.ndarray:
