@@ -10,7 +10,9 @@ the same thread count (:func:`sparseconv.bench.thread_limits`):
    gradient on column blocks ``(C*H*W, N)`` against ``torch.nn.functional.conv2d`` (dense) and
    its two backward products on NCHW, at 1 and 2 threads; plus the engine's own 1 -> 2 thread
    speed-up.
-2. A 512x512 image with a 7x7 (and 15x15) kernel, true convolution, 'same' zero padding, one
+2. The forward over sparsity 0-90 % against the factored engine and torch (the crossover
+   for the engine policy).
+3. A 512x512 image with a 7x7 (and 15x15) kernel, true convolution, 'same' zero padding, one
    vector at a time through a ``scipy.sparse.linalg.LinearOperator``: the ``"stencil"``
    engine's forward and adjoint against PyLops' ``Convolve2D(method="fft")``.
 
@@ -35,7 +37,7 @@ import sparseconv as sc
 from sparseconv.bench import measure_interleaved, thread_limits
 from sparseconv.engines.numba import NumbaEngine, StencilEngine, available, unavailable_reason
 
-__all__ = ["layer_rows", "image_rows", "assembly_counts", "main"]
+__all__ = ["layer_rows", "crossover_rows", "image_rows", "assembly_counts", "main"]
 
 
 def _summary(timing: dict) -> dict:
@@ -104,6 +106,49 @@ def layer_rows(zero_fractions: tuple[float, ...], threads: tuple[int, ...], repe
                 key = f"{product}/numba"
                 rows.append({"zeros": zeros, "product": product, "speedup_1_to_2_threads":
                              per_threads[1][key]["median_s"] / per_threads[2][key]["median_s"]})
+    return rows
+
+
+def crossover_rows(zero_fractions: tuple[float, ...], threads: int, repeats: int) -> list[dict]:
+    """Forward of the 64->64 layer at N=32 over sparsity: numba engine, factored engine, torch.
+
+    The factored product (``ConvOperator.forward(method="taps")``, NCHW in and out) and
+    torch's dense conv do not get faster with zeros; the crossover is where the numba engine
+    meets the faster of the two.
+
+    Parameters
+    ----------
+    zero_fractions : tuple of float
+    threads : int
+    repeats : int
+
+    Returns
+    -------
+    list of dict
+    """
+    import torch
+
+    rng = np.random.default_rng(2)
+    n, c, f, size = 32, 64, 64, 32
+    x = rng.standard_normal((n, c, size, size)).astype(np.float32)
+    xt = torch.from_numpy(x)
+    xc = np.ascontiguousarray(x.reshape(n, -1).T)
+    rows = []
+    for zeros in zero_fractions:
+        mask = _pruned_mask((f, c, 3, 3), zeros, rng) if zeros > 0 else np.ones((f, c, 3, 3), dtype=bool)
+        w = np.where(mask, rng.standard_normal(mask.shape), 0).astype(np.float32)
+        op = sc.ConvOperator(w, (c, size, size), padding=1, weight_mask=mask)
+        engine = NumbaEngine.from_operator(op)
+        wt = torch.from_numpy(w)
+        with thread_limits(threads), torch.no_grad():
+            timing = measure_interleaved({
+                "numba": lambda: engine.matmat(xc, threads=threads),
+                "factored": lambda: op.forward(x, method="taps", threads=threads),
+                "torch": lambda: torch.nn.functional.conv2d(xt, wt, padding=1),
+            }, repeats=repeats)
+        rows.append({"zeros": zeros, "threads": threads, **{k: _summary(v) for k, v in timing.items()},
+                     "torch_over_numba": timing["torch"]["median_s"] / timing["numba"]["median_s"],
+                     "factored_over_numba": timing["factored"]["median_s"] / timing["numba"]["median_s"]})
     return rows
 
 
@@ -196,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="3 repeats instead of 7")
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     parser.add_argument("--json", help="write every number to this file")
-    parser.add_argument("--part", choices=("all", "layer", "image"), default="all")
+    parser.add_argument("--part", choices=("all", "layer", "image", "crossover"), default="all")
     parser.add_argument("--asm", action="store_true",
                         help="compile in this process (no cache) and count vfmadd instructions per register width")
     parser.add_argument("--zeros", default="0.9,0.95,0.99", help="comma-separated fractions of zero weights")
@@ -214,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         print("64->64 3x3 32x32, N=32, float32: numba engine vs torch conv2d (dense)")
         result["layer"] = layer_rows(tuple(float(z) for z in args.zeros.split(",")), threads, repeats)
         _print_rows(result["layer"])
+    if args.part in ("all", "crossover"):
+        print("64->64 3x3 32x32, N=32, float32, forward over sparsity: numba vs factored (taps) vs torch")
+        result["crossover"] = crossover_rows((0.0, 0.5, 0.75, 0.85, 0.9), max(threads), repeats)
+        _print_rows(result["crossover"])
     if args.part in ("all", "image"):
         print("512x512 image, 'same' true convolution, one vector: stencil engine vs pylops Convolve2D(fft)")
         result["image"] = image_rows((7, 15), threads, repeats)

@@ -36,7 +36,6 @@ import warnings
 from typing import Callable
 
 import numba
-import numpy as np
 from llvmlite import ir
 from numba import prange, types
 from numba.core import cgutils, errors
