@@ -233,6 +233,29 @@ def test_stencil_image_operator_against_scipy_convolve2d(kernel, dtype):
 
 
 @pytest.mark.parametrize("make", ["numba", "stencil"])
+def test_float64_blocks_on_float32_engine_compute_in_float64(make):
+    """A float64 block is not rounded to float32: the float32 weights promote exactly."""
+    case = Case((5, 6), (3, 3), c=2, f=3, padding=1, dtype="float32")
+    x, w, dy = _grid_arrays(case, 3)
+    if make == "numba":
+        eng = NumbaEngine.from_operator(sc.ConvOperator(w, (2, 5, 6), padding=1))
+    else:
+        eng = StencilEngine(case.geometry(), w)
+    x64, dy64, w64 = x.astype(np.float64) + 1e-9, dy.astype(np.float64), w.astype(np.float64)
+    opts = case.opts
+    y = eng.matmat(_columns(x64), 2)
+    assert y.dtype == np.float64
+    assert_allclose(y, _columns(ref.conv_direct(x64, w64, None, **opts)))
+    assert_allclose(eng.rmatmat(_columns(dy64), 2), _columns(ref.conv_direct_backward(x64, w64, dy64, **opts)[0]))
+    g = eng.weight_grad(_columns(x64), _columns(dy), 2)
+    assert g.dtype == np.float32  # the gradient of float32 weights
+    assert_allclose(g, ref.conv_direct_backward(x64, w64, dy64, **opts)[1])
+    if make == "numba":
+        eng.refresh(2 * w)  # the promoted copies follow the weight
+        assert_allclose(eng.matmat(_columns(x64), 1), _columns(ref.conv_direct(x64, 2 * w64, None, **opts)))
+
+
+@pytest.mark.parametrize("make", ["numba", "stencil"])
 def test_bad_input_is_refused_and_leaves_engine_unchanged(make):
     case = Case((5, 6), (3, 3), c=2, f=3, padding=1, dtype="float32")
     x, w, dy = _grid_arrays(case, 4)
@@ -245,7 +268,7 @@ def test_bad_input_is_refused_and_leaves_engine_unchanged(make):
     with pytest.raises(ValueError, match="X must have shape"):
         eng.matmat(xc[:-1])
     with pytest.raises(TypeError, match="without loss"):
-        eng.matmat(xc.astype(np.float64))
+        eng.matmat(xc.astype(np.complex64))
     with pytest.raises(ValueError, match="weight must be a float32 array of shape"):
         eng.refresh(np.ones((3, 2, 3, 2), np.float32))
     with pytest.raises(ValueError, match="weight must be a float32 array"):

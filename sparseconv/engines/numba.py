@@ -141,15 +141,26 @@ def _serialise_launches() -> bool:
     return _layer == "workqueue"
 
 
+def _compute_dtype(a: np.ndarray, dtype: np.dtype, name: str) -> np.dtype:
+    """The dtype a product of an engine in ``dtype`` with ``a`` runs in.
+
+    The engine's dtype when ``a`` casts to it without loss; float64 for a float64 block on a
+    float32 engine (the float32 values promote exactly, no input is rounded).
+    """
+    if a.dtype.kind in "biuf":
+        if np.can_cast(a.dtype, dtype, "safe"):
+            return dtype
+        if np.can_cast(a.dtype, np.float64, "safe"):
+            return np.dtype(np.float64)
+    raise TypeError(f"{name} must be a real array of a dtype that casts to float64 without loss; got {a.dtype}")
+
+
 def _block(a: np.ndarray, rows: int, dtype: np.dtype, name: str) -> tuple[np.ndarray, bool]:
-    """A checked, C-contiguous ``(rows, N)`` block in ``dtype`` and whether ``a`` was 1-D."""
+    """A checked, C-contiguous ``(rows, N)`` block in its compute dtype, and whether ``a`` was 1-D."""
     a = np.asarray(a)
     if a.ndim not in (1, 2) or a.shape[0] != rows:
         raise ValueError(f"{name} must have shape ({rows}, N) or ({rows},); got {a.shape}")
-    if not np.can_cast(a.dtype, dtype, "safe") or a.dtype.kind not in "biuf":
-        raise TypeError(f"{name} must be a real array castable to {dtype} without loss; got {a.dtype}")
-    vector = a.ndim == 1
-    return np.ascontiguousarray(a.reshape(rows, -1), dtype=dtype), vector
+    return np.ascontiguousarray(a.reshape(rows, -1), dtype=_compute_dtype(a, dtype, name)), a.ndim == 1
 
 
 def _balanced_bands(indptr: np.ndarray, blocks: int, n_bands: int) -> np.ndarray:
@@ -271,6 +282,8 @@ class NumbaEngine:
         self._t_data: Optional[np.ndarray] = None
         self._bands: dict[tuple[bool, int, int], np.ndarray] = {}
         self._grad_layout: Optional[dict[str, Any]] = None
+        # float64 copies of the values for float64 blocks on a float32 engine, made on demand.
+        self._promoted: dict[bool, np.ndarray] = {}
         self.refresh(weight)
 
     # ------------------------------------------------------------------ construction helpers
@@ -347,7 +360,7 @@ class NumbaEngine:
     @property
     def nbytes(self) -> int:
         """Bytes the engine holds beyond the structure arrays it was given."""
-        arrays = [self._data, self._t_indptr, self._t_indices, self._t_perm, self._t_data]
+        arrays = [self._data, self._t_indptr, self._t_indices, self._t_perm, self._t_data, *self._promoted.values()]
         if self._grad_layout is not None:
             arrays += [a for a in self._grad_layout.values() if isinstance(a, np.ndarray)]
         return int(sum(a.nbytes for a in arrays if a is not None))
@@ -372,6 +385,16 @@ class NumbaEngine:
             self._data[...] = self._tying @ flat
         if self._t_data is not None:
             np.take(self._data, self._t_perm, out=self._t_data)
+        self._promoted.clear()
+
+    def _values(self, adjoint: bool, dtype: np.dtype) -> np.ndarray:
+        """The value array of ``W`` (or ``W.T``) in ``dtype`` (a kept float64 copy if promoted)."""
+        data = self._t_data if adjoint else self._data
+        if dtype == self.dtype:
+            return data
+        if adjoint not in self._promoted:
+            self._promoted[adjoint] = data.astype(dtype)
+        return self._promoted[adjoint]
 
     def _transpose(self) -> None:
         """Build the CSR of ``W.T`` and the permutation that fills its values from ``W``'s."""
@@ -405,18 +428,18 @@ class NumbaEngine:
         if adjoint and self._t_data is None:
             self._transpose()
         n = block.shape[1]
-        out = np.empty((rows_out, n), dtype=self.dtype)
+        out = np.empty((rows_out, n), dtype=block.dtype)
         nt = _threads(threads)
         blocks = self._blocks[1] if adjoint else self._blocks[0]
         if adjoint:
-            arrays = (self._t_indptr, self._t_indices, self._t_data)
+            arrays = (self._t_indptr, self._t_indices, self._values(True, block.dtype))
         else:
-            arrays = (self._indptr, self._indices, self._data)
+            arrays = (self._indptr, self._indices, self._values(False, block.dtype))
         bands = self._band_bounds(adjoint, nt, n)
         if n == 1:
             # One vector: scalar sums (a vector kernel would fill one lane of each register).
             _launch(self._k.csr_vec_bands, nt, *arrays, block.reshape(-1), out.reshape(-1), bands, blocks,
-                    rows_out // blocks, self.dtype.type(0))
+                    rows_out // blocks, block.dtype.type(0))
         else:
             _launch(self._k.csr_bands, nt, *arrays, block, out, bands, blocks, rows_out // blocks)
         return out[:, 0] if vector else out
@@ -427,14 +450,16 @@ class NumbaEngine:
         Parameters
         ----------
         X : ndarray of shape (in_size, N) or (in_size,)
-            Any memory order (C-contiguous in the engine's dtype is used as is, anything else is
-            copied into that layout first); a dtype that casts to the engine's without loss.
+            Any memory order (C-contiguous in the compute dtype is used as is, anything else is
+            copied into that layout first). Computed in the engine's dtype when ``X`` casts to
+            it without loss, else in float64 if ``X`` casts to that (a float64 block on a
+            float32 engine: the values promote exactly); other dtypes raise ``TypeError``.
         threads : int, optional
             Default :func:`sparseconv.parallel.get_threads`; capped at numba's pool size.
 
         Returns
         -------
-        ndarray of shape (out_size, N) (or (out_size,)), the engine's dtype
+        ndarray of shape (out_size, N) (or (out_size,)), the compute dtype
             Each row is summed by one thread in a fixed order: the same bits for every thread
             count.
         """
@@ -475,6 +500,8 @@ class NumbaEngine:
         m, k = self.shape
         x, _ = _block(X, k, self.dtype, "X")
         d, _ = _block(D, m, self.dtype, "D")
+        if x.dtype != d.dtype:  # one of them float64 on a float32 engine
+            x, d = x.astype(np.float64, copy=False), d.astype(np.float64, copy=False)
         if x.shape[1] != d.shape[1]:
             raise ValueError(f"X and D must hold the same number of vectors; got {x.shape[1]} and {d.shape[1]}")
         n = x.shape[1]
@@ -662,20 +689,19 @@ class StencilEngine:
         a = np.asarray(a)
         if a.ndim not in (1, 2) or a.shape[0] != block_rows:
             raise ValueError(f"{name} must have shape ({block_rows}, N) or ({block_rows},); got {a.shape}")
-        if not np.can_cast(a.dtype, self.dtype, "safe") or a.dtype.kind not in "biuf":
-            raise TypeError(f"{name} must be a real array castable to {self.dtype} without loss; got {a.dtype}")
         vector = a.ndim == 1
         # One vector is a view; a block of N columns is transposed once into N planes.
-        planes = np.ascontiguousarray(a.reshape(block_rows, -1).T, dtype=self.dtype)
+        planes = np.ascontiguousarray(a.reshape(block_rows, -1).T, dtype=_compute_dtype(a, self.dtype, name))
         return planes.reshape(-1, channels, *size), vector
 
     def _correlate(self, planes: np.ndarray, kern: np.ndarray, shift: tuple[int, int], out_size: tuple[int, int],
                    threads: Optional[int]) -> np.ndarray:
         """Stencil over every sample: pad by ``shift``, correlate with ``kern``; ``(in, N)`` result."""
         (kh, kw), (dh, dw) = self._ksize, self._dil
+        kern = kern.astype(planes.dtype, copy=False)
         padded = np.empty((planes.shape[1], out_size[0] + (kh - 1) * dh, out_size[1] + (kw - 1) * dw),
-                          dtype=self.dtype)
-        out = np.empty((planes.shape[0], kern.shape[0], *out_size), dtype=self.dtype)
+                          dtype=planes.dtype)
+        out = np.empty((planes.shape[0], kern.shape[0], *out_size), dtype=planes.dtype)
         nt = _threads(threads)
         n_bands = max(1, min(nt, out_size[0]))
         for i, sample in enumerate(planes):
@@ -692,6 +718,8 @@ class StencilEngine:
         Parameters
         ----------
         X : ndarray of shape (in_size, N) or (in_size,)
+            Computed in the engine's dtype, or in float64 for a float64 block on a float32
+            engine (as for :meth:`NumbaEngine.matmat`).
         threads : int, optional
             Threads over bands of output rows; default :func:`sparseconv.parallel.get_threads`.
 
@@ -742,9 +770,11 @@ class StencilEngine:
         ds, _ = self._planes(D, g.out_channels, self._out, "D")
         if xs.shape[0] != ds.shape[0]:
             raise ValueError(f"X and D must hold the same number of vectors; got {xs.shape[0]} and {ds.shape[0]}")
+        if xs.dtype != ds.dtype:  # one of them float64 on a float32 engine
+            xs, ds = xs.astype(np.float64, copy=False), ds.astype(np.float64, copy=False)
         (kh, kw), (dh, dw) = self._ksize, self._dil
         padded = np.empty((g.in_channels, self._out[0] + (kh - 1) * dh, self._out[1] + (kw - 1) * dw),
-                          dtype=self.dtype)
+                          dtype=xs.dtype)
         grad = np.zeros(self._kern.size)
         nt = _threads(threads)
         for xi, di in zip(xs, ds):
