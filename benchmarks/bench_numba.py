@@ -35,7 +35,8 @@ from scipy.sparse.linalg import LinearOperator
 
 import sparseconv as sc
 from sparseconv.bench import measure_interleaved, thread_limits
-from sparseconv.engines.numba import NumbaEngine, StencilEngine, available, unavailable_reason
+from sparseconv.engines.numba import NumbaEngine, available, unavailable_reason
+from sparseconv.engines.stencil import StencilEngine
 
 __all__ = ["layer_rows", "crossover_rows", "image_rows", "assembly_counts", "main"]
 

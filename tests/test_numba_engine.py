@@ -26,7 +26,8 @@ from cases import Case
 
 pytest.importorskip("numba", reason="the compiled engines need numba (pip install 'sparseconv[fast]')")
 
-from sparseconv.engines.numba import NumbaEngine, StencilEngine, available, unavailable_reason  # noqa: E402
+from sparseconv.engines.numba import NumbaEngine, available, unavailable_reason  # noqa: E402
+from sparseconv.engines.stencil import StencilEngine  # noqa: E402
 
 try:  # the grid moves to cases.py with the engine restructure
     from cases import GRID
@@ -167,6 +168,17 @@ def test_stencil_engine_on_reference_grid(case: Case):
     for n, threads in ((case.n, 1), (3, 2)):
         x, w, dy = _grid_arrays(case, n)
         _check_engine_on_case(StencilEngine(case.geometry(), w), case, x, w, dy, threads)
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_stencil_masked_layer(n):
+    case = Case((9, 10), (3, 3), c=3, f=4, padding=1, dilation=(1, 2), groups=1)
+    mask = np.random.default_rng(0).random(case.weight_shape) >= 0.6
+    x, w, dy = _grid_arrays(case, n, mask)
+    eng = StencilEngine(case.geometry(), w, weight_mask=mask)
+    _check_engine_on_case(eng, case, x, w, dy, 2, mask)
+    with pytest.raises(ValueError, match="weight_mask must be a bool array"):
+        StencilEngine(case.geometry(), w, weight_mask=mask[:1])
 
 
 def test_stencil_grid_is_not_empty_and_refuses_others():
@@ -321,7 +333,8 @@ def test_without_numba_sparseconv_imports_and_engines_report_unavailable():
         sys.modules["numba"] = None  # import numba now raises ImportError
         import numpy as np
         import sparseconv
-        from sparseconv.engines.numba import NumbaEngine, StencilEngine, available, unavailable_reason
+        from sparseconv.engines.numba import NumbaEngine, available, unavailable_reason
+        from sparseconv.engines.stencil import StencilEngine
         assert not available()
         assert "numba" in unavailable_reason(), unavailable_reason()
         assert not StencilEngine.applicable(sparseconv.conv_geometry((1, 1, 3, 3), (1, 5, 5)))

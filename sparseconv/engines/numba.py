@@ -1,28 +1,21 @@
-"""Compiled engines (numba): ``"numba"``, CSR products on column blocks, and ``"stencil"``,
-direct convolution of few-channel images.
+"""The ``"numba"`` engine: compiled CSR products of a convolution matrix on column blocks.
 
-Both follow the engine protocol (``matmat``, ``rmatmat``, ``weight_grad``, ``refresh``,
-``nbytes``, an ``estimate_nbytes`` classmethod and an ``applicable`` classmethod). numba is
-optional: this module imports without it, :func:`available` then says False (with
+Any convolution (any geometry, padding mode, mask or tying): the CSR arrays of ``W``, values
+gathered from the weight through ``param_index`` (or the tying map), products on C-ordered
+column blocks ``X`` of shape ``(in_size, N)`` with each row's ``N`` outputs in vector
+registers; the adjoint is the same kernel on a stored CSR of ``W.T`` whose values follow
+``W``'s through a fixed permutation; the kernel gradient sums, per parameter and band of rows,
+the dot products over ``N`` of the rows each stored entry joins, in registers. Work is
+proportional to the stored entries, so it wins on pruned and partially connected layers.
+
+numba is optional: this module imports without it, :func:`available` then says False (with
 :func:`unavailable_reason`), and constructing an engine raises ``ImportError``. The kernels live
-in :mod:`sparseconv.engines._numba_kernels`, imported at the first construction.
+in :mod:`sparseconv.engines._numba_kernels`, imported at the first construction. The helpers
+here (availability, thread control, dtype rules) are shared with :mod:`sparseconv.engines.stencil`.
 
-``"numba"`` (:class:`NumbaEngine`)
-    Any convolution (any geometry, padding mode, mask or tying): the CSR arrays of ``W``, values
-    gathered from the weight through ``param_index`` (or the tying map), products on C-ordered
-    column blocks ``X`` of shape ``(in_size, N)`` with each row's ``N`` outputs in vector
-    registers; the adjoint is the same kernel on a stored CSR of ``W.T`` whose values follow
-    ``W``'s through a fixed permutation; the kernel gradient is one dot product over ``N`` per
-    stored entry, added into per-thread parameter buffers. Work is proportional to the
-    stored entries, so it wins on pruned and partially connected layers.
-
-``"stencil"`` (:class:`StencilEngine`)
-    1-D/2-D, zero padding, stride 1 (any dilation, groups, mask): no matrix at all; each
-    output row is accumulated in registers over the kernel's taps from a zero-padded copy of
-    the input, and the adjoint is the same loop on the padded output sensitivities with the
-    rotated kernel. It serves image operators (one or a few channels, large kernels) applied
-    one vector at a time, where a CSR kernel does one multiply-add per stored entry and
-    vector.
+:class:`NumbaEngine` is built from CSR arrays, so it runs (and is tested) on any sparse matrix;
+``ENGINE`` (module attribute) is the same engine behind the operators' engine protocol
+(:mod:`sparseconv.engines.base`), built from a ``Structure``.
 
 Examples
 --------
@@ -51,7 +44,7 @@ import scipy.sparse as sp
 from ..geometry import ConvGeometry
 from ..parallel import get_threads
 
-__all__ = ["NumbaEngine", "StencilEngine", "available", "unavailable_reason"]
+__all__ = ["NumbaEngine", "available", "unavailable_reason"]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 # Bytes of input a band of rows may read: about half of one core's L2, so the rows a band
@@ -396,8 +389,13 @@ class NumbaEngine:
             self._promoted[adjoint] = data.astype(dtype)
         return self._promoted[adjoint]
 
-    def _transpose(self) -> None:
-        """Build the CSR of ``W.T`` and the permutation that fills its values from ``W``'s."""
+    def build_adjoint(self) -> None:
+        """Build the CSR of ``W.T`` and the permutation that fills its values from ``W``'s.
+
+        Done by the first :meth:`rmatmat`; call it to build ahead (idempotent).
+        """
+        if self._t_data is not None:
+            return
         m, k = self.shape
         nnz = self._indices.size
         order = sp.csr_array((np.arange(nnz, dtype=np.int64), self._indices, self._indptr), shape=(m, k)).T.tocsr()
@@ -425,8 +423,8 @@ class NumbaEngine:
         m, k = self.shape
         rows_in, rows_out = (m, k) if adjoint else (k, m)
         block, vector = _block(a, rows_in, self.dtype, "D" if adjoint else "X")
-        if adjoint and self._t_data is None:
-            self._transpose()
+        if adjoint:
+            self.build_adjoint()
         n = block.shape[1]
         out = np.empty((rows_out, n), dtype=block.dtype)
         nt = _threads(threads)
@@ -568,222 +566,93 @@ class NumbaEngine:
                 f"blocks={self._blocks})")
 
 
-class StencilEngine:
-    """Direct compiled convolution of zero-padded, stride-1, 1-D or 2-D layers (``"stencil"``).
+# ---------------------------------------------------------------------- the engine protocol
+def _protocol_engine() -> type:
+    """:class:`NumbaEngine` as an engine of the operators' protocol (:mod:`sparseconv.engines.base`).
 
-    Holds no matrix: only the kernel (and its rotated, channel-transposed copy for the
-    adjoint). Each output row is accumulated in vector registers over every tap; the adjoint
-    runs the same loop on the zero-padded output sensitivities with the rotated kernel, so it
-    costs what the forward costs.
-
-    Parameters
-    ----------
-    geometry : ConvGeometry
-        Must satisfy :meth:`applicable`.
-    weight : ndarray of shape ``geometry.weight_shape``, float32 or float64
-        Masked taps simply hold zero weights.
-
-    Attributes
-    ----------
-    name : str
-        ``"stencil"``.
-    shape : (int, int)
-        ``(geometry.n_out, geometry.n_in)``.
-    dtype : numpy.dtype
-    weight_shape : tuple of int
-
-    Raises
-    ------
-    ImportError
-        When numba is not available.
-    ValueError
-        When the geometry is not one :meth:`applicable` accepts.
+    Made at first access of the module attribute ``ENGINE`` (see :func:`__getattr__`), so this
+    module imports where the protocol module does not exist.
     """
+    from .base import Engine, Structure
 
-    name = "stencil"
-
-    def __init__(self, geometry: ConvGeometry, weight: np.ndarray) -> None:
-        self._k = _require()
-        if not self.applicable(geometry):
-            raise ValueError(f"the stencil engine runs 1-D/2-D stride-1 convolutions with zero padding; got "
-                             f"{geometry.describe()}")
-        w = _check_weight(weight)
-        self.geometry = geometry
-        self.dtype = w.dtype
-        self.weight_shape = tuple(geometry.weight_shape)
-        self.shape = (geometry.n_out, geometry.n_in)
-        g = geometry
-        # Everything as 2-D: a 1-D layer is one row.
-        two = (lambda t: (1, *t)) if g.ndim == 1 else (lambda t: tuple(t))
-        self._in = two(g.in_size)
-        self._out = two(g.out_size)
-        self._ksize = two(g.kernel_size)
-        self._dil = two(g.dilation)
-        self._pad_lo = (0, g.padding[0][0]) if g.ndim == 1 else (g.padding[0][0], g.padding[1][0])
-        self._kern = np.empty((g.out_channels, g.in_channels // g.groups, *self._ksize), dtype=self.dtype)
-        self._kern_t = np.empty((g.in_channels, g.out_channels // g.groups, *self._ksize), dtype=self.dtype)
-        self.refresh(w)
-
-    @classmethod
-    def applicable(cls, geometry: ConvGeometry) -> bool:
-        """numba available, 1 or 2 spatial dimensions, stride 1, zero padding.
+    class NumbaProtocolEngine(Engine):
+        """The ``"numba"`` engine on a ``Structure``: a :class:`NumbaEngine` on the structure's
+        pattern, built at the first product, each piece charged to the memory budget first.
 
         Parameters
         ----------
-        geometry : ConvGeometry
-
-        Returns
-        -------
-        bool
+        structure : Structure
         """
-        return (available() and geometry.ndim in (1, 2) and geometry.padding_mode == "zeros"
-                and all(s == 1 for s in geometry.stride))
 
-    @classmethod
-    def estimate_nbytes(cls, geometry: ConvGeometry, dtype: Any) -> int:
-        """Bytes the engine holds: the kernel twice (as given and rotated for the adjoint).
+        name = "numba"
 
-        Parameters
-        ----------
-        geometry : ConvGeometry
-        dtype : dtype
+        def __init__(self, structure: Structure) -> None:
+            super().__init__(structure)
+            self._engine: Optional[NumbaEngine] = None
+            self._grad_reserved = False
 
-        Returns
-        -------
-        int
-        """
-        return 2 * geometry.n_params * np.dtype(dtype).itemsize
+        @classmethod
+        def applicable(cls, structure: Structure, product: str) -> bool:
+            return available()
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes the engine holds (scratch for padded copies is allocated per call)."""
-        return int(self._kern.nbytes + self._kern_t.nbytes)
+        @classmethod
+        def _own_nbytes(cls, structure: Structure, product: str) -> int:
+            g = structure.geometry
+            return NumbaEngine.estimate_nbytes(structure.nnz, (g.n_out, g.n_in), structure.dtype,
+                                               adjoint=product == "adjoint", weight_grad=product == "weight_grad")
 
-    def refresh(self, weight: np.ndarray) -> None:
-        """Take new weight values.
+        @classmethod
+        def estimate_nbytes(cls, structure: Structure, product: str) -> int:
+            return structure.pattern_nbytes() + cls._own_nbytes(structure, product)
 
-        Parameters
-        ----------
-        weight : ndarray of shape :attr:`weight_shape`, the engine's dtype
-        """
-        w = _check_weight(weight)
-        if w.shape != self.weight_shape or w.dtype != self.dtype:
-            raise ValueError(f"weight must be a {self.dtype} array of shape {self.weight_shape}; "
-                             f"got {w.dtype} array of shape {w.shape}")
-        g = self.geometry
-        kern = w.reshape(self._kern.shape)
-        # The correlation kernel: a true convolution reads the weight rotated by 180 degrees.
-        if g.flip:
-            kern = kern[:, :, ::-1, ::-1]
-        self._kern[...] = kern
-        # Adjoint: within each group, output and input channels swap and the kernel rotates.
-        fg = g.out_channels // g.groups
-        cg = g.in_channels // g.groups
-        rot = self._kern[:, :, ::-1, ::-1]
-        for grp in range(g.groups):
-            self._kern_t[grp * cg:(grp + 1) * cg] = rot[grp * fg:(grp + 1) * fg].swapaxes(0, 1)
+        def prepare(self, product: str) -> None:
+            s = self.structure
+            if self._engine is None:
+                p = s.pattern()
+                s.reserve(p.nnz * s.dtype.itemsize, "the numba engine's values")
+                g = s.geometry
+                self._engine = NumbaEngine(p.shape, p.indptr, p.indices, s.weight, param_index=p.param_index,
+                                           tying=p.tying, out_blocks=g.out_channels, in_blocks=g.in_channels)
+            if product == "adjoint" and self._engine._t_data is None:
+                s.reserve(self._own_nbytes(s, "adjoint") - self._own_nbytes(s, "forward"),
+                          "the numba engine's transposed matrix")
+                self._engine.build_adjoint()
+            if product == "weight_grad" and not self._grad_reserved:
+                s.reserve(self._own_nbytes(s, "weight_grad") - self._own_nbytes(s, "forward"),
+                          "the numba engine's gradient entry order")
+                self._grad_reserved = True
 
-    def _planes(self, a: np.ndarray, channels: int, size: tuple[int, int], name: str) -> tuple[np.ndarray, bool]:
-        """``(N, channels, *size)`` C-contiguous samples from a column block, and whether 1-D."""
-        block_rows = channels * size[0] * size[1]
-        a = np.asarray(a)
-        if a.ndim not in (1, 2) or a.shape[0] != block_rows:
-            raise ValueError(f"{name} must have shape ({block_rows}, N) or ({block_rows},); got {a.shape}")
-        vector = a.ndim == 1
-        # One vector is a view; a block of N columns is transposed once into N planes.
-        planes = np.ascontiguousarray(a.reshape(block_rows, -1).T, dtype=_compute_dtype(a, self.dtype, name))
-        return planes.reshape(-1, channels, *size), vector
+        @property
+        def nbytes(self) -> int:
+            return 0 if self._engine is None else self._engine.nbytes
 
-    def _correlate(self, planes: np.ndarray, kern: np.ndarray, shift: tuple[int, int], out_size: tuple[int, int],
-                   threads: Optional[int]) -> np.ndarray:
-        """Stencil over every sample: pad by ``shift``, correlate with ``kern``; ``(in, N)`` result."""
-        (kh, kw), (dh, dw) = self._ksize, self._dil
-        kern = kern.astype(planes.dtype, copy=False)
-        padded = np.empty((planes.shape[1], out_size[0] + (kh - 1) * dh, out_size[1] + (kw - 1) * dw),
-                          dtype=planes.dtype)
-        out = np.empty((planes.shape[0], kern.shape[0], *out_size), dtype=planes.dtype)
-        nt = _threads(threads)
-        n_bands = max(1, min(nt, out_size[0]))
-        for i, sample in enumerate(planes):
-            self._k.shift_pad(sample, padded, shift[0], shift[1])
-            _launch(self._k.stencil_forward, nt, padded, kern, out[i], self.geometry.groups, dh, dw, n_bands)
-        return out.reshape(out.shape[0], -1).T
+        def matmat(self, X: np.ndarray, threads: Optional[int]) -> np.ndarray:
+            self.prepare("forward")
+            return self._engine.matmat(X, threads)
 
-    def _finish(self, out: np.ndarray, vector: bool) -> np.ndarray:
-        return out[:, 0] if vector else np.ascontiguousarray(out)
+        def rmatmat(self, D: np.ndarray, threads: Optional[int]) -> np.ndarray:
+            self.prepare("adjoint")
+            return self._engine.rmatmat(D, threads)
 
-    def matmat(self, X: np.ndarray, threads: Optional[int] = None) -> np.ndarray:
-        """``Y = W @ X``.
+        def weight_grad(self, X: np.ndarray, D: np.ndarray, threads: Optional[int]) -> np.ndarray:
+            self.prepare("weight_grad")
+            return self.structure.finish_grad(self._engine.weight_grad(X, D, threads))
 
-        Parameters
-        ----------
-        X : ndarray of shape (in_size, N) or (in_size,)
-            Computed in the engine's dtype, or in float64 for a float64 block on a float32
-            engine (as for :meth:`NumbaEngine.matmat`).
-        threads : int, optional
-            Threads over bands of output rows; default :func:`sparseconv.parallel.get_threads`.
+        def refresh(self, weight: np.ndarray) -> None:
+            if self._engine is not None:
+                self._engine.refresh(weight)
 
-        Returns
-        -------
-        ndarray of shape (out_size, N) (or (out_size,))
-        """
-        g = self.geometry
-        planes, vector = self._planes(X, g.in_channels, self._in, "X")
-        return self._finish(self._correlate(planes, self._kern, self._pad_lo, self._out, threads), vector)
+    NumbaProtocolEngine.__module__ = __name__
+    return NumbaProtocolEngine
 
-    def rmatmat(self, D: np.ndarray, threads: Optional[int] = None) -> np.ndarray:
-        """``Z = W.T @ D``: the full correlation of ``D`` with the rotated kernel, cropped.
 
-        Parameters
-        ----------
-        D : ndarray of shape (out_size, N) or (out_size,)
-        threads : int, optional
+_protocol_classes: dict[str, type] = {}
 
-        Returns
-        -------
-        ndarray of shape (in_size, N) (or (in_size,))
-        """
-        g = self.geometry
-        planes, vector = self._planes(D, g.out_channels, self._out, "D")
-        (kh, kw), (dh, dw) = self._ksize, self._dil
-        shift = ((kh - 1) * dh - self._pad_lo[0], (kw - 1) * dw - self._pad_lo[1])
-        return self._finish(self._correlate(planes, self._kern_t, shift, self._in, threads), vector)
 
-    def weight_grad(self, X: np.ndarray, D: np.ndarray, threads: Optional[int] = None) -> np.ndarray:
-        """Kernel gradient ``sum_n dL/dw`` for the samples (columns) of ``X`` and ``D``.
-
-        Parameters
-        ----------
-        X : ndarray of shape (in_size, N)
-        D : ndarray of shape (out_size, N)
-        threads : int, optional
-            Threads over taps.
-
-        Returns
-        -------
-        ndarray of shape :attr:`weight_shape`
-            Summed in float64; each tap by one thread in a fixed order (independent of the
-            thread count).
-        """
-        g = self.geometry
-        xs, _ = self._planes(X, g.in_channels, self._in, "X")
-        ds, _ = self._planes(D, g.out_channels, self._out, "D")
-        if xs.shape[0] != ds.shape[0]:
-            raise ValueError(f"X and D must hold the same number of vectors; got {xs.shape[0]} and {ds.shape[0]}")
-        if xs.dtype != ds.dtype:  # one of them float64 on a float32 engine
-            xs, ds = xs.astype(np.float64, copy=False), ds.astype(np.float64, copy=False)
-        (kh, kw), (dh, dw) = self._ksize, self._dil
-        padded = np.empty((g.in_channels, self._out[0] + (kh - 1) * dh, self._out[1] + (kw - 1) * dw),
-                          dtype=xs.dtype)
-        grad = np.zeros(self._kern.size)
-        nt = _threads(threads)
-        for xi, di in zip(xs, ds):
-            self._k.shift_pad(xi, padded, self._pad_lo[0], self._pad_lo[1])
-            _launch(self._k.stencil_grad, nt, padded, di, grad, self._kern.shape[1], kh, kw, g.groups, dh, dw)
-        grad = grad.reshape(self._kern.shape)
-        if g.flip:
-            grad = grad[:, :, ::-1, ::-1]
-        return np.ascontiguousarray(grad, dtype=self.dtype).reshape(self.weight_shape)
-
-    def __repr__(self) -> str:
-        return f"StencilEngine({self.geometry.describe()}, dtype={self.dtype})"
+def __getattr__(name: str) -> Any:
+    """``ENGINE``: the engine class the registry of :mod:`sparseconv.engines` imports."""
+    if name == "ENGINE":
+        if name not in _protocol_classes:
+            _protocol_classes[name] = _protocol_engine()
+        return _protocol_classes[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
