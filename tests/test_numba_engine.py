@@ -375,3 +375,28 @@ def test_unwritable_cache_does_not_break_import():
     assert res.returncode == 0, res.stderr
     assert "warned: True" in res.stdout
     assert "[20.0, 3.0]" in res.stdout
+
+
+@pytest.mark.parametrize("name", ["numba", "stencil"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_protocol_engines_on_a_structure(name, dtype):
+    """``ENGINE`` of each module on the operators' engine protocol: products, refresh, budget."""
+    base = pytest.importorskip("sparseconv.engines.base", reason="the engine protocol (issue 10) is not merged")
+    module = __import__(f"sparseconv.engines.{name}", fromlist=["ENGINE"])
+    case = Case((8, 9), (3, 3), c=3, f=4, padding=1, flip=True, dtype=dtype)
+    mask = np.random.default_rng(1).random(case.weight_shape) >= 0.5
+    x, w, dy = _grid_arrays(case, 5, mask)
+    structure = base.Structure(case.geometry(), np.dtype(dtype), weight_mask=mask)
+    structure.weight[...] = w
+    assert module.ENGINE.applicable(structure, "forward")
+    eng = module.ENGINE(structure)
+    assert eng.name == name
+    _check_engine_on_case(eng, case, x, w, dy, 2, mask)
+    assert eng.nbytes > 0
+    w2 = (3 * w).astype(dtype)
+    structure.weight[...] = w2
+    eng.refresh(w2)
+    _check_engine_on_case(eng, case, x, w2, dy, 1, mask)
+    tight = base.Structure(case.geometry(), np.dtype(dtype), weight_mask=mask, memory_budget=64)
+    with pytest.raises(sc.MemoryBudgetError):
+        module.ENGINE(tight).prepare("forward")
