@@ -181,6 +181,16 @@ def test_stencil_masked_layer(n):
         StencilEngine(case.geometry(), w, weight_mask=mask[:1])
 
 
+@pytest.mark.parametrize("case", [Case((6, 7), (3, 2), c=3, f=2, padding=4),
+                                  Case((6, 7), (3, 2), c=3, f=2, padding=((5, 0), (0, 6)), dilation=(1, 2)),
+                                  Case((6, 7), (3, 2), c=3, f=2, padding=((0, 3), (4, 1)), flip=True)],
+                         ids=lambda c: c.id)
+def test_stencil_padding_wider_than_the_kernel(case: Case):
+    """Padding beyond the kernel's reach: the adjoint's shifted copy crops instead of padding."""
+    x, w, dy = _grid_arrays(case, 2)
+    _check_engine_on_case(StencilEngine(case.geometry(), w), case, x, w, dy, 2)
+
+
 def test_stencil_grid_is_not_empty_and_refuses_others():
     assert len(STENCIL_GRID) > 20
     strided = Case((7, 6), (3, 2), stride=2).geometry()
