@@ -410,3 +410,20 @@ def test_protocol_engines_on_a_structure(name, dtype):
     tight = base.Structure(case.geometry(), np.dtype(dtype), weight_mask=mask, memory_budget=64)
     with pytest.raises(sc.MemoryBudgetError):
         module.ENGINE(tight).prepare("forward")
+
+
+@pytest.mark.parametrize("copy", ["deepcopy", "pickle"])
+def test_engines_copy_and_pickle(copy):
+    """Copies hold their own values: refreshing a copy leaves the original alone."""
+    import copy as copy_module
+    import pickle
+
+    case = Case((6, 7), (3, 3), c=2, f=3, padding=1, dtype="float32")
+    x, w, dy = _grid_arrays(case, 3)
+    engines = [NumbaEngine.from_operator(sc.ConvOperator(w, (2, 6, 7), padding=1)), StencilEngine(case.geometry(), w)]
+    for eng in engines:
+        eng.rmatmat(_columns(dy))
+        twin = copy_module.deepcopy(eng) if copy == "deepcopy" else pickle.loads(pickle.dumps(eng))
+        twin.refresh(2 * w)
+        _check_engine_on_case(twin, case, x, 2 * w, dy, 2)
+        _check_engine_on_case(eng, case, x, w, dy, 2)

@@ -62,6 +62,8 @@ _launch_lock = threading.Lock()
 def _load() -> Optional[ModuleType]:
     """The kernel module, imported once; None (reason kept) when numba is missing or broken."""
     global _kernels, _import_error
+    if _kernels is not None:
+        return _kernels
     with _import_lock:
         if _kernels is None and _import_error is None:
             try:
@@ -228,10 +230,15 @@ class NumbaEngine:
 
     name = "numba"
 
+    @property
+    def _k(self) -> Any:
+        """The kernel module (looked up, not stored: engines stay picklable and deep-copyable)."""
+        return _require()
+
     def __init__(self, shape: tuple[int, int], indptr: np.ndarray, indices: np.ndarray, weight: np.ndarray, *,
                  param_index: Optional[np.ndarray] = None, tying: Optional[sp.sparray] = None,
                  out_blocks: int = 1, in_blocks: int = 1) -> None:
-        self._k = _require()
+        _require()
         weight = _check_weight(weight)
         m, k = (int(s) for s in shape)
         indptr, indices = np.asarray(indptr), np.asarray(indices)
@@ -642,7 +649,9 @@ def _protocol_engine() -> type:
             if self._engine is not None:
                 self._engine.refresh(weight)
 
+    # Pickled by reference as this module's ENGINE (which __getattr__ resolves to this class).
     NumbaProtocolEngine.__module__ = __name__
+    NumbaProtocolEngine.__qualname__ = "ENGINE"
     return NumbaProtocolEngine
 
 

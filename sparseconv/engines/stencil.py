@@ -60,8 +60,13 @@ class StencilEngine:
 
     name = "stencil"
 
+    @property
+    def _k(self) -> Any:
+        """The kernel module (looked up, not stored: engines stay picklable and deep-copyable)."""
+        return _require()
+
     def __init__(self, geometry: ConvGeometry, weight: np.ndarray, *, weight_mask: Optional[np.ndarray] = None) -> None:
-        self._k = _require()
+        _require()
         if not self.applicable(geometry):
             raise ValueError(f"the stencil engine runs 1-D/2-D stride-1 convolutions with zero padding; got "
                              f"{geometry.describe()}")
@@ -313,7 +318,9 @@ def _protocol_engine() -> type:
             if self._engine is not None:
                 self._engine.refresh(weight)
 
+    # Pickled by reference as this module's ENGINE (which __getattr__ resolves to this class).
     StencilProtocolEngine.__module__ = __name__
+    StencilProtocolEngine.__qualname__ = "ENGINE"
     return StencilProtocolEngine
 
 
