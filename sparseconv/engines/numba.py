@@ -418,6 +418,8 @@ class NumbaEngine:
         """Row bands of ``W`` (or ``W.T``) for ``n_threads`` and ``n`` vectors, cached."""
         key = (adjoint, n_threads, n)
         if key not in self._bands:
+            if len(self._bands) >= 64:  # many batch sizes: keep the cache small
+                self._bands.clear()
             indptr = self._t_indptr if adjoint else self._indptr
             blocks = self._blocks[1] if adjoint else self._blocks[0]
             cols = self.shape[0] if adjoint else self.shape[1]
