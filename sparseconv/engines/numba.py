@@ -500,9 +500,12 @@ class NumbaEngine:
         Returns
         -------
         ndarray of shape :attr:`weight_shape`, the engine's dtype
-            Zero for weights with no stored entry (masked taps). Entry dot products are summed
-            in float64, per thread, and the threads' sums added in thread order: the result
-            depends on the thread count only in the last bits.
+            Zero for weights with no stored entry (masked taps). The entries of one parameter
+            within one band of rows (a segment, see :meth:`_segments`) are summed in vector
+            registers in the compute dtype, segment sums in float64 per thread, and the
+            threads' sums in thread order: the result depends on the thread count only in
+            the last bits. The first call (and a call whose ``N`` changes the band count)
+            builds the entry order, a permutation of the entries.
         """
         m, k = self.shape
         x, _ = _block(X, k, self.dtype, "X")
