@@ -501,7 +501,7 @@ class NumbaEngine:
         -------
         ndarray of shape :attr:`weight_shape`, the engine's dtype
             Zero for weights with no stored entry (masked taps). The entries of one parameter
-            within one band of rows (a segment, see :meth:`_segments`) are summed in vector
+            within one band of rows (a segment) are summed in vector
             registers in the compute dtype, segment sums in float64 per thread, and the
             threads' sums in thread order: the result depends on the thread count only in
             the last bits. The first call (and a call whose ``N`` changes the band count)
