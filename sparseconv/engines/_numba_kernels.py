@@ -319,7 +319,7 @@ def _row_main(lo, hi, indices, data, x, n, c0, like):
 
 @_jit(inline="always")
 def _row_tail(lo, hi, indices, data, x, n, c0, rem, like):
-    """As :func:`_row_main` for a masked chunk of ``rem`` columns."""
+    """As ``_row_main`` for a masked chunk of ``rem`` columns."""
     acc0 = like
     acc1 = like
     e = lo
@@ -429,7 +429,7 @@ def _segment_main(lo, hi, rows, cols, x, d, n, c0, like):
 
 @_jit(inline="always")
 def _segment_tail(lo, hi, rows, cols, x, d, n, c0, rem, like):
-    """As :func:`_segment_main` for a masked chunk of ``rem`` columns."""
+    """As ``_segment_main`` for a masked chunk of ``rem`` columns."""
     acc = like
     for e in range(lo, hi):
         acc = vfma_vv(acc, vload_masked(d, uload(rows, e) * n + c0, rem, like),

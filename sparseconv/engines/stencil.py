@@ -265,7 +265,7 @@ class StencilEngine:
 def _protocol_engine() -> type:
     """:class:`StencilEngine` as an engine of the operators' protocol (:mod:`sparseconv.engines.base`).
 
-    Made at first access of the module attribute ``ENGINE`` (see :func:`__getattr__`), so this
+    Made at first access of the module attribute ``ENGINE`` (see the module ``__getattr__``), so this
     module imports where the protocol module does not exist.
     """
     from .base import Engine, Structure
