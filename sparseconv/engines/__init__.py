@@ -2,8 +2,10 @@
 
 Every operator product (``"forward"`` ``W @ X``, ``"adjoint"`` ``W.T @ D``, ``"weight_grad"``)
 runs on an *engine*: ``"csr"`` (scipy's CSR kernel on the explicit matrix,
-:mod:`sparseconv.engines.csr`) or ``"factored"`` (tap gathers and BLAS GEMMs,
-:mod:`sparseconv.engines.factored`). ``"auto"`` asks the policy
+:mod:`sparseconv.engines.csr`), ``"factored"`` (tap gathers and BLAS GEMMs,
+:mod:`sparseconv.engines.factored`), ``"numba"`` (compiled CSR kernels on column blocks,
+:mod:`sparseconv.engines.numba`, optional extra ``fast``) or ``"stencil"`` (compiled direct
+convolution of zero-padded, stride-1 image layers, :mod:`sparseconv.engines.stencil`). ``"auto"`` asks the policy
 (:func:`~sparseconv.engines.policy.choose_engine`), which decides per product at construction
 from the layer's shape and mask. The protocol an engine implements is in
 :mod:`sparseconv.engines.base`. Adding one is a module defining ``ENGINE`` (its class) plus
@@ -25,6 +27,8 @@ __all__ = ["PRODUCTS", "ENGINE_NAMES", "Engine", "GuardedMatrix", "MatrixModifie
 _MODULES = {
     "csr": ".csr",
     "factored": ".factored",
+    "numba": ".numba",
+    "stencil": ".stencil",
 }
 
 #: Every registered engine name.
