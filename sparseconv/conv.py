@@ -379,6 +379,37 @@ class ConvOperator(MatrixOperator):
         return sp.csr_array((np.ones(nnz), p.param_index.copy(), np.arange(nnz + 1)), shape=(nnz, self.n_params))
 
     # ------------------------------------------------------------------ engines
+    def supports(self, engine: str, product: str) -> bool:
+        """Whether ``engine`` can run ``product`` on this layer (its geometry, mask, dtype).
+
+        An engine whose optional dependency is missing (``"numba"``, ``"stencil"`` without
+        numba) supports nothing.
+
+        Parameters
+        ----------
+        engine : str
+            ``"auto"`` or a registered engine name (see :mod:`sparseconv.engines`).
+        product : {"forward", "adjoint", "weight_grad"}
+
+        Returns
+        -------
+        bool
+
+        Raises
+        ------
+        ValueError
+            For an unknown ``engine`` or ``product``.
+        """
+        if product not in PRODUCTS:
+            raise ValueError(f"product must be one of {PRODUCTS}; got {product!r}")
+        name = resolve_engine_name(engine)
+        if name == "auto":
+            return True
+        try:
+            return bool(engine_class(name).applicable(self._structure, product))
+        except ImportError:
+            return False
+
     def engine(self, product: str) -> str:
         """The engine a product runs on when no ``engine=`` is passed to it.
 

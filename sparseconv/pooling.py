@@ -87,6 +87,10 @@ class PoolOperator(MatrixOperator):
         """Stored entries of the matrix."""
         return self._conv.nnz
 
+    def supports(self, engine: str, product: str) -> bool:
+        """Whether ``engine`` can run ``product`` (see :meth:`ConvOperator.supports`)."""
+        return self._conv.supports(engine, product)
+
     def engine(self, product: str) -> str:
         """The engine of ``"forward"`` or ``"adjoint"`` (see :meth:`ConvOperator.engine`)."""
         return self._conv.engine(product)

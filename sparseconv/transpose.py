@@ -191,6 +191,21 @@ class ConvTransposeOperator(MatrixOperator):
                                      transposed.shape)
 
     # ------------------------------------------------------------------ engines
+    def supports(self, engine: str, product: str) -> bool:
+        """Whether ``engine`` can run ``product``: this layer's forward is the convolution's adjoint.
+
+        Parameters
+        ----------
+        engine : str
+        product : {"forward", "adjoint", "weight_grad"}
+
+        Returns
+        -------
+        bool
+        """
+        swapped = {"forward": "adjoint", "adjoint": "forward"}.get(product, product)
+        return self.conv.supports(engine, swapped)
+
     def engine(self, product: str) -> str:
         """The engine a product runs on: this layer's forward is the convolution's adjoint.
 

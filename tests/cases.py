@@ -60,3 +60,16 @@ class Case:
         b = rng.standard_normal(self.f).astype(self.dtype)
         dy = rng.standard_normal((self.n, *self.geometry().output_shape)).astype(self.dtype)
         return x, w, b, dy
+
+
+def supported_engines(op, *products: str) -> list[str]:
+    """The registered engines that can run every one of ``products`` on ``op``.
+
+    Always includes ``"csr"`` and ``"factored"`` (they run every layer), so a grid test that
+    loops over this list can never loop over nothing.
+    """
+    from sparseconv.engines import ENGINE_NAMES
+
+    names = [e for e in ENGINE_NAMES if all(op.supports(e, p) for p in products)]
+    assert {"csr", "factored"} <= set(names), names
+    return names
