@@ -193,17 +193,51 @@ def test_an_engine_this_sparseconv_lacks_is_skipped():
         engine_method("numba", "numba")(case, bench.Settings())
 
 
-def test_engine_methods_of_one_case_share_one_operator():
+def test_an_engine_registered_but_not_importable_is_skipped(monkeypatch):
+    from sparseconv import engines
+    from sparseconv.bench.methods._engine import engine_method
+
+    monkeypatch.setitem(engines._MODULES, "broken", ".no_such_engine_module")
+    case = bench.make_case(bench.suite_layers("smoke")[0], "float64")
+    with pytest.raises(bench.MethodSkipped, match="'broken' is registered but cannot be imported here: No module"):
+        engine_method("broken", "broken")(case, bench.Settings())
+
+
+def test_a_registered_engine_joins_the_benchmark(monkeypatch):
+    from sparseconv import engines
+    from sparseconv.bench.methods._engine import engine_method
+
+    monkeypatch.setitem(engines._MODULES, "dense", "engine_dense")  # tests/engine_dense.py
+    layer = bench.suite_layers("smoke")[0]
+    case = bench.make_case(layer, "float64")
+    prepared = engine_method("dense", "dense")(case, bench.Settings(repeats=1))
+    assert prepared.info["engines"] == {p: "dense" for p in layer.passes}
+    assert all(bench.verify(prepared, case)[p]["ok"] for p in layer.passes)
+
+
+def test_engine_methods_share_an_operator_only_when_they_run_the_same_engines():
     from sparseconv.bench.methods import _operator
 
     budget = bench.resolve_budget(None)
-    case = bench.make_case(bench.suite_layers("smoke")[0], "float64", reference=False)
+    layer, image = bench.suite_layers("smoke")[0], bench.suite_layers("smoke")[-1]
+    case = bench.make_case(layer, "float64", reference=False)
     first, csr_bytes, _ = _operator.shared_build(case, budget, "csr")
-    again, factored_bytes, _ = _operator.shared_build(case, budget, "factored")
-    assert again is first and factored_bytes > csr_bytes  # the factored engine adds its tables
+    assert _operator.shared_build(case, budget, "csr")[0] is first
+    factored, factored_bytes, _ = _operator.shared_build(case, budget, "factored")
+    assert factored is not first and factored._structure._pattern is None  # no matrix built for it
+    assert first._structure._pattern is not None and 0 < factored_bytes < csr_bytes
+    # "auto" runs this layer's kernel gradient on the factored engine: an operator of its own.
+    assert _operator.shared_build(case, budget)[0] not in (first, factored)
     assert _operator.build(case, budget, "csr")[0] is not first  # build() is always a new one
-    other = bench.make_case(bench.suite_layers("smoke")[0], "float64", reference=False)
-    assert _operator.shared_build(other, budget)[0] is not first
+    other = bench.make_case(layer, "float64", reference=False)
+    assert _operator.shared_build(other, budget, "csr")[0] is not first
+    # The single-channel image: "auto" picks the CSR kernel for both passes, so "sparse" and
+    # "csr" hold one matrix between them.
+    image_case = bench.make_case(image, "float64", reference=False)
+    auto, auto_bytes, _ = _operator.shared_build(image_case, budget)
+    assert _operator.engines_in_force(auto, image.passes) == {"forward": "csr", "adjoint": "csr"}
+    shared, shared_bytes, _ = _operator.shared_build(image_case, budget, "csr")
+    assert shared is auto and shared_bytes == auto_bytes
 
 
 def test_methods_are_discovered_in_rank_order():

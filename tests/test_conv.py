@@ -295,11 +295,11 @@ def test_weight_mask_removes_entries_and_gradients():
         op.set_weight(rng.standard_normal(w.shape))
 
 
-def test_linear_operator_view():
+def test_operator_is_a_linear_operator():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((3, 2, 3, 3))
     op = sc.ConvOperator(w, (2, 6, 5), padding=1, stride=(2, 1))
-    lin = op.as_linear_operator()
+    lin = op
     assert isinstance(lin, LinearOperator) and lin.shape == op.shape and lin.dtype == op.dtype
     x = rng.standard_normal((4, 2, 6, 5))
     assert_allclose(lin.matmat(x.reshape(4, -1).T).T, op.forward(x).reshape(4, -1))
