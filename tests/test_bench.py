@@ -35,6 +35,8 @@ def _installed(name):
     return True
 
 
+# The smoke run takes seconds and is paid by whichever of its tests runs first: every test
+# that reads it is marked slow.
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke")
@@ -43,6 +45,7 @@ def smoke(tmp_path_factory):
     return result, out
 
 
+@pytest.mark.slow
 def test_smoke_writes_valid_json_and_markdown(smoke):
     result, out = smoke
     data = _strict_json(out / "smoke.json")
@@ -62,6 +65,7 @@ def test_smoke_writes_valid_json_and_markdown(smoke):
     assert "# sparseconv benchmark: `smoke`" in markdown and "Key ratios" in markdown
 
 
+@pytest.mark.slow
 def test_every_method_verified_or_skipped_with_reason(smoke):
     result, out = smoke
     rows = _strict_json(out / "smoke.json")["results"]
@@ -90,6 +94,7 @@ def test_every_method_verified_or_skipped_with_reason(smoke):
         assert all(r["status"] == "ok" for r in rows if r["method"] == method), method
 
 
+@pytest.mark.slow
 def test_operator_methods_record_their_engines(smoke):
     result, _ = smoke
     for row in result["results"]:
@@ -100,6 +105,7 @@ def test_operator_methods_record_their_engines(smoke):
             assert set(row["info"]["engines"].values()) <= {"csr", "factored"}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _installed("pylops"), reason="pylops is not installed")
 def test_pylops_runs_on_the_image_layer_only(smoke):
     result, _ = smoke
@@ -113,6 +119,7 @@ def test_pylops_runs_on_the_image_layer_only(smoke):
     assert "Against PyLops" in (smoke[1] / "smoke.md").read_text(encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_summary_has_a_ratio_per_layer(smoke):
     result, _ = smoke
     configs = result["summary"]["configs"]
@@ -125,6 +132,7 @@ def test_summary_has_a_ratio_per_layer(smoke):
         assert 0 <= config["noisy_measurements"] <= config["measurements"]
 
 
+@pytest.mark.slow
 def test_plots_are_readable_size(smoke):
     pytest.importorskip("matplotlib")
     from matplotlib.image import imread
@@ -136,6 +144,7 @@ def test_plots_are_readable_size(smoke):
         assert width == 900 and height >= 600
 
 
+@pytest.mark.slow
 def test_runs_without_optional_extras(tmp_path, monkeypatch):
     for name in OPTIONAL:
         monkeypatch.setitem(sys.modules, name, None)  # makes "import name" raise ImportError
@@ -373,6 +382,7 @@ def test_command_line_wiring(tmp_path):
     assert math.isfinite(data["wall_s"])
 
 
+@pytest.mark.slow
 def test_crossover_plot_of_a_pruning_sweep(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     from matplotlib.image import imread

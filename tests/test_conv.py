@@ -59,7 +59,11 @@ def _reference_outputs(case: Case, w, b, x, dy):
     return y, dx, dw, db
 
 
-@pytest.mark.parametrize("case", GRID, ids=[c.id for c in GRID])
+# The 3-D cases take most of the grid's time: marked slow (deselect with -m "not slow").
+GRID_PARAMS = [pytest.param(c, id=c.id, marks=[pytest.mark.slow] if len(c.in_size) == 3 else []) for c in GRID]
+
+
+@pytest.mark.parametrize("case", GRID_PARAMS)
 def test_matches_references(case: Case):
     x, w, b, dy = case.arrays()
     op = sc.ConvOperator(w, (case.c, *case.in_size), bias=b, **case.opts)

@@ -4,6 +4,7 @@ random (often invalid) ones either raise a clear error or match as well."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -65,6 +66,7 @@ def _valid(cfg) -> bool:
     return True
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(configs(valid_only=True).filter(_valid))
 def test_random_valid_configurations(cfg):
