@@ -249,6 +249,19 @@ def test_engine_methods_share_an_operator_only_when_they_run_the_same_engines():
     assert shared is auto and shared_bytes == auto_bytes
 
 
+def test_passes_name_the_engine_only_where_the_operator_would_choose_another():
+    from sparseconv.bench.methods import _operator
+
+    layer = bench.suite_layers("smoke")[0]
+    case = bench.make_case(layer, "float64", reference=False)
+    op, _ = _operator.build(case, bench.resolve_budget(None))
+    assert op.engine("adjoint") == "csr" and op._structure._adjoint_tables is None
+    _operator.passes(op, case)["adjoint"]()
+    assert op._structure._adjoint_tables is None  # the operator's own engine
+    _operator.passes(op, case, "factored")["adjoint"]()
+    assert op._structure._adjoint_tables is not None  # pinned to the factored engine
+
+
 def test_methods_are_discovered_in_rank_order():
     assert bench.METHODS[:3] == ("sparse", "csr", "factored")
     assert set(bench.METHODS) == {"sparse", "csr", "factored", "dense", "im2col", "direct", "fft", "torch", "pylops"}
