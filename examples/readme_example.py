@@ -3,7 +3,7 @@ The README's example
 ====================
 
 A strided, padded 2-D convolution as a sparse matrix, checked against the direct reference,
-its gradients, and the matrix handed to scipy.
+its gradients, and the operator (a scipy ``LinearOperator``) handed to scipy.
 """
 
 import numpy as np
@@ -24,4 +24,4 @@ print("forward  vs direct:", np.abs(y - sc.reference.conv_direct(x, weight, stri
 print("W.T @ dy vs rot180 rule:", np.abs(op.backward_input(dy) - dx_ref).max())
 print("kernel gradient vs direct:", np.abs(op.weight_grad(x, dy) - dw_ref).max())
 print("entries tied to weight[0, 0, 1, 1]:", np.count_nonzero(op.param_index == np.ravel_multi_index((0, 0, 1, 1), weight.shape)))
-print("spectral norm:", svds(op.as_linear_operator(), k=1, return_singular_vectors=False, random_state=0)[0])
+print("spectral norm:", svds(op, k=1, return_singular_vectors=False, random_state=0)[0])

@@ -24,34 +24,24 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator
 
-from .engines import (LEGACY_NAMES, PRODUCTS, Engine, Structure, choose_engine, default_engine, engine_class,
-                      resolve_engine_name)
+from .engines import PRODUCTS, Engine, Structure, choose_engine, default_engine, engine_class, resolve_engine_name
 from .geometry import (FLOAT_DTYPES, ConvGeometry, IntOrTuple, PaddingSpec, check_array_dtype, check_batch,
                        conv_geometry, resolve_dtype)
 
-__all__ = ["ConvOperator", "MatrixOperator", "conv_matrix", "engine_keyword"]
+__all__ = ["ConvOperator", "MatrixOperator", "conv_matrix"]
 
 _LAYOUTS = ("batch_first", "columns")
 
 
-def engine_keyword(engine: Optional[str], method: Optional[str]) -> Optional[str]:
-    """The engine named by ``engine=`` or by its deprecated spelling ``method=`` (None: neither).
-
-    ``method`` takes the first release's names too (``"taps"`` -> ``"factored"``, ``"entries"``
-    -> ``"csr"``).
+def _engine_argument(engine: Optional[str]) -> Optional[str]:
+    """A product's ``engine=`` keyword, checked: None, ``"auto"`` or a registered name.
 
     Raises
     ------
-    TypeError
-        When both are given.
     ValueError
         For an unknown name.
     """
-    if method is None:
-        return None if engine is None else resolve_engine_name(engine, "engine")
-    if engine is not None:
-        raise TypeError(f"pass engine= (or its old name method=), not both; got engine={engine!r}, method={method!r}")
-    return resolve_engine_name(LEGACY_NAMES.get(method, method) if isinstance(method, str) else method, "method")
+    return None if engine is None else resolve_engine_name(engine, "engine")
 
 
 class MatrixOperator(LinearOperator):
@@ -149,24 +139,29 @@ class MatrixOperator(LinearOperator):
     def _rmatvec(self, y: np.ndarray) -> np.ndarray:
         return self._apply(np.reshape(y, (-1, 1)), adjoint=True)[:, 0]
 
-    def as_linear_operator(self, engine: Optional[str] = None, *, method: Optional[str] = None) -> LinearOperator:
-        """This operator as a ``LinearOperator`` (it is one), optionally with every product on one engine.
+    def as_linear_operator(self, engine: Optional[str] = None) -> LinearOperator:
+        """A view of this operator whose products all run on one engine.
 
-        Kept for code written before the operators were LinearOperators themselves.
+        The operator is a ``LinearOperator`` itself (``op @ v``, ``op.H``, ``svds(op, ...)``)
+        with its products on the engines :meth:`engine` reports; this view pins every product
+        to one engine instead, e.g. to check or time that engine alone on the same structure.
 
         Parameters
         ----------
-        engine : {"auto", "csr", "factored"}, optional
-            None or ``"auto"``: the operator itself. Another name: a view whose products all
-            run on that engine.
-        method : str, optional
-            Deprecated spelling of ``engine`` (``"taps"`` is ``"factored"``).
+        engine : str, optional
+            A registered engine name (see :mod:`sparseconv.engines`). None or ``"auto"``:
+            the operator itself.
 
         Returns
         -------
         LinearOperator of shape :attr:`shape`
+
+        Raises
+        ------
+        ValueError
+            For an unknown engine name.
         """
-        name = engine_keyword(engine, method)
+        name = _engine_argument(engine)
         if name is None or name == "auto":
             return self
         return _PinnedOperator(self, name)
@@ -231,9 +226,7 @@ class ConvOperator(MatrixOperator):
         default, unless the ``SPARSECONV_ENGINE`` environment variable names another) picks
         one per product from the layer's shape and mask; :meth:`engine` reports the choice.
         The engines of the forward and adjoint products are built at construction, the
-        kernel gradient's at its first call.
-    method : str, optional
-        Deprecated spelling of ``engine`` (``"taps"`` is ``"factored"``).
+        kernel gradient's at its first call (or at :meth:`prepare`).
 
     Attributes
     ----------
@@ -274,12 +267,12 @@ class ConvOperator(MatrixOperator):
                  padding: PaddingSpec = 0, dilation: IntOrTuple = 1, groups: int = 1,
                  padding_mode: str = "zeros", flip: bool = False, bias: Optional[np.ndarray] = None,
                  weight_mask: Optional[np.ndarray] = None, memory_budget: object = None,
-                 engine: Optional[str] = None, method: Optional[str] = None):
+                 engine: Optional[str] = None):
         dtype = resolve_dtype(weight, "weight")
         weight = np.asarray(weight)
         geometry = conv_geometry(weight.shape, input_shape, stride=stride, padding=padding, dilation=dilation,
                                  groups=groups, padding_mode=padding_mode, flip=flip)
-        named = engine_keyword(engine, method)
+        named = _engine_argument(engine)
         default = resolve_engine_name(default_engine(), "SPARSECONV_ENGINE") if named is None else named
         super().__init__(dtype=dtype, shape=(geometry.n_out, geometry.n_in))
         self.geometry: ConvGeometry = geometry
@@ -333,7 +326,7 @@ class ConvOperator(MatrixOperator):
         ------
         sparseconv.engines.base.MatrixModifiedError
             When its arrays were replaced since it was handed out (see :meth:`release_matrix`).
-        MemoryBudgetError
+        sparseconv.pattern.MemoryBudgetError
             When it does not fit in the memory budget (before allocating it).
         """
         return self._engine("forward", "csr").matrix
@@ -362,11 +355,6 @@ class ConvOperator(MatrixOperator):
                 f"{self.geometry.padding_mode!r} wraps the kernel onto the same input position), so "
                 "there is no single param_index; use .tying, a sparse (nnz, n_params) matrix")
         return index[...]
-
-    @property
-    def _param_index(self) -> Optional[np.ndarray]:
-        """Deprecated private name read by ``benchmarks/bench_construction.py``: :attr:`param_index` or None."""
-        return self._structure.pattern().param_index
 
     @property
     def tying(self) -> sp.csr_array:
@@ -431,20 +419,30 @@ class ConvOperator(MatrixOperator):
             raise ValueError(f"product must be one of {PRODUCTS}; got {product!r}")
         return self._choice[product]
 
-    def method(self, product: str) -> str:
-        """Deprecated: :meth:`engine` in the first release's names (``"taps"`` for ``"factored"``)."""
-        if product not in ("forward", "adjoint"):
-            raise ValueError(f"product must be 'forward' or 'adjoint'; got {product!r}")
-        name = self.engine(product)
-        return "taps" if name == "factored" else name
+    def prepare(self, *products: str) -> None:
+        """Build the engines of ``products`` now rather than at their first call.
 
-    def tap_table(self) -> np.ndarray:
-        """Deprecated: the factored engine's tap table, see :func:`sparseconv.factored.forward_table`."""
-        return self._structure.forward_table()
+        Construction prepares the ``"forward"`` and ``"adjoint"`` engines; the kernel
+        gradient's is otherwise built when :meth:`weight_grad` first runs. Building charges
+        the memory budget (:attr:`nbytes`) as a first call would.
 
-    def adjoint_tables(self):
-        """Deprecated: the factored adjoint's tables, see :func:`sparseconv.factored.adjoint_tables`."""
-        return self._structure.adjoint_tables()
+        Parameters
+        ----------
+        *products : {"forward", "adjoint", "weight_grad"}
+            Default: all three.
+
+        Raises
+        ------
+        ValueError
+            For an unknown product.
+        sparseconv.pattern.MemoryBudgetError
+            When an engine's structures would exceed the memory budget.
+        """
+        for product in products or PRODUCTS:
+            if product not in PRODUCTS:
+                raise ValueError(f"product must be one of {PRODUCTS}; got {product!r}")
+        for product in products or PRODUCTS:
+            self._engine(product)
 
     def _engine(self, product: str, name: Optional[str] = None) -> Engine:
         """The engine for ``product`` (``name`` None: the operator's choice), prepared for it."""
@@ -516,8 +514,7 @@ class ConvOperator(MatrixOperator):
         columns = self._columns_product(batch.reshape(n, -1).T, adjoint, engine, threads)
         return columns.T.reshape((n, *shape))
 
-    def forward(self, x: np.ndarray, *, engine: Optional[str] = None, threads: Optional[int] = None,
-                method: Optional[str] = None) -> np.ndarray:
+    def forward(self, x: np.ndarray, *, engine: Optional[str] = None, threads: Optional[int] = None) -> np.ndarray:
         """``z = W @ x + b`` for every sample.
 
         Parameters
@@ -534,8 +531,6 @@ class ConvOperator(MatrixOperator):
         threads : int, optional
             Threads for the CSR row blocks or the gathers; default
             :func:`sparseconv.parallel.get_threads` (every core). BLAS uses its own pool.
-        method : str, optional
-            Deprecated spelling of ``engine`` (``"taps"`` is ``"factored"``).
 
         Returns
         -------
@@ -543,14 +538,14 @@ class ConvOperator(MatrixOperator):
             ``"csr"`` results do not depend on ``threads``; ``"factored"`` results agree with
             them to rounding.
         """
-        name = engine_keyword(engine, method)
+        name = _engine_argument(engine)
         z = self._batch_product(check_batch(x, self.input_shape, self.dtype, "x"), False, name, threads)
         if self.bias is not None:
             z += self.bias.reshape((-1,) + (1,) * self.geometry.ndim)
         return z
 
-    def backward_input(self, dy: np.ndarray, *, engine: Optional[str] = None, threads: Optional[int] = None,
-                       method: Optional[str] = None) -> np.ndarray:
+    def backward_input(self, dy: np.ndarray, *, engine: Optional[str] = None,
+                       threads: Optional[int] = None) -> np.ndarray:
         """``dJ/dx = W.T @ dy`` for every sample (the full convolution with the rotated kernel).
 
         Parameters
@@ -564,19 +559,16 @@ class ConvOperator(MatrixOperator):
             group (see :meth:`forward` for what explicit zeros mean).
         threads : int, optional
             As for :meth:`forward`.
-        method : str, optional
-            Deprecated spelling of ``engine``.
 
         Returns
         -------
         ndarray of shape (N, C, *in)
         """
-        name = engine_keyword(engine, method)
+        name = _engine_argument(engine)
         return self._batch_product(check_batch(dy, self.out_shape, self.dtype, "dy"), True, name, threads)
 
     def weight_grad(self, x: np.ndarray, dy: np.ndarray, *, engine: Optional[str] = None,
-                    threads: Optional[int] = None, layout: str = "batch_first",
-                    method: Optional[str] = None) -> np.ndarray:
+                    threads: Optional[int] = None, layout: str = "batch_first") -> np.ndarray:
         """Kernel gradient: the scatter-add of ``dy[row(e)] * x[col(e)]`` over the tying map.
 
         Parameters
@@ -600,16 +592,13 @@ class ConvOperator(MatrixOperator):
         layout : {"batch_first", "columns"}, default "batch_first"
             ``"columns"`` takes the column blocks the LinearOperator products use (flattened
             samples as columns), with no transpose or copy on the caller's side.
-        method : str, optional
-            Deprecated spelling of ``engine`` (``"taps"`` is ``"factored"``, ``"entries"``
-            is ``"csr"``).
 
         Returns
         -------
         ndarray of shape (F, C // groups, *kernel)
             Zero for masked weights; zero for an empty batch.
         """
-        name = engine_keyword(engine, method)
+        name = _engine_argument(engine)
         if layout == "batch_first":
             x = check_batch(x, self.input_shape, self.dtype, "x")
             dy = check_batch(dy, self.out_shape, self.dtype, "dy")

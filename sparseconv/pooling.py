@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 import scipy.sparse as sp
 
-from .conv import ConvOperator, MatrixOperator, engine_keyword
+from .conv import ConvOperator, MatrixOperator
 from .geometry import IntOrTuple, PaddingSpec, check_batch, check_float_dtype, pool_geometry
 from .pattern import spatial_pattern
 
@@ -72,7 +72,7 @@ class PoolOperator(MatrixOperator):
         value = 1.0 / window if kind == "avg" else 1.0
         weight = np.full(geometry.weight_shape, value, dtype=dtype)
         self._conv = ConvOperator(weight, geometry.input_shape, stride=geometry.stride, padding=geometry.padding,
-                                  groups=geometry.groups, engine=engine_keyword(engine, None))
+                                  groups=geometry.groups, engine=engine)
         super().__init__(dtype=dtype, shape=self._conv.shape)
         self.geometry = geometry
         self.kind = kind

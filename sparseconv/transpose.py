@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import scipy.sparse as sp
 
-from .conv import ConvOperator, MatrixOperator, engine_keyword
+from .conv import ConvOperator, MatrixOperator
 from .engines.base import GuardedMatrix, freeze
 from .geometry import IntOrTuple, PaddingSpec, check_batch, conv_transpose_geometry, resolve_dtype
 
@@ -50,8 +50,6 @@ class ConvTransposeOperator(MatrixOperator):
         :class:`~sparseconv.conv.ConvOperator`).
     engine : {"auto", "csr", "factored"}, optional
         The forward convolution's engines (this layer's forward runs on its adjoint).
-    method : str, optional
-        Deprecated spelling of ``engine``.
 
     Attributes
     ----------
@@ -105,7 +103,7 @@ class ConvTransposeOperator(MatrixOperator):
     def __init__(self, weight: np.ndarray, input_shape: tuple[int, ...], *, stride: IntOrTuple = 1,
                  padding: PaddingSpec = 0, output_padding: IntOrTuple = 0, dilation: IntOrTuple = 1,
                  groups: int = 1, bias: Optional[np.ndarray] = None, memory_budget: object = None,
-                 engine: Optional[str] = None, method: Optional[str] = None):
+                 engine: Optional[str] = None):
         resolve_dtype(weight, "weight")
         weight = np.asarray(weight)
         tg = conv_transpose_geometry(weight.shape, input_shape, stride=stride, padding=padding,
@@ -114,7 +112,7 @@ class ConvTransposeOperator(MatrixOperator):
         c_out = weight.shape[1] * int(groups)
         self.conv = ConvOperator(weight, (c_out, *tg.out_size), stride=tg.stride, padding=tg.padding,
                                  dilation=tg.dilation, groups=groups, memory_budget=memory_budget,
-                                 engine=engine_keyword(engine, method))
+                                 engine=engine)
         self._input_shape = (int(input_shape[0]), *in_size)
         super().__init__(dtype=self.conv.dtype, shape=(self.conv.shape[1], int(np.prod(self._input_shape))))
         self.stride, self.dilation, self.padding, self.output_padding = tg.stride, tg.dilation, tg.padding, \
@@ -255,14 +253,13 @@ class ConvTransposeOperator(MatrixOperator):
         full[(slice(None), slice(None), *(slice(0, i) for i in self.input_shape[1:]))] = x
         return full
 
-    def forward(self, x: np.ndarray, *, engine: Optional[str] = None, threads: Optional[int] = None,
-                method: Optional[str] = None) -> np.ndarray:
+    def forward(self, x: np.ndarray, *, engine: Optional[str] = None, threads: Optional[int] = None) -> np.ndarray:
         """``y = W.T @ x + b`` for every sample.
 
         Parameters
         ----------
         x : ndarray of shape (N, C_in, *in)
-        engine, threads, method
+        engine, threads
             As for :meth:`ConvOperator.backward_input`, which this runs.
 
         Returns
@@ -270,19 +267,19 @@ class ConvTransposeOperator(MatrixOperator):
         ndarray of shape (N, C_out, *out)
         """
         x = check_batch(x, self.input_shape, self.dtype, "x")
-        y = self.conv.backward_input(self._as_conv_output(x), engine=engine_keyword(engine, method), threads=threads)
+        y = self.conv.backward_input(self._as_conv_output(x), engine=engine, threads=threads)
         if self.bias is not None:
             y += self.bias.reshape((-1,) + (1,) * (len(self.out_shape) - 1))
         return y
 
-    def backward_input(self, dy: np.ndarray, *, engine: Optional[str] = None, threads: Optional[int] = None,
-                       method: Optional[str] = None) -> np.ndarray:
+    def backward_input(self, dy: np.ndarray, *, engine: Optional[str] = None,
+                       threads: Optional[int] = None) -> np.ndarray:
         """``dJ/dx = W @ dy`` for every sample: the forward convolution of ``dy``.
 
         Parameters
         ----------
         dy : ndarray of shape (N, C_out, *out)
-        engine, threads, method
+        engine, threads
             As for :meth:`ConvOperator.forward`, which this runs.
 
         Returns
@@ -290,18 +287,18 @@ class ConvTransposeOperator(MatrixOperator):
         ndarray of shape (N, C_in, *in)
         """
         dy = check_batch(dy, self.out_shape, self.dtype, "dy")
-        dx = self.conv.forward(dy, engine=engine_keyword(engine, method), threads=threads)
+        dx = self.conv.forward(dy, engine=engine, threads=threads)
         return dx[(slice(None), slice(None), *(slice(0, i) for i in self.input_shape[1:]))]
 
     def weight_grad(self, x: np.ndarray, dy: np.ndarray, *, engine: Optional[str] = None,
-                    threads: Optional[int] = None, method: Optional[str] = None) -> np.ndarray:
+                    threads: Optional[int] = None) -> np.ndarray:
         """Kernel gradient ``dJ/dw``, the convolution's with the roles of input and sensitivity swapped.
 
         Parameters
         ----------
         x : ndarray of shape (N, C_in, *in)
         dy : ndarray of shape (N, C_out, *out)
-        engine, threads, method
+        engine, threads
             As for :meth:`ConvOperator.weight_grad`.
 
         Returns
@@ -313,8 +310,7 @@ class ConvTransposeOperator(MatrixOperator):
         if x.shape[0] != dy.shape[0]:
             raise ValueError(f"x and dy must hold the same number of samples; got {x.shape[0]} (x) and "
                              f"{dy.shape[0]} (dy)")
-        return self.conv.weight_grad(dy, self._as_conv_output(x), engine=engine_keyword(engine, method),
-                                     threads=threads)
+        return self.conv.weight_grad(dy, self._as_conv_output(x), engine=engine, threads=threads)
 
     def __repr__(self) -> str:
         def dims(t: tuple[int, ...]) -> str:

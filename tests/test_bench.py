@@ -35,6 +35,8 @@ def _installed(name):
     return True
 
 
+# The smoke run takes seconds and is paid by whichever of its tests runs first: every test
+# that reads it is marked slow.
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke")
@@ -43,6 +45,7 @@ def smoke(tmp_path_factory):
     return result, out
 
 
+@pytest.mark.slow
 def test_smoke_writes_valid_json_and_markdown(smoke):
     result, out = smoke
     data = _strict_json(out / "smoke.json")
@@ -62,6 +65,7 @@ def test_smoke_writes_valid_json_and_markdown(smoke):
     assert "# sparseconv benchmark: `smoke`" in markdown and "Key ratios" in markdown
 
 
+@pytest.mark.slow
 def test_every_method_verified_or_skipped_with_reason(smoke):
     result, out = smoke
     rows = _strict_json(out / "smoke.json")["results"]
@@ -90,6 +94,7 @@ def test_every_method_verified_or_skipped_with_reason(smoke):
         assert all(r["status"] == "ok" for r in rows if r["method"] == method), method
 
 
+@pytest.mark.slow
 def test_operator_methods_record_their_engines(smoke):
     result, _ = smoke
     for row in result["results"]:
@@ -100,6 +105,7 @@ def test_operator_methods_record_their_engines(smoke):
             assert set(row["info"]["engines"].values()) <= {"csr", "factored"}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _installed("pylops"), reason="pylops is not installed")
 def test_pylops_runs_on_the_image_layer_only(smoke):
     result, _ = smoke
@@ -113,6 +119,7 @@ def test_pylops_runs_on_the_image_layer_only(smoke):
     assert "Against PyLops" in (smoke[1] / "smoke.md").read_text(encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_summary_has_a_ratio_per_layer(smoke):
     result, _ = smoke
     configs = result["summary"]["configs"]
@@ -125,6 +132,7 @@ def test_summary_has_a_ratio_per_layer(smoke):
         assert 0 <= config["noisy_measurements"] <= config["measurements"]
 
 
+@pytest.mark.slow
 def test_plots_are_readable_size(smoke):
     pytest.importorskip("matplotlib")
     from matplotlib.image import imread
@@ -136,6 +144,7 @@ def test_plots_are_readable_size(smoke):
         assert width == 900 and height >= 600
 
 
+@pytest.mark.slow
 def test_runs_without_optional_extras(tmp_path, monkeypatch):
     for name in OPTIONAL:
         monkeypatch.setitem(sys.modules, name, None)  # makes "import name" raise ImportError
@@ -193,17 +202,64 @@ def test_an_engine_this_sparseconv_lacks_is_skipped():
         engine_method("numba", "numba")(case, bench.Settings())
 
 
-def test_engine_methods_of_one_case_share_one_operator():
+def test_an_engine_registered_but_not_importable_is_skipped(monkeypatch):
+    from sparseconv import engines
+    from sparseconv.bench.methods._engine import engine_method
+
+    monkeypatch.setitem(engines._MODULES, "broken", ".no_such_engine_module")
+    case = bench.make_case(bench.suite_layers("smoke")[0], "float64")
+    with pytest.raises(bench.MethodSkipped, match="'broken' is registered but cannot be imported here: No module"):
+        engine_method("broken", "broken")(case, bench.Settings())
+
+
+def test_a_registered_engine_joins_the_benchmark(monkeypatch):
+    from sparseconv import engines
+    from sparseconv.bench.methods._engine import engine_method
+
+    monkeypatch.setitem(engines._MODULES, "dense", "engine_dense")  # tests/engine_dense.py
+    layer = bench.suite_layers("smoke")[0]
+    case = bench.make_case(layer, "float64")
+    prepared = engine_method("dense", "dense")(case, bench.Settings(repeats=1))
+    assert prepared.info["engines"] == {p: "dense" for p in layer.passes}
+    assert all(bench.verify(prepared, case)[p]["ok"] for p in layer.passes)
+
+
+def test_engine_methods_share_an_operator_only_when_they_run_the_same_engines():
     from sparseconv.bench.methods import _operator
 
     budget = bench.resolve_budget(None)
-    case = bench.make_case(bench.suite_layers("smoke")[0], "float64", reference=False)
+    layer, image = bench.suite_layers("smoke")[0], bench.suite_layers("smoke")[-1]
+    case = bench.make_case(layer, "float64", reference=False)
     first, csr_bytes, _ = _operator.shared_build(case, budget, "csr")
-    again, factored_bytes, _ = _operator.shared_build(case, budget, "factored")
-    assert again is first and factored_bytes > csr_bytes  # the factored engine adds its tables
+    assert _operator.shared_build(case, budget, "csr")[0] is first
+    factored, factored_bytes, _ = _operator.shared_build(case, budget, "factored")
+    assert factored is not first and factored._structure._pattern is None  # no matrix built for it
+    assert first._structure._pattern is not None and 0 < factored_bytes < csr_bytes
+    # "auto" runs this layer's kernel gradient on the factored engine: an operator of its own.
+    assert _operator.shared_build(case, budget)[0] not in (first, factored)
     assert _operator.build(case, budget, "csr")[0] is not first  # build() is always a new one
-    other = bench.make_case(bench.suite_layers("smoke")[0], "float64", reference=False)
-    assert _operator.shared_build(other, budget)[0] is not first
+    other = bench.make_case(layer, "float64", reference=False)
+    assert _operator.shared_build(other, budget, "csr")[0] is not first
+    # The single-channel image: "auto" picks the CSR kernel for both passes, so "sparse" and
+    # "csr" hold one matrix between them.
+    image_case = bench.make_case(image, "float64", reference=False)
+    auto, auto_bytes, _ = _operator.shared_build(image_case, budget)
+    assert _operator.engines_in_force(auto, image.passes) == {"forward": "csr", "adjoint": "csr"}
+    shared, shared_bytes, _ = _operator.shared_build(image_case, budget, "csr")
+    assert shared is auto and shared_bytes == auto_bytes
+
+
+def test_passes_name_the_engine_only_where_the_operator_would_choose_another():
+    from sparseconv.bench.methods import _operator
+
+    layer = bench.suite_layers("smoke")[0]
+    case = bench.make_case(layer, "float64", reference=False)
+    op, _ = _operator.build(case, bench.resolve_budget(None))
+    assert op.engine("adjoint") == "csr" and op._structure._adjoint_tables is None
+    _operator.passes(op, case)["adjoint"]()
+    assert op._structure._adjoint_tables is None  # the operator's own engine
+    _operator.passes(op, case, "factored")["adjoint"]()
+    assert op._structure._adjoint_tables is not None  # pinned to the factored engine
 
 
 def test_methods_are_discovered_in_rank_order():
@@ -339,6 +395,7 @@ def test_command_line_wiring(tmp_path):
     assert math.isfinite(data["wall_s"])
 
 
+@pytest.mark.slow
 def test_crossover_plot_of_a_pruning_sweep(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     from matplotlib.image import imread

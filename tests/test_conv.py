@@ -58,7 +58,11 @@ def _reference_outputs(case: Case, w, b, x, dy):
     return y, dx, dw, db
 
 
-@pytest.mark.parametrize("case", GRID, ids=[c.id for c in GRID])
+# The 3-D cases take most of the grid's time: marked slow (deselect with -m "not slow").
+GRID_PARAMS = [pytest.param(c, id=c.id, marks=[pytest.mark.slow] if len(c.in_size) == 3 else []) for c in GRID]
+
+
+@pytest.mark.parametrize("case", GRID_PARAMS)
 def test_matches_references(case: Case):
     x, w, b, dy = case.arrays()
     op = sc.ConvOperator(w, (case.c, *case.in_size), bias=b, **case.opts)
@@ -294,11 +298,11 @@ def test_weight_mask_removes_entries_and_gradients():
         op.set_weight(rng.standard_normal(w.shape))
 
 
-def test_linear_operator_view():
+def test_operator_is_a_linear_operator():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((3, 2, 3, 3))
     op = sc.ConvOperator(w, (2, 6, 5), padding=1, stride=(2, 1))
-    lin = op.as_linear_operator()
+    lin = op
     assert isinstance(lin, LinearOperator) and lin.shape == op.shape and lin.dtype == op.dtype
     x = rng.standard_normal((4, 2, 6, 5))
     assert_allclose(lin.matmat(x.reshape(4, -1).T).T, op.forward(x).reshape(4, -1))

@@ -58,6 +58,7 @@ def test_a_registered_engine_is_charged_to_the_budget(dense_registered):
     assert DenseEngine.built == []
 
 
+@pytest.mark.slow  # the 2x600x600 layer's CSR matrix (13 M entries) is built first
 def test_an_engine_that_cannot_run_a_structure_is_refused(dense_registered):
     op = sc.ConvOperator(np.ones((2, 2, 3, 3)), (2, 600, 600))
     with pytest.raises(ValueError, match="engine 'dense' cannot run the forward product"):

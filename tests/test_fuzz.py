@@ -4,6 +4,7 @@ random (often invalid) ones either raise a clear error or match as well."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -49,11 +50,11 @@ def _check_against_im2col(cfg) -> None:
     dy = rng.standard_normal((cfg["n"], *op.out_shape)).astype(cfg["dtype"])
     sy, sdx, sdw = magnitudes(x, w, dy, cfg["opts"])
     dx, dw, _ = ref.conv_im2col_backward(x, w, dy, **cfg["opts"])
-    for method in ("csr", "taps"):
-        assert_allclose(op.forward(x, method=method), ref.conv_im2col(x, w, **cfg["opts"]), scale=sy)
-        assert_allclose(op.backward_input(dy, method=method), dx, scale=sdx)
+    for engine in ("csr", "factored"):
+        assert_allclose(op.forward(x, engine=engine), ref.conv_im2col(x, w, **cfg["opts"]), scale=sy)
+        assert_allclose(op.backward_input(dy, engine=engine), dx, scale=sdx)
     assert_allclose(op.weight_grad(x, dy), dw, scale=sdw)
-    assert_allclose(op.weight_grad(x, dy, method="entries"), dw, scale=sdw)
+    assert_allclose(op.weight_grad(x, dy, engine="csr"), dw, scale=sdw)
     dottest(op)
 
 
@@ -65,6 +66,7 @@ def _valid(cfg) -> bool:
     return True
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(configs(valid_only=True).filter(_valid))
 def test_random_valid_configurations(cfg):

@@ -120,21 +120,34 @@ def test_max_pool_is_not_a_linear_operator():
 
 
 # ---------------------------------------------------------------------- engines
-def test_engine_choice_keyword_environment_and_legacy_names(monkeypatch):
+def test_engine_choice_keyword_and_environment(monkeypatch):
     w = np.ones((16, 16, 3, 3))
     op = sc.ConvOperator(w, (16, 8, 8), padding=1)
     assert [op.engine(p) for p in ("forward", "adjoint", "weight_grad")] == ["factored"] * 3
     forced = sc.ConvOperator(w, (16, 8, 8), padding=1, engine="csr")
     assert [forced.engine(p) for p in ("forward", "adjoint", "weight_grad")] == ["csr"] * 3
-    assert sc.ConvOperator(w, (16, 8, 8), padding=1, method="taps").engine("forward") == "factored"
     monkeypatch.setenv("SPARSECONV_ENGINE", "csr")
     assert sc.ConvOperator(w, (16, 8, 8), padding=1).engine("forward") == "csr"
     assert sc.ConvOperator(w, (16, 8, 8), padding=1, engine="auto").engine("forward") == "factored"
     x = np.random.default_rng(0).standard_normal((2, 16, 8, 8))
     dy = np.random.default_rng(1).standard_normal((2, 16, 8, 8))
-    assert_allclose(op.weight_grad(x, dy, method="entries"), op.weight_grad(x, dy, engine="csr"))
-    assert_allclose(op.weight_grad(x, dy, engine="auto"), op.weight_grad(x, dy, method="taps"))
-    assert op.method("forward") == "taps" and forced.method("forward") == "csr"
+    assert_allclose(op.weight_grad(x, dy, engine="auto"), op.weight_grad(x, dy, engine="csr"))
+
+
+def test_prepare_builds_an_engine_before_its_first_call():
+    # One channel: CSR products, and the kernel gradient on the factored engine, whose tap
+    # table (64 outputs x 9 taps of intp) is otherwise built at the first weight_grad call.
+    op = sc.ConvOperator(np.ones((1, 1, 3, 3)), (1, 8, 8), padding=1)
+    assert [op.engine(p) for p in ("forward", "adjoint", "weight_grad")] == ["csr", "csr", "factored"]
+    before = op.nbytes
+    with pytest.raises(ValueError, match=r"product must be one of .*; got 'both'"):
+        op.prepare("weight_grad", "both")
+    assert op.nbytes == before  # refused before anything was built
+    op.prepare("weight_grad")
+    assert op.nbytes == before + 64 * 9 * np.dtype(np.intp).itemsize
+    x = np.random.default_rng(0).standard_normal((2, 1, 8, 8))
+    op.weight_grad(x, x)
+    assert op.nbytes == before + 64 * 9 * np.dtype(np.intp).itemsize
 
 
 def test_transposed_and_pool_report_their_engines():

@@ -203,7 +203,9 @@ def test_dense_backward_agrees(case: Case):
         assert_allclose(grad_d, grad, err_msg=f"dense {name}")
 
 
-@pytest.mark.parametrize("case", SMALL, ids=[c.id for c in SMALL])
+@pytest.mark.parametrize("case", [
+    pytest.param(c, id=c.id, marks=[pytest.mark.slow] if len(c.in_size) == 3 or c.padding_mode == "circular" else [])
+    for c in SMALL])
 def test_backward_matches_numerical_gradient(case: Case):
     x, w, b, dy = case.arrays()
     dx, dw, db = ref.conv_direct_backward(x, w, dy, **case.opts)

@@ -238,7 +238,7 @@ def test_tap_tables_factor_the_matrix(key):
     """W = (I_P kron B) S per group: rebuild W densely from the tables and the weight alone."""
     op, w, _, _, _ = _case(key, "float64")
     g = op.geometry
-    forward = op.tap_table()
+    forward = op._structure.forward_table()
     n_in, groups = int(np.prod(g.in_size)), g.groups
     cin_g, f_per_g = g.in_channels // groups, g.out_channels // groups
     kernel = w.reshape(g.out_channels, cin_g, -1)
@@ -270,17 +270,17 @@ def test_tap_tables_factor_the_matrix(key):
 def test_strided_adjoint_phases_have_no_holes():
     # Stride 2, 3x3, padding 1: four phases reading 1, 2, 2 and 4 taps (9 in all, not 4 x 9).
     op = sc.ConvOperator(np.ones((8, 8, 3, 3)), (8, 8, 8), stride=2, padding=1)
-    assert sorted(p.taps.size for p in op.adjoint_tables().phases) == [1, 2, 2, 4]
+    assert sorted(p.taps.size for p in op._structure.adjoint_tables().phases) == [1, 2, 2, 4]
     assert factored.adjoint_plan(op.geometry, op._structure.spatial) == (False, 16 * 9)
     assert op.engine("adjoint") == "factored"
-    assert op.method("adjoint") == "taps"  # the deprecated name, kept for old callers
 
 
 def test_scatter_adjoint_rounds_read_disjoint_positions():
     for flip in (False, True):
         op = sc.ConvOperator(np.ones((4, 2, 8, 6)), (4, 10, 9), stride=(1, 2), groups=2, flip=flip)
-        rounds, forward = op.adjoint_tables().scatter_rounds, op.tap_table()
-        assert op.adjoint_tables().phases == () and len(rounds) > 1
+        tables = op._structure.adjoint_tables()
+        rounds, forward = tables.scatter_rounds, op._structure.forward_table()
+        assert tables.phases == () and len(rounds) > 1
         n_in = int(np.prod(op.geometry.in_size))
         assert sorted(np.concatenate(rounds).tolist()) == list(range(forward.shape[1]))
         for taps in rounds:
@@ -289,7 +289,7 @@ def test_scatter_adjoint_rounds_read_disjoint_positions():
             assert np.unique(read).size == read.size
     # 1-D valid convolution 10 -> 3 with an 8-tap kernel: taps {0,3,6}, {1,4,7}, {2,5}.
     op1 = sc.ConvOperator(np.ones((1, 1, 8)), (1, 10))
-    assert [r.tolist() for r in op1.adjoint_tables().scatter_rounds] == [[0, 3, 6], [1, 4, 7], [2, 5]]
+    assert [r.tolist() for r in op1._structure.adjoint_tables().scatter_rounds] == [[0, 3, 6], [1, 4, 7], [2, 5]]
 
 
 def test_tables_are_built_only_for_the_products_that_use_them():
@@ -306,7 +306,7 @@ def test_tables_are_built_only_for_the_products_that_use_them():
 def test_tap_tables_multiplicity_when_circular_wraps_twice():
     # 9 outputs read a 5-long circular input: each (position, tap) pair is read twice.
     op = sc.ConvOperator(np.ones((1, 1, 5)), (1, 5), padding=4, padding_mode="circular")
-    (phase,) = op.adjoint_tables().phases
+    (phase,) = op._structure.adjoint_tables().phases
     assert phase.table.shape == (5, 10) and phase.taps.tolist() == [t for t in range(5) for _ in range(2)]
     dy = np.random.default_rng(0).standard_normal((2, 1, 9))
     assert_allclose(op.backward_input(dy, engine="factored"), op.backward_input(dy, engine="csr"))

@@ -20,7 +20,7 @@ from .base import PRODUCTS, Engine, GuardedMatrix, MatrixModifiedError, Structur
 from .policy import choose_engine, default_engine
 
 __all__ = ["PRODUCTS", "ENGINE_NAMES", "Engine", "GuardedMatrix", "MatrixModifiedError", "Structure",
-           "choose_engine", "default_engine", "engine_class", "resolve_engine_name", "LEGACY_NAMES"]
+           "choose_engine", "default_engine", "engine_class", "resolve_engine_name"]
 
 # name -> module defining ENGINE (relative to this package). Imported on first use, so an
 # engine with an optional dependency costs nothing until it is asked for.
@@ -33,10 +33,6 @@ _MODULES = {
 
 #: Every registered engine name.
 ENGINE_NAMES = tuple(_MODULES)
-
-#: Names of the first releases, accepted through the ``method=`` keywords and mapped here.
-LEGACY_NAMES = {"taps": "factored", "entries": "csr"}
-
 
 def engine_class(name: str) -> type[Engine]:
     """The engine class registered as ``name``.

@@ -1,7 +1,9 @@
 """The benchmark method of a sparse operator engine: build the operator once, time its products.
 
 Each engine method is a small module (``sparse.py``, ``csr.py``, ``factored.py``) that calls
-:func:`engine_method` with its engine's name; a new engine is a new module of three lines.
+:func:`engine_method` with its engine's name (``None`` for the operator's default, ``"auto"``);
+an engine registered in :mod:`sparseconv.engines` gets its method from a new module of three
+lines.
 """
 
 from __future__ import annotations
@@ -24,16 +26,18 @@ def engine_method(name: str, engine: Optional[str]) -> Callable[[Case, Settings]
     name : str
         The method's name in the results.
     engine : str or None
-        The engine every product runs on; None for the operator's defaults (``"auto"``).
+        The engine every product runs on (a name of :data:`sparseconv.engines.ENGINE_NAMES`);
+        None for the operator's default (``"auto"``, per product).
 
     Returns
     -------
     callable
-        ``prepare(case, settings) -> Prepared``: the operator and its tables built (their
-        construction timed -- the median of up to three builds, or the first alone when it
-        takes over a third of ``settings.max_seconds`` -- and counted in the method's buffer),
-        one callable per pass, ``set_weight`` as the refresh. The engine methods of one case
-        share one operator (``_operator.shared_build``).
+        ``prepare(case, settings) -> Prepared``: the operator constructed on ``engine`` with
+        what its passes use built (timed -- the median of up to three builds, or the first
+        alone when it takes over a third of ``settings.max_seconds`` -- and counted in the
+        method's buffer), one callable per pass, ``set_weight`` as the refresh. Engine
+        methods of one case whose passes run on the same engines share one operator
+        (``_operator.shared_build``).
     """
 
     def prepare(case: Case, settings: Settings) -> Prepared:
@@ -44,11 +48,12 @@ def engine_method(name: str, engine: Optional[str]) -> Callable[[Case, Settings]
             build_s = measure(lambda: _operator.build(case, settings.budget, engine),
                               repeats=min(settings.repeats, 3), max_seconds=settings.max_seconds,
                               warmup=False)["median_s"]
-        engines = _operator.engines_in_force(op, case.layer.passes, case.layer.interface, engine)
+        engines = _operator.engines_in_force(op, case.layer.passes)
         w = case.w
         return Prepared(
             method=name, passes=_operator.passes(op, case, engine), flat=case.layer.interface == "linear_operator",
-            buffer_name="sparse matrix (values, indices, indptr, tying map) and the factored engine's tables",
+            buffer_name="what the operator built for its engines: the sparse matrix (values, indices, indptr, "
+                        "tying map) where used, the factored engine's tables where used",
             buffer_bytes=held, build_s=build_s, refresh=lambda: _operator.set_weight(op, w),
             info={**_operator.matrix_facts(op), "engines": engines, "interface": case.layer.interface})
 
