@@ -89,12 +89,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--structure", choices=["element", "filter", "channel"], default="element",
                         help="prune single weights, whole filters or whole input channels (the last two need "
                              "--scope layer, the default; default: element)")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                        help="precision of training, pruning and timing (default: float32)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the initialisation, the split and the batch order (default: 0)")
     parser.add_argument("--threads", type=int, default=1,
                         help="threads for both networks' inference timing (default: 1)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats of each inference (default: 5)")
-    parser.add_argument("--plot", type=Path, help="draw accuracy and speed-up against sparsity (PNG) here")
+    parser.add_argument("--plot", type=Path, help="draw accuracy and speed-up against sparsity (PNG) here (default: no plot)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 

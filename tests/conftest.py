@@ -20,3 +20,12 @@ def close_figures():
     except ImportError:
         return
     plt.close("all")
+
+
+@pytest.fixture
+def uncompiled_policy(monkeypatch):
+    """The engine policy as on a machine without numba (the scipy/numpy rule), for tests of
+    that rule and of choices derived from it; operators built inside the test see it."""
+    from sparseconv.engines import policy
+
+    monkeypatch.setattr(policy, "_compiled_available", lambda: False)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from sparseconv import bench
+from sparseconv import engines as sc_engines
 from sparseconv.bench import methods, suites
 
 ROW_KEYS = {"layer", "layer_id", "method", "dtype", "threads", "status", "reason", "macs", "shapes",
@@ -102,7 +103,7 @@ def test_operator_methods_record_their_engines(smoke):
             layer = next(x for x in bench.suite_layers("smoke") if x.name == row["layer"])
             assert row["info"]["engines"] == {p: row["method"] for p in layer.passes}
         if row["method"] == "sparse":
-            assert set(row["info"]["engines"].values()) <= {"csr", "factored"}
+            assert set(row["info"]["engines"].values()) <= set(sc_engines.ENGINE_NAMES)
 
 
 @pytest.mark.slow
@@ -194,12 +195,12 @@ def test_memory_budget_skips_with_reason():
             bench.prepare_method(method, case, bench.Settings(budget=64))
 
 
-def test_an_engine_this_sparseconv_lacks_is_skipped():
+def test_an_engine_this_sparseconv_lacks_is_skipped(uncompiled_policy):
     from sparseconv.bench.methods._engine import engine_method
 
     case = bench.make_case(bench.suite_layers("smoke")[0], "float64")
-    with pytest.raises(bench.MethodSkipped, match="'numba' is not in this sparseconv"):
-        engine_method("numba", "numba")(case, bench.Settings())
+    with pytest.raises(bench.MethodSkipped, match="'gpu' is not in this sparseconv"):
+        engine_method("gpu", "gpu")(case, bench.Settings())
 
 
 def test_an_engine_registered_but_not_importable_is_skipped(monkeypatch):
@@ -224,7 +225,7 @@ def test_a_registered_engine_joins_the_benchmark(monkeypatch):
     assert all(bench.verify(prepared, case)[p]["ok"] for p in layer.passes)
 
 
-def test_engine_methods_share_an_operator_only_when_they_run_the_same_engines():
+def test_engine_methods_share_an_operator_only_when_they_run_the_same_engines(uncompiled_policy):
     from sparseconv.bench.methods import _operator
 
     budget = bench.resolve_budget(None)
@@ -249,7 +250,7 @@ def test_engine_methods_share_an_operator_only_when_they_run_the_same_engines():
     assert shared is auto and shared_bytes == auto_bytes
 
 
-def test_passes_name_the_engine_only_where_the_operator_would_choose_another():
+def test_passes_name_the_engine_only_where_the_operator_would_choose_another(uncompiled_policy):
     from sparseconv.bench.methods import _operator
 
     layer = bench.suite_layers("smoke")[0]

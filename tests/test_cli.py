@@ -59,7 +59,7 @@ def _options(help_section: str) -> dict[str, str]:
 def test_every_option_shows_its_default():
     sections = {m.group(1): m.group(0) for m in re.finditer(r"usage: sparseconv (\w+).*?(?=usage: |\Z)", help_text(),
                                                            flags=re.S)}
-    assert set(sections) == {"demo", "train", "bench", "spectrum"}
+    assert set(sections) == {"demo", "train", "bench", "prune", "spectrum"}
     flags = {"--help", "--lenet", "--no-progress", "--no-plots"}
     for command, section in sections.items():
         for name, desc in _options(section).items():

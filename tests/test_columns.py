@@ -409,7 +409,7 @@ def test_sequential_backward_checks_dy_and_names_bad_input_layer():
         net.forward(np.zeros((2, 1, 32, 32), dtype=np.float32))
 
 
-def test_memory_order_follows_the_engine():
+def test_memory_order_follows_the_engine(uncompiled_policy):
     """The batch enters as the transposed view of x (no copy); a CSR layer gets (and returns) a
     C-contiguous block, a factored layer the F-contiguous one (its batch-first view), and
     element-wise layers keep the order they are given -- no transposes back to rows between."""

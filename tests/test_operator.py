@@ -134,7 +134,7 @@ def test_engine_choice_keyword_and_environment(monkeypatch):
     assert_allclose(op.weight_grad(x, dy, engine="auto"), op.weight_grad(x, dy, engine="csr"))
 
 
-def test_prepare_builds_an_engine_before_its_first_call():
+def test_prepare_builds_an_engine_before_its_first_call(uncompiled_policy):
     # One channel: CSR products, and the kernel gradient on the factored engine, whose tap
     # table (64 outputs x 9 taps of intp) is otherwise built at the first weight_grad call.
     op = sc.ConvOperator(np.ones((1, 1, 3, 3)), (1, 8, 8), padding=1)
@@ -150,7 +150,7 @@ def test_prepare_builds_an_engine_before_its_first_call():
     assert op.nbytes == before + 64 * 9 * np.dtype(np.intp).itemsize
 
 
-def test_transposed_and_pool_report_their_engines():
+def test_transposed_and_pool_report_their_engines(uncompiled_policy):
     up = sc.ConvTransposeOperator(np.ones((16, 4, 3, 3)), (16, 5, 5))
     assert up.engine("forward") == up.conv.engine("adjoint") and up.engine("adjoint") == up.conv.engine("forward")
     assert sc.PoolOperator((2, 4, 4), 2).engine("forward") == "csr"

@@ -323,7 +323,7 @@ def test_tap_tables_multiplicity_when_circular_wraps_twice():
     pytest.param(dict(c=8, f=8, size=32, k=3, padding=1, prune=0.6), "csr", "csr", id="pruned-60-narrow"),
     pytest.param(dict(c=16, f=16, size=8, k=3, padding=1, groups=16), "csr", "csr", id="depthwise"),
 ])
-def test_auto_engine_rule(layer, forward, adjoint):
+def test_auto_engine_rule(uncompiled_policy, layer, forward, adjoint):
     c, f, size, k = layer["c"], layer["f"], layer["size"], layer["k"]
     groups = layer.get("groups", 1)
     mask = None
@@ -335,6 +335,30 @@ def test_auto_engine_rule(layer, forward, adjoint):
     assert (op.engine("forward"), op.engine("adjoint"), op.engine("weight_grad")) == (forward, adjoint, "factored")
     # Only what the chosen engines need is built: the matrix only for a CSR product.
     assert (op._structure._pattern is not None) == ("csr" in (forward, adjoint))
+
+
+@pytest.mark.parametrize("layer, engines", [
+    pytest.param(dict(c=1, f=6, size=32, k=5), ("numba", "numba", "factored"), id="lenet-C1-csr-becomes-numba"),
+    pytest.param(dict(c=6, f=16, size=14, k=5), ("factored", "numba", "factored"), id="lenet-C3-adjoint"),
+    pytest.param(dict(c=16, f=16, size=32, k=3, padding=1), ("factored",) * 3, id="dense-keeps-blas"),
+    pytest.param(dict(c=16, f=16, size=32, k=3, padding=1, prune=0.6), ("numba",) * 3, id="pruned-60"),
+    pytest.param(dict(c=16, f=16, size=32, k=3, padding=1, prune=0.9), ("numba",) * 3, id="pruned-90"),
+    pytest.param(dict(c=1, f=1, size=64, k=7, padding=3), ("stencil",) * 3, id="image-operator"),
+    pytest.param(dict(c=1, f=1, size=64, k=7, padding=3, stride=2), ("numba", "numba", "factored"),
+                 id="image-strided-no-stencil"),
+])
+def test_auto_engine_rule_with_numba(layer, engines):
+    """With numba importable: the compiled CSR engine where scipy's kernel ran or at most half the
+    weights are kept, the stencil for single-channel images, BLAS for dense multi-channel layers."""
+    pytest.importorskip("numba")
+    c, f, size, k = layer["c"], layer["f"], layer["size"], layer["k"]
+    mask = None
+    if "prune" in layer:
+        mask = np.random.default_rng(0).random((f, c, k, k)) >= layer["prune"]
+    w = np.ones((f, c, k, k)) if mask is None else mask * 1.0
+    op = sc.ConvOperator(w, (c, size, size), padding=layer.get("padding", 0), stride=layer.get("stride", 1),
+                         weight_mask=mask)
+    assert tuple(op.engine(p) for p in ("forward", "adjoint", "weight_grad")) == engines
 
 
 def test_engine_rule_rejects_unknown_product():

@@ -3,8 +3,16 @@
 The factored product wins when BLAS gets wide enough operands and few of the gathered taps
 are explicit zeros; this rule encodes the measurements in ``benchmarks/bench_speed.py`` (the
 factored forward runs at 33-87 GFLOP/s where the CSR kernel runs at about 15 per core). It
-never looks at timing, so results are reproducible. The kernel gradient always takes the
-factored engine (one GEMM per group, no ``(nnz, N)`` scratch).
+never looks at timing, so results are reproducible.
+
+When numba is importable (the ``fast`` extra), the compiled engines join: ``"numba"`` runs the
+same CSR products as scipy's kernel with the batch innermost in vector registers, so it takes
+every product the CSR kernel would have taken, and every product of a layer with at most half of
+its weights kept (pruned or partially connected), where it does only the stored work; the
+kernel gradient of such a layer is computed only at the kept taps. ``"stencil"`` takes the
+single-channel image operators of inverse problems (one input and one output channel per group,
+zero padding, stride 1, no mask), which a direct loop over the kernel runs fastest one vector at
+a time. Dense multi-channel layers keep the factored engine (BLAS GEMMs).
 """
 
 from __future__ import annotations
@@ -33,10 +41,32 @@ _MIN_OUTPUT_CHANNELS = {"forward": 4, "adjoint": 8}
 _WIDE_CHANNELS = 16
 _MIN_FILL = 0.5
 _MIN_FILL_WIDE = 0.25
+# At most this fraction of the weights kept: the compiled CSR engine takes every product.
+_COMPILED_MAX_KEPT = 0.5
+
+
+def _compiled_available() -> bool:
+    """Whether the compiled engines can run here (numba imports); imported only when asked."""
+    from . import numba as compiled
+
+    return compiled.available()
+
+
+def _choose_compiled(structure: Structure, product: str, uncompiled: str) -> str:
+    """The engine when numba is available, given the choice without it."""
+    geom = structure.geometry
+    if (structure.mask is None and geom.in_channels == geom.groups and geom.out_channels == geom.groups):
+        from .stencil import ENGINE as stencil
+
+        if stencil.applicable(structure, product):
+            return "stencil"
+    if structure.mask_fraction <= _COMPILED_MAX_KEPT or uncompiled == "csr":
+        return "numba"
+    return uncompiled
 
 
 def choose_engine(structure: Structure, product: str) -> str:
-    """``"factored"`` or ``"csr"`` for one product of one layer.
+    """The engine for one product of one layer (see the module docstring for the rule).
 
     Parameters
     ----------
@@ -47,6 +77,7 @@ def choose_engine(structure: Structure, product: str) -> str:
     Returns
     -------
     str
+        ``"csr"`` or ``"factored"``; with numba importable also ``"numba"`` or ``"stencil"``.
 
     Raises
     ------
@@ -55,6 +86,12 @@ def choose_engine(structure: Structure, product: str) -> str:
     """
     if product not in PRODUCTS:
         raise ValueError(f"product must be one of {PRODUCTS}; got {product!r}")
+    uncompiled = _choose_uncompiled(structure, product)
+    return _choose_compiled(structure, product, uncompiled) if _compiled_available() else uncompiled
+
+
+def _choose_uncompiled(structure: Structure, product: str) -> str:
+    """``"factored"`` or ``"csr"``: the rule with scipy and numpy only."""
     if product == "weight_grad":
         return "factored"
     geom, spatial = structure.geometry, structure.spatial
