@@ -11,8 +11,8 @@ matrices and zero gradient. Eval-mode batch normalisation is folded into the lay
 (or becomes a per-channel affine layer).
 
 :func:`to_torch` goes the other way: a sparseconv layer or network becomes a ``torch.nn.Module``
-whose forward and backward run sparseconv's operators through ``torch.autograd.Function``s,
-so a sparse (pruned) network trains inside an ordinary PyTorch loop.
+whose forward and backward run sparseconv's operators through ``torch.autograd.Function``
+subclasses, so a sparse (pruned) network trains inside an ordinary PyTorch loop.
 """
 
 from __future__ import annotations
