@@ -70,8 +70,8 @@ for sparsity in sparsities:
 # cut in stored entries but stays below their ratio: the dense ``Linear`` layers, the pooling
 # and the activations are not pruned, and a sparse product has a fixed cost per output as well.
 # At 50% the engine policy still runs C3 and C5 with the factored engine, a GEMM that
-# multiplies masked taps as zeros, so little time is saved; from 75% their sparse matrices are
-# used and the time drops. (Times taken on a busy machine are noisy: read the trend, not the
+# multiplies masked taps as zeros, so little time is saved; from 75% C3 runs on its sparse
+# matrix (C5 from 90%) and the time drops. (Times taken on a busy machine are noisy: read the trend, not the
 # second digit.)
 s, before, after, entries, speedup = (np.array(column) for column in zip(*rows))
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6), layout="constrained")
