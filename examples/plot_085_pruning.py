@@ -16,14 +16,18 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import sparseconv as sc
-from sparseconv.bench import measure_interleaved
+from sparseconv.bench import measure_interleaved, thread_limits
 from sparseconv.data import load_digits
 from sparseconv.prune import mask_summary, prune
 from sparseconv.train import evaluate, train
 
+# Everything runs on one thread (sparseconv's pool and BLAS), as the ``prune`` command times
+# by default: on a shared machine, idle BLAS workers spinning for a core cost more than a
+# second thread gains on layers this small.
 data = load_digits(seed=0)  # scikit-learn's digits as 32x32 LeNet-5 input, float32
 net = sc.models.lenet5(seed=0, classes=data.classes)
-train(net, data, epochs=5, batch_size=32, lr=0.05, progress=False, log=None)  # a few seconds
+with thread_limits(1, use_torch=False):
+    train(net, data, epochs=5, batch_size=32, lr=0.05, progress=False, log=None)  # a few seconds
 dense_accuracy = evaluate(net, data.x_test, data.y_test)
 print(data)
 print(f"unpruned LeNet-5: test accuracy {dense_accuracy:.4f}")
@@ -54,10 +58,11 @@ rows = []
 for sparsity in sparsities:
     pruned, _ = prune(net, sparsity, scope="layer")
     before = evaluate(pruned, x, data.y_test)
-    train(pruned, data, epochs=1, batch_size=32, lr=0.02, progress=False, log=None)
+    with thread_limits(1, use_torch=False):
+        train(pruned, data, epochs=1, batch_size=32, lr=0.02, progress=False, log=None)
+        times = measure_interleaved({"pruned": lambda: pruned.forward(x), "unpruned": lambda: net.forward(x)},
+                                    repeats=5, max_seconds=1.0)
     after = evaluate(pruned, x, data.y_test)
-    times = measure_interleaved({"pruned": lambda: pruned.forward(x), "unpruned": lambda: net.forward(x)},
-                                repeats=5, max_seconds=1.0)
     speedup = times["unpruned"]["median_s"] / times["pruned"]["median_s"]
     entries = mask_summary(pruned)["entries"]
     rows.append((sparsity, before, after, entries, speedup))
@@ -84,6 +89,6 @@ ax2.plot(100 * s, unpruned["entries"] / entries, "s--", label="stored entries, u
 ax2.plot(100 * s, speedup, "o-", label="measured inference speed-up")
 ax2.axhline(1, color="black", linewidth=0.8)
 ax2.set(xlabel="convolution weights pruned (%)", ylabel="ratio", yscale="log",
-        title="LeNet-5 inference, 359 test images")
+        title="LeNet-5 inference, 359 test images, 1 thread")
 ax2.legend()
 plt.show()
