@@ -35,6 +35,11 @@ API_SECTIONS = [
     ("sparseconv.plotting", "Plotting", "Matrix pictures and training curves."),
     ("sparseconv.parallel", "Threads", "Threaded CSR products and the thread-count context."),
     ("sparseconv.cli", "Command line", "``sparseconv`` / ``python -m sparseconv``."),
+    ("sparseconv.prune", "Pruning", "Magnitude pruning whose masks leave the pruned taps out of the matrices."),
+    ("sparseconv.prune_cli", "The prune command",
+     "``python -m sparseconv prune``: LeNet-5 pruned, fine-tuned and timed."),
+    ("sparseconv.torch_bridge", "PyTorch bridge",
+     "``torch.nn`` modules in (pruning masks included), ``torch.nn.Module`` out."),
 ]
 
 #: Modules left out of the reference: the benchmark harness is a program, not a library API.

@@ -11,8 +11,8 @@ matrices and zero gradient. Eval-mode batch normalisation is folded into the lay
 (or becomes a per-channel affine layer).
 
 :func:`to_torch` goes the other way: a sparseconv layer or network becomes a ``torch.nn.Module``
-whose forward and backward run sparseconv's operators through ``torch.autograd.Function``s,
-so a sparse (pruned) network trains inside an ordinary PyTorch loop.
+whose forward and backward run sparseconv's operators through ``torch.autograd.Function``
+subclasses, so a sparse (pruned) network trains inside an ordinary PyTorch loop.
 """
 
 from __future__ import annotations
@@ -658,8 +658,9 @@ def to_torch(network: Module):
     -------
     torch.nn.Module
         Same parameter names as ``network`` (``"0.weight"``...). Each ``torch.nn.Parameter``
-        shares memory with the copy's numpy parameter, so an optimiser step is also the copy's
-        step. Each forward hands the Parameters to the autograd Function, which refreshes the
+        holds its own values; before a forward, every Parameter changed since the last one (an
+        optimiser step, any in-place write) is written into the copy's layer (its ``layer``
+        attribute), so the copy holds the trained values. Each forward hands the Parameters to the autograd Function, which refreshes the
         operator's values with ``set_weight`` when they changed (an O(weights) comparison, not
         the tensor's version counter, which writes through ``.data`` bypass). Masked taps read
         as zero, as ``weight_orig * weight_mask`` does in ``torch.nn.utils.prune``, and get zero
