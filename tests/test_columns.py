@@ -152,7 +152,7 @@ def test_layer_same_in_both_layouts(name, dtype):
 def test_sequential_layouts_agree_and_match_finite_differences(name):
     """A network in "columns" equals the same network in "batch_first"; both gradients are right."""
     layer, twin, shape = _twins(name, np.float64)
-    cols = nn.Sequential(layer, nn.Tanh())
+    cols = nn.Sequential(layer, nn.Tanh(), layout="columns")
     first = nn.Sequential(twin, nn.Tanh(), layout="batch_first")
     n = 4
     x = _data(shape, n, np.float64, 2)
@@ -289,7 +289,7 @@ def _torch_lenet(net):
 
 def test_lenet5_columns_batch_first_and_torch_agree():
     """LeNet-5 (float64) in both layouts and PyTorch's twin: logits, loss, every gradient."""
-    net = lenet5(dtype=np.float64, seed=3)
+    net = lenet5(dtype=np.float64, seed=3, layout="columns")
     twin = copy.deepcopy(net)
     twin.layout = "batch_first"
     assert net.layout == "columns"
@@ -326,7 +326,7 @@ def test_lenet5_columns_batch_first_and_torch_agree():
 
 
 def test_lenet5_float32_layouts_agree():
-    net = lenet5(seed=4)
+    net = lenet5(seed=4, layout="columns")
     twin = copy.deepcopy(net)
     twin.layout = "batch_first"
     x = np.random.default_rng(9).standard_normal((64, 1, 32, 32)).astype(np.float32)
@@ -344,7 +344,7 @@ def test_layer_reused_at_two_positions_in_columns():
     """One ReLU and one Conv2d instance used twice: per-call state stacks in column layout too."""
     relu = nn.ReLU()
     conv = nn.Conv2d(2, 2, 3, padding=1, rng=30)
-    net = nn.Sequential(conv, relu, conv, relu)
+    net = nn.Sequential(conv, relu, conv, relu, layout="columns")
     distinct = nn.Sequential(conv, nn.ReLU(), copy.deepcopy(conv), nn.ReLU(), layout="batch_first")
     x = _data((2, 5, 5), 3, np.float64, 11)
     dy = _data((2, 5, 5), 3, np.float64, 12)
@@ -359,7 +359,7 @@ def test_layer_reused_at_two_positions_in_columns():
 
 @pytest.mark.parametrize("layout", ["columns", "batch_first"])
 def test_empty_batch(layout):
-    net = lenet5(dtype=np.float64)
+    net = lenet5(dtype=np.float64, layout="columns")
     net.layout = layout
     y = net.forward(np.zeros((0, 1, 32, 32)))
     assert y.shape == (0, 10)
@@ -373,11 +373,12 @@ def test_layout_option_validated():
     net = nn.Sequential(nn.ReLU())
     with pytest.raises(ValueError, match="layout must be one of"):
         net.layout = "rows"
-    assert net.layout == "columns"
-    assert net[0:1].layout == "columns"
-    net.layout = "batch_first"
+    assert net.layout == "batch_first"
     assert net[0:1].layout == "batch_first"
-    assert lenet5(build=False, layout="batch_first").layout == "batch_first"
+    net.layout = "columns"
+    assert net[0:1].layout == "columns"
+    assert lenet5(build=False, layout="columns").layout == "columns"
+    assert lenet5(build=False).layout == "batch_first"
     with pytest.raises(ValueError, match="layout must be one of"):
         lenet5(build=False, layout="NCHW")
 
@@ -398,7 +399,7 @@ def test_backward_in_the_other_layout_is_refused_and_consumes_nothing():
 
 
 def test_sequential_backward_checks_dy_and_names_bad_input_layer():
-    net = lenet5(dtype=np.float64)
+    net = lenet5(dtype=np.float64, layout="columns")
     net.forward(np.zeros((2, 1, 32, 32)))
     with pytest.raises(ValueError, match=r"dy must have the shape of the matching forward's output, \(2, 10\)"):
         net.backward(np.zeros((3, 10)))
@@ -424,7 +425,7 @@ def test_memory_order_follows_the_engine(uncompiled_policy):
     dense = nn.Conv2d(8, 8, 3, padding=1, rng=42)
     assert pruned.build((8, 6, 6)).engine("forward") == "csr"
     assert dense.build((8, 6, 6)).engine("forward") == "factored"
-    net = nn.Sequential(Spy(), pruned, Spy(), nn.ReLU(), Spy(), dense, Spy(), nn.ReLU(), Spy())
+    net = nn.Sequential(Spy(), pruned, Spy(), nn.ReLU(), Spy(), dense, Spy(), nn.ReLU(), Spy(), layout="columns")
     x = np.ones((5, 8, 6, 6))
     net.forward(x)
     view_of_x, after_csr, after_relu, after_factored, after_relu2 = seen
@@ -435,7 +436,7 @@ def test_memory_order_follows_the_engine(uncompiled_policy):
 
 def test_refused_backward_consumes_nothing_in_columns():
     """A dy of the wrong dtype is refused before any layer runs; the right one then works."""
-    net = lenet5(seed=5)
+    net = lenet5(seed=5, layout="columns")
     x = np.random.default_rng(14).standard_normal((3, 1, 32, 32)).astype(np.float32)
     dy = np.random.default_rng(15).standard_normal((3, 10))
     net.zero_grad()
