@@ -27,7 +27,7 @@ from ..geometry import ConvGeometry, parse_memory_budget
 from ..pattern import (MemoryBudgetError, TiedPattern, ValueLayout, build_pattern, format_bytes, pattern_nbytes,
                        spatial_pattern, value_layout)
 
-__all__ = ["PRODUCTS", "Structure", "Engine", "GuardedMatrix", "MatrixModifiedError", "freeze"]
+__all__ = ["PRODUCTS", "Structure", "Engine", "KernelEngine", "GuardedMatrix", "MatrixModifiedError", "freeze"]
 
 #: The products every engine implements, by the names used everywhere (operator keywords,
 #: ``op.engine(product)``, the benchmark).
@@ -380,3 +380,46 @@ class Engine:
 
     def check(self) -> None:
         """Raise if something this engine handed out was changed so that a refresh would be unsafe."""
+
+
+class KernelEngine(Engine):
+    """An engine whose products run on a kernel object built by :meth:`prepare`.
+
+    Subclasses implement :meth:`prepare` (build ``self.kernel`` on first use, charging the
+    budget first; idempotent); the products, :attr:`nbytes` and :meth:`refresh` delegate to
+    the kernel object, which has ``matmat``, ``rmatmat``, ``weight_grad``, ``refresh`` and
+    ``nbytes`` of its own (the compiled engines' classes).
+
+    Parameters
+    ----------
+    structure : Structure
+    """
+
+    def __init__(self, structure: Structure) -> None:
+        super().__init__(structure)
+        self.kernel: Optional[object] = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the kernel object holds (0 before it is built)."""
+        return 0 if self.kernel is None else int(self.kernel.nbytes)
+
+    def matmat(self, X: np.ndarray, threads: Optional[int]) -> np.ndarray:
+        """``W @ X`` on the kernel object."""
+        self.prepare("forward")
+        return self.kernel.matmat(X, threads)
+
+    def rmatmat(self, D: np.ndarray, threads: Optional[int]) -> np.ndarray:
+        """``W.T @ D`` on the kernel object."""
+        self.prepare("adjoint")
+        return self.kernel.rmatmat(D, threads)
+
+    def weight_grad(self, X: np.ndarray, D: np.ndarray, threads: Optional[int]) -> np.ndarray:
+        """The kernel gradient on the kernel object, shaped and masked by the structure."""
+        self.prepare("weight_grad")
+        return self.structure.finish_grad(self.kernel.weight_grad(X, D, threads))
+
+    def refresh(self, weight: np.ndarray) -> None:
+        """New values for the kernel object, if it is built."""
+        if self.kernel is not None:
+            self.kernel.refresh(weight)

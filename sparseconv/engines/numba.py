@@ -43,8 +43,9 @@ import scipy.sparse as sp
 
 from ..geometry import ConvGeometry
 from ..parallel import get_threads
+from .base import KernelEngine, Structure
 
-__all__ = ["NumbaEngine", "available", "unavailable_reason"]
+__all__ = ["ENGINE", "NumbaEngine", "NumbaProtocolEngine", "available", "unavailable_reason"]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 # Bytes of input a band of rows may read: a quarter of one core's L2 (2 MiB here), so the
@@ -581,94 +582,55 @@ class NumbaEngine:
 
 
 # ---------------------------------------------------------------------- the engine protocol
-def _protocol_engine() -> type:
-    """:class:`NumbaEngine` as an engine of the operators' protocol (:mod:`sparseconv.engines.base`).
+class NumbaProtocolEngine(KernelEngine):
+    """The ``"numba"`` engine on a ``Structure``: a :class:`NumbaEngine` on the structure's
+    pattern, built at the first product, each piece charged to the memory budget first.
 
-    Made at first access of the module attribute ``ENGINE`` (see the module ``__getattr__``), so this
-    module imports where the protocol module does not exist.
+    Parameters
+    ----------
+    structure : Structure
     """
-    from .base import Engine, Structure
 
-    class NumbaProtocolEngine(Engine):
-        """The ``"numba"`` engine on a ``Structure``: a :class:`NumbaEngine` on the structure's
-        pattern, built at the first product, each piece charged to the memory budget first.
+    name = "numba"
 
-        Parameters
-        ----------
-        structure : Structure
-        """
+    def __init__(self, structure: Structure) -> None:
+        super().__init__(structure)
+        self._grad_reserved = False
 
-        name = "numba"
+    @classmethod
+    def applicable(cls, structure: Structure, product: str) -> bool:
+        """Whenever numba imports: the CSR products run on any pattern."""
+        return available()
 
-        def __init__(self, structure: Structure) -> None:
-            super().__init__(structure)
-            self._engine: Optional[NumbaEngine] = None
-            self._grad_reserved = False
+    @classmethod
+    def _own_nbytes(cls, structure: Structure, product: str) -> int:
+        g = structure.geometry
+        return NumbaEngine.estimate_nbytes(structure.nnz, (g.n_out, g.n_in), structure.dtype,
+                                           adjoint=product == "adjoint", weight_grad=product == "weight_grad")
 
-        @classmethod
-        def applicable(cls, structure: Structure, product: str) -> bool:
-            return available()
+    @classmethod
+    def estimate_nbytes(cls, structure: Structure, product: str) -> int:
+        """The pattern (shared with the CSR engine) and this engine's own arrays for ``product``."""
+        return structure.pattern_nbytes() + cls._own_nbytes(structure, product)
 
-        @classmethod
-        def _own_nbytes(cls, structure: Structure, product: str) -> int:
-            g = structure.geometry
-            return NumbaEngine.estimate_nbytes(structure.nnz, (g.n_out, g.n_in), structure.dtype,
-                                               adjoint=product == "adjoint", weight_grad=product == "weight_grad")
-
-        @classmethod
-        def estimate_nbytes(cls, structure: Structure, product: str) -> int:
-            return structure.pattern_nbytes() + cls._own_nbytes(structure, product)
-
-        def prepare(self, product: str) -> None:
-            s = self.structure
-            if self._engine is None:
-                p = s.pattern()
-                s.reserve(p.nnz * s.dtype.itemsize, "the numba engine's values")
-                g = s.geometry
-                self._engine = NumbaEngine(p.shape, p.indptr, p.indices, s.weight, param_index=p.param_index,
-                                           tying=p.tying, out_blocks=g.out_channels, in_blocks=g.in_channels)
-            if product == "adjoint" and self._engine._t_data is None:
-                s.reserve(self._own_nbytes(s, "adjoint") - self._own_nbytes(s, "forward"),
-                          "the numba engine's transposed matrix")
-                self._engine.build_adjoint()
-            if product == "weight_grad" and not self._grad_reserved:
-                s.reserve(self._own_nbytes(s, "weight_grad") - self._own_nbytes(s, "forward"),
-                          "the numba engine's gradient entry order")
-                self._grad_reserved = True
-
-        @property
-        def nbytes(self) -> int:
-            return 0 if self._engine is None else self._engine.nbytes
-
-        def matmat(self, X: np.ndarray, threads: Optional[int]) -> np.ndarray:
-            self.prepare("forward")
-            return self._engine.matmat(X, threads)
-
-        def rmatmat(self, D: np.ndarray, threads: Optional[int]) -> np.ndarray:
-            self.prepare("adjoint")
-            return self._engine.rmatmat(D, threads)
-
-        def weight_grad(self, X: np.ndarray, D: np.ndarray, threads: Optional[int]) -> np.ndarray:
-            self.prepare("weight_grad")
-            return self.structure.finish_grad(self._engine.weight_grad(X, D, threads))
-
-        def refresh(self, weight: np.ndarray) -> None:
-            if self._engine is not None:
-                self._engine.refresh(weight)
-
-    # Pickled by reference as this module's ENGINE (which __getattr__ resolves to this class).
-    NumbaProtocolEngine.__module__ = __name__
-    NumbaProtocolEngine.__qualname__ = "ENGINE"
-    return NumbaProtocolEngine
+    def prepare(self, product: str) -> None:
+        """Build the values (and the stored transpose or the gradient's entry order) on first use."""
+        s = self.structure
+        if self.kernel is None:
+            p = s.pattern()
+            s.reserve(p.nnz * s.dtype.itemsize, "the numba engine's values")
+            g = s.geometry
+            self.kernel = NumbaEngine(p.shape, p.indptr, p.indices, s.weight, param_index=p.param_index,
+                                      tying=p.tying, out_blocks=g.out_channels, in_blocks=g.in_channels)
+        if product == "adjoint" and self.kernel._t_data is None:
+            s.reserve(self._own_nbytes(s, "adjoint") - self._own_nbytes(s, "forward"),
+                      "the numba engine's transposed matrix")
+            self.kernel.build_adjoint()
+        if product == "weight_grad" and not self._grad_reserved:
+            s.reserve(self._own_nbytes(s, "weight_grad") - self._own_nbytes(s, "forward"),
+                      "the numba engine's gradient entry order")
+            self._grad_reserved = True
 
 
-_protocol_classes: dict[str, type] = {}
-
-
-def __getattr__(name: str) -> Any:
-    """``ENGINE``: the engine class the registry of :mod:`sparseconv.engines` imports."""
-    if name == "ENGINE":
-        if name not in _protocol_classes:
-            _protocol_classes[name] = _protocol_engine()
-        return _protocol_classes[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+#: The class the registry of :mod:`sparseconv.engines` imports as ``"numba"``.
+ENGINE = NumbaProtocolEngine

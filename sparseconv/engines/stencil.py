@@ -19,9 +19,10 @@ from typing import Any, Optional
 import numpy as np
 
 from ..geometry import ConvGeometry
+from .base import KernelEngine, Structure
 from .numba import _check_weight, _compute_dtype, _launch, _require, _threads, available
 
-__all__ = ["StencilEngine"]
+__all__ = ["ENGINE", "StencilEngine", "StencilProtocolEngine"]
 
 
 class StencilEngine:
@@ -262,75 +263,33 @@ class StencilEngine:
 
 
 # ---------------------------------------------------------------------- the engine protocol
-def _protocol_engine() -> type:
-    """:class:`StencilEngine` as an engine of the operators' protocol (:mod:`sparseconv.engines.base`).
+class StencilProtocolEngine(KernelEngine):
+    """The ``"stencil"`` engine on a ``Structure`` (no pattern data: only the kernel, twice).
 
-    Made at first access of the module attribute ``ENGINE`` (see the module ``__getattr__``), so this
-    module imports where the protocol module does not exist.
+    Parameters
+    ----------
+    structure : Structure
     """
-    from .base import Engine, Structure
 
-    class StencilProtocolEngine(Engine):
-        """The ``"stencil"`` engine on a ``Structure`` (no pattern data: only the kernel, twice).
+    name = "stencil"
 
-        Parameters
-        ----------
-        structure : Structure
-        """
+    @classmethod
+    def applicable(cls, structure: Structure, product: str) -> bool:
+        """numba available, 1 or 2 spatial dimensions, stride 1, zero padding."""
+        return StencilEngine.applicable(structure.geometry)
 
-        name = "stencil"
+    @classmethod
+    def estimate_nbytes(cls, structure: Structure, product: str) -> int:
+        """The padded kernels the stencil keeps."""
+        return StencilEngine.estimate_nbytes(structure.geometry, structure.dtype)
 
-        def __init__(self, structure: Structure) -> None:
-            super().__init__(structure)
-            self._engine: Optional[StencilEngine] = None
-
-        @classmethod
-        def applicable(cls, structure: Structure, product: str) -> bool:
-            return StencilEngine.applicable(structure.geometry)
-
-        @classmethod
-        def estimate_nbytes(cls, structure: Structure, product: str) -> int:
-            return StencilEngine.estimate_nbytes(structure.geometry, structure.dtype)
-
-        def prepare(self, product: str) -> None:
-            if self._engine is None:
-                s = self.structure
-                s.reserve(StencilEngine.estimate_nbytes(s.geometry, s.dtype), "the stencil engine's kernels")
-                self._engine = StencilEngine(s.geometry, s.weight, weight_mask=s.mask)
-
-        @property
-        def nbytes(self) -> int:
-            return 0 if self._engine is None else self._engine.nbytes
-
-        def matmat(self, X: np.ndarray, threads: Optional[int]) -> np.ndarray:
-            self.prepare("forward")
-            return self._engine.matmat(X, threads)
-
-        def rmatmat(self, D: np.ndarray, threads: Optional[int]) -> np.ndarray:
-            self.prepare("adjoint")
-            return self._engine.rmatmat(D, threads)
-
-        def weight_grad(self, X: np.ndarray, D: np.ndarray, threads: Optional[int]) -> np.ndarray:
-            self.prepare("weight_grad")
-            return self.structure.finish_grad(self._engine.weight_grad(X, D, threads))
-
-        def refresh(self, weight: np.ndarray) -> None:
-            if self._engine is not None:
-                self._engine.refresh(weight)
-
-    # Pickled by reference as this module's ENGINE (which __getattr__ resolves to this class).
-    StencilProtocolEngine.__module__ = __name__
-    StencilProtocolEngine.__qualname__ = "ENGINE"
-    return StencilProtocolEngine
+    def prepare(self, product: str) -> None:
+        """Build the stencil on first use (every product shares it)."""
+        if self.kernel is None:
+            s = self.structure
+            s.reserve(StencilEngine.estimate_nbytes(s.geometry, s.dtype), "the stencil engine's kernels")
+            self.kernel = StencilEngine(s.geometry, s.weight, weight_mask=s.mask)
 
 
-_protocol_classes: dict[str, type] = {}
-
-
-def __getattr__(name: str) -> Any:
-    """``ENGINE``: the engine class the registry of :mod:`sparseconv.engines` imports."""
-    if name == "ENGINE":
-        if name not in _protocol_classes:
-            _protocol_classes[name] = _protocol_engine()
-        return _protocol_classes[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+#: The class the registry of :mod:`sparseconv.engines` imports as ``"stencil"``.
+ENGINE = StencilProtocolEngine
