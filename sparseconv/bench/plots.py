@@ -107,7 +107,7 @@ def _crossover(result: dict, dt: str, t: int, totals: dict, layers: dict[str, di
         ax.grid(True, which="major", alpha=0.3)
     legend_ax = axes[len(bases)]
     legend_ax.axis("off")
-    legend_ax.legend(list(handles.values()), list(handles), loc="upper left", fontsize="small",
+    legend_ax.legend(list(handles.values()), list(handles), loc="upper left", fontsize="small", ncols=2,
                      title="solid: sparse engines; dashed: dense")
     prune_by = sorted({layers[n]["prune_by"] for members in bases.values() for n in members})
     legend_ax.text(0.0, 0.0, f"Held fixed: {dt}, {t} thread(s), median of repeats.\n"
