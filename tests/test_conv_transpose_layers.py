@@ -64,7 +64,7 @@ def test_export_equals_layer():
 
 @pytest.mark.parametrize("kwargs,exc,match", [
     (dict(in_channels=0), ValueError, "in_channels must be a positive int; got 0"),
-    (dict(groups=3), ValueError, "groups must be a positive int dividing in_channels=2"),
+    (dict(groups=3), ValueError, "groups=3 must divide in_channels=2"),
     (dict(dtype=np.float16), TypeError, "dtype must be float32 or float64; got float16"),
 ])
 def test_constructor_errors(kwargs, exc, match):

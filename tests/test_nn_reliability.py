@@ -201,10 +201,10 @@ def test_train_refuses_bad_hyperparameters_before_any_work():
     (lambda: Conv2d(1, 1, 3, padding="half"), ValueError, "padding must be one of"),
     (lambda: Conv2d(1, 1, 3, stride=2, padding="same"), ValueError, "padding='same' requires stride 1"),
     (lambda: Conv2d(1, 1, 3, padding_mode="bogus"), ValueError, "padding_mode must be one of"),
-    (lambda: Conv2d(2, 2, 3, groups=True), ValueError, "groups must be a positive int .* got True"),
+    (lambda: Conv2d(2, 2, 3, groups=True), ValueError, "groups must be a positive int; got True"),
     (lambda: Conv2d(2, 2, 3, groups=2.0), ValueError, "groups must be a positive int"),
-    (lambda: Conv2d(1, 1, 3, memory_budget=-5), ValueError, "memory_budget must be None or a positive int"),
-    (lambda: Conv2d(1, 1, 3, memory_budget="1GiB"), ValueError, "memory_budget must be None or a positive int"),
+    (lambda: Conv2d(1, 1, 3, memory_budget=-5), ValueError, r"memory_budget must be positive .*got -5"),
+    (lambda: Conv2d(1, 1, 3, memory_budget="lots"), ValueError, r"memory_budget must be a number of bytes .*'lots'"),
     (lambda: Conv2d(1, 1, 3, flip="yes"), TypeError, "flip must be a bool"),
     (lambda: Conv2d(1, 1, 3, bias=1), TypeError, "bias must be a bool"),
     (lambda: Conv2d(True, 1, 3), ValueError, "in_channels must be a positive int; got True"),
@@ -220,13 +220,19 @@ def test_train_refuses_bad_hyperparameters_before_any_work():
     (lambda: Subsampling2d(True), ValueError, "channels must be a positive int"),
     (lambda: Linear(3, 0), ValueError, "out_features must be a positive int"),
 ], ids=["conv-stride0", "conv-dilation0", "conv-padneg", "conv-padstr", "conv-same-stride2", "conv-padmode",
-        "conv-groups-bool", "conv-groups-float", "conv-budget-neg", "conv-budget-str", "conv-flip-str",
+        "conv-groups-bool", "conv-groups-float", "conv-budget-neg", "conv-budget-lots", "conv-flip-str",
         "conv-bias-int", "conv-cin-bool", "conv1d-kernel2d", "convT-stride0", "convT-outpad", "convT-padstr",
         "convT-groups-bool", "convT-budget0", "maxpool-stride0", "avgpool-k0", "subsampling-stride0",
         "subsampling-bool", "linear-out0"])
 def test_bad_layer_options_are_refused_at_construction(make, exc, match):
     with pytest.raises(exc, match=match):
         make()
+
+
+@pytest.mark.parametrize("layer", [Conv2d, ConvTranspose2d], ids=["conv", "convT"])
+def test_memory_budget_string_is_parsed(layer):
+    """A budget string with a unit (geometry.parse_memory_budget) is accepted and held in bytes."""
+    assert layer(1, 1, 3, memory_budget="1GiB").memory_budget == 2**30
 
 
 def test_memory_budget_reaches_the_operator():

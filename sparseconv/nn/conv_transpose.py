@@ -6,42 +6,11 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from ..geometry import IntOrTuple, conv_transpose_output_size, normalize_padding, normalize_tuple
+from ..geometry import IntOrTuple, conv_transpose_geometry, normalize_tuple, validate_conv_options
 from ..transpose import ConvTransposeOperator
-from .layers import _ConvBase, _combined_mask, _float_dtype, _is_int, _memory_budget, _positive_int, check_sample_shape
+from .layers import _ConvBase, _combined_mask, _float_dtype, _memory_budget, check_sample_shape
 
 __all__ = ["ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"]
-
-
-def _transposed_out_size(kernel: tuple[int, ...], in_size: Sequence[int], stride: IntOrTuple,
-                         padding: Union[int, Sequence], output_padding: IntOrTuple,
-                         dilation: IntOrTuple) -> tuple[int, ...]:
-    """Output size of a transposed convolution, every option validated (PyTorch's rules).
-
-    Sizes come from :func:`sparseconv.geometry.conv_transpose_output_size`; this only adds
-    the option checks the layer needs before it has an input.
-    """
-    ndim = len(kernel)
-    if isinstance(padding, str):
-        raise ValueError("padding of a transposed convolution must be an int, per-dimension ints or (low, high) "
-                         f"pairs (PyTorch has no string spelling for it); got {padding!r}")
-    stride_t = normalize_tuple(stride, ndim, "stride")
-    dilation_t = normalize_tuple(dilation, ndim, "dilation")
-    extra = normalize_tuple(output_padding, ndim, "output_padding", minimum=0)
-    pads = normalize_padding(padding, kernel, stride_t, dilation_t)
-    out = []
-    for axis, (i, k, s, d, (lo, hi), e) in enumerate(zip(in_size, kernel, stride_t, dilation_t, pads, extra)):
-        if e >= max(s, d):
-            raise ValueError(f"output_padding must be smaller than max(stride, dilation) in every dimension "
-                             f"(PyTorch's rule); spatial dimension {axis} has output_padding={e}, stride={s}, "
-                             f"dilation={d}")
-        o = conv_transpose_output_size(i, k, s, lo, hi, d, e)
-        if o < 1:
-            raise ValueError(f"padding {(lo, hi)} crops the whole output along spatial dimension {axis}: input "
-                             f"size {i}, kernel {k}, stride {s}, dilation {d}, output_padding {e} give output "
-                             f"size {o} < 1")
-        out.append(o)
-    return tuple(out)
 
 
 class _ConvTransposeNd(_ConvBase):
@@ -60,12 +29,10 @@ class _ConvTransposeNd(_ConvBase):
                  input_size: Optional[Sequence[int]] = None, dtype: object = np.float64,
                  rng: Union[None, int, np.random.Generator] = None, memory_budget: Optional[int] = None):
         super().__init__()
-        in_channels = _positive_int(in_channels, "in_channels")
-        out_channels = _positive_int(out_channels, "out_channels")
-        if not _is_int(groups) or groups < 1 or in_channels % groups or out_channels % groups:
-            raise ValueError(f"groups must be a positive int dividing in_channels={in_channels} and "
-                             f"out_channels={out_channels}; got {groups!r}")
-        groups = int(groups)
+        validate_conv_options(self.ndim, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation,
+                              groups=groups, output_padding=output_padding, in_channels=in_channels,
+                              out_channels=out_channels)
+        in_channels, out_channels, groups = int(in_channels), int(out_channels), int(groups)
         if not isinstance(bias, (bool, np.bool_)):
             raise TypeError(f"bias must be a bool; got {bias!r}")
         self.dtype = _float_dtype(dtype)
@@ -73,13 +40,6 @@ class _ConvTransposeNd(_ConvBase):
         kernel = normalize_tuple(kernel_size, self.ndim, "kernel_size")
         self.options = dict(stride=stride, padding=padding, output_padding=output_padding, dilation=dilation,
                             groups=groups)
-        # Validate the options on a synthetic input large enough that nothing is cropped away.
-        probe = [1] * self.ndim
-        if not isinstance(padding, str):
-            pads = normalize_padding(padding, kernel, normalize_tuple(stride, self.ndim, "stride"),
-                                     normalize_tuple(dilation, self.ndim, "dilation"))
-            probe = [lo + hi + 1 for lo, hi in pads]
-        _transposed_out_size(kernel, probe, stride, padding, output_padding, dilation)
         shape = (in_channels, out_channels // groups, *kernel)
         self._connection = None
         self._groups = groups
@@ -105,10 +65,7 @@ class _ConvTransposeNd(_ConvBase):
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         input_shape = tuple(input_shape)
         check_sample_shape(input_shape, self.ndim, self.in_channels)
-        o = self.options
-        out = _transposed_out_size(self.kernel_size, input_shape[1:], o["stride"], o["padding"], o["output_padding"],
-                                   o["dilation"])
-        return (self.out_channels, *out)
+        return (self.out_channels, *conv_transpose_geometry(self.weight.shape, input_shape, **self.options).out_size)
 
 
 class ConvTranspose1d(_ConvTransposeNd):

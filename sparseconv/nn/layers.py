@@ -34,8 +34,8 @@ import scipy.sparse as sp
 from scipy.special import erf
 
 from ..conv import ConvOperator
-from ..geometry import (PADDING_MODES, IntOrTuple, PaddingSpec, check_array_dtype, conv_geometry,
-                        normalize_padding, normalize_tuple)
+from ..geometry import (IntOrTuple, PaddingSpec, check_array_dtype, conv_geometry, normalize_padding, normalize_tuple,
+                        parse_memory_budget, validate_conv_options)
 from ..pooling import MaxPoolOperator, PoolOperator, pool_geometry
 from .module import Module, Parameter
 
@@ -110,11 +110,8 @@ def _real(value: object, name: str, *, minimum: Optional[float] = None, strict: 
 
 
 def _memory_budget(value: object) -> Optional[int]:
-    if value is None:
-        return None
-    if not _is_int(value) or value < 1:
-        raise ValueError(f"memory_budget must be None or a positive int (bytes); got {value!r}")
-    return int(value)
+    """None (the operator's default budget) or bytes, parsed by :func:`~sparseconv.geometry.parse_memory_budget`."""
+    return None if value is None else parse_memory_budget(value)
 
 
 def _uniform(rng: np.random.Generator, bound: float, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -478,18 +475,6 @@ class _ConvBase(OperatorLayer):
                 f"{', ' + opts if opts else ''}{extras}{'' if self.bias is not None else ', bias=False'})")
 
 
-def _validate_conv_options(weight_shape: tuple[int, ...], in_channels: int, options: dict) -> None:
-    """Every convolution option checked without an input: on a synthetic input large enough
-    for any kernel, so only the input-size rules are left for the first forward."""
-    ndim = len(weight_shape) - 2
-    kernel = weight_shape[2:]
-    stride = normalize_tuple(options["stride"], ndim, "stride")
-    dilation = normalize_tuple(options["dilation"], ndim, "dilation")
-    pads = normalize_padding(options["padding"], kernel, stride, dilation)
-    sizes = [d * (k - 1) + 1 + lo + hi + 1 for k, d, (lo, hi) in zip(kernel, dilation, pads)]
-    conv_geometry(weight_shape, (in_channels, *sizes), **options)
-
-
 class _ConvNd(_ConvBase):
     """Shared implementation of :class:`Conv1d`, :class:`Conv2d` and :class:`Conv3d`."""
 
@@ -502,14 +487,10 @@ class _ConvNd(_ConvBase):
                  weight_mask: Optional[np.ndarray] = None, input_size: Optional[Sequence[int]] = None,
                  dtype: object = np.float64, rng: Seed = None, memory_budget: Optional[int] = None):
         super().__init__()
-        in_channels = _positive_int(in_channels, "in_channels")
-        out_channels = _positive_int(out_channels, "out_channels")
-        if not _is_int(groups) or groups < 1 or in_channels % groups or out_channels % groups:
-            raise ValueError(f"groups must be a positive int dividing in_channels={in_channels} and "
-                             f"out_channels={out_channels}; got {groups!r}")
-        groups = int(groups)
-        if padding_mode not in PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {PADDING_MODES}; got {padding_mode!r}")
+        validate_conv_options(self.ndim, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation,
+                              groups=groups, padding_mode=padding_mode, flip=flip, in_channels=in_channels,
+                              out_channels=out_channels)
+        in_channels, out_channels, groups = int(in_channels), int(out_channels), int(groups)
         if not isinstance(bias, (bool, np.bool_)):
             raise TypeError(f"bias must be a bool; got {bias!r}")
         self.dtype = _float_dtype(dtype)
@@ -518,7 +499,6 @@ class _ConvNd(_ConvBase):
         self.options = dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
                             padding_mode=padding_mode, flip=flip)
         shape = (out_channels, in_channels // groups, *kernel)
-        _validate_conv_options(shape, in_channels, self.options)
         self._connection = None if connection is None else np.asarray(connection).copy()
         self._groups = groups
         self._has_weight_mask = weight_mask is not None
