@@ -45,6 +45,9 @@ class ConvTransposeOperator(MatrixOperator):
     groups : int, default 1
         Must divide ``C_in``; each group maps ``C_in // groups`` to ``C_out // groups`` channels.
     bias : ndarray of shape (C_out,), optional
+    weight_mask : ndarray of bool, shape like ``weight``, optional
+        Weights left out of the matrix (pruning); masked weights must be zero and get zero
+        kernel gradient. Handed to the forward convolution, whose weight has the same layout.
     memory_budget : int or str, optional
         Bytes the structures of the forward convolution and this operator may use (see
         :class:`~sparseconv.conv.ConvOperator`).
@@ -102,8 +105,8 @@ class ConvTransposeOperator(MatrixOperator):
 
     def __init__(self, weight: np.ndarray, input_shape: tuple[int, ...], *, stride: IntOrTuple = 1,
                  padding: PaddingSpec = 0, output_padding: IntOrTuple = 0, dilation: IntOrTuple = 1,
-                 groups: int = 1, bias: Optional[np.ndarray] = None, memory_budget: object = None,
-                 engine: Optional[str] = None):
+                 groups: int = 1, bias: Optional[np.ndarray] = None, weight_mask: Optional[np.ndarray] = None,
+                 memory_budget: object = None, engine: Optional[str] = None):
         resolve_dtype(weight, "weight")
         weight = np.asarray(weight)
         tg = conv_transpose_geometry(weight.shape, input_shape, stride=stride, padding=padding,
@@ -111,8 +114,8 @@ class ConvTransposeOperator(MatrixOperator):
         in_size = tuple(int(v) for v in input_shape[1:])
         c_out = weight.shape[1] * int(groups)
         self.conv = ConvOperator(weight, (c_out, *tg.out_size), stride=tg.stride, padding=tg.padding,
-                                 dilation=tg.dilation, groups=groups, memory_budget=memory_budget,
-                                 engine=engine)
+                                 dilation=tg.dilation, groups=groups, weight_mask=weight_mask,
+                                 memory_budget=memory_budget, engine=engine)
         self._input_shape = (int(input_shape[0]), *in_size)
         super().__init__(dtype=self.conv.dtype, shape=(self.conv.shape[1], int(np.prod(self._input_shape))))
         self.stride, self.dilation, self.padding, self.output_padding = tg.stride, tg.dilation, tg.padding, \
@@ -148,6 +151,11 @@ class ConvTransposeOperator(MatrixOperator):
     def weight(self) -> np.ndarray:
         """A read-only view of the weight, shape (C_in, C_out // groups, *kernel)."""
         return self.conv.weight
+
+    @property
+    def weight_mask(self) -> Optional[np.ndarray]:
+        """A read-only copy of the mask given at construction (False: weight left out), or None."""
+        return self.conv.weight_mask
 
     @property
     def nnz(self) -> int:

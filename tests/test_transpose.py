@@ -207,3 +207,62 @@ def test_bad_batches():
         op.set_bias(np.ones(2))
     with pytest.raises(ValueError, match=r"weight must have shape \(2, 3, 3\)"):
         op.set_weight(np.ones((3, 2, 3)))
+
+
+# ---------------------------------------------------------------------- weight_mask (pruning)
+MASK_CASES = F64[::4] + WIDE_OUTPUT_PADDING
+
+
+def _dense_loop_matrix(case, w):
+    """The transposed convolution's matrix, column by column, from the scatter loop on unit inputs."""
+    n_in = case.c_in * int(np.prod(case.in_size))
+    basis = np.eye(n_in).reshape((n_in, case.c_in, *case.in_size))
+    return conv_transpose_loop(basis, w, None, **case.opts).reshape(n_in, -1).T
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.5, 1.0], ids=["pruned-all", "pruned-half", "pruned-none"])
+@pytest.mark.parametrize("case", MASK_CASES, ids=lambda c: c.id)
+def test_weight_mask_leaves_masked_taps_out(case, keep):
+    w, _, x = case.arrays()
+    mask = np.random.default_rng(7).random(w.shape) < keep
+    wm = np.where(mask, w, 0)
+    op = ConvTransposeOperator(wm, (case.c_in, *case.in_size), weight_mask=mask, **case.opts)
+    # Entries from the mask: the loop's matrix with 1 at every kept tap (each entry is one tap).
+    count = np.count_nonzero(_dense_loop_matrix(case, mask.astype(np.float64)))
+    assert op.nnz == op.matrix.nnz == count
+    np.testing.assert_array_equal(op.weight_mask, mask)
+    dense = _dense_loop_matrix(case, wm)
+    assert_allclose(op.matrix.toarray(), dense)
+    n = x.shape[0]
+    assert_allclose(op.forward(x).reshape(n, -1), (dense @ x.reshape(n, -1).T).T)
+    dy = np.random.default_rng(1).standard_normal((n, *op.out_shape))
+    assert_allclose(op.backward_input(dy).reshape(n, -1), (dense.T @ dy.reshape(n, -1).T).T)
+    # The kernel gradient from the loop's matrix of each unit weight: <dy, M(e_i) x>.
+    want = np.zeros(w.shape)
+    for i in zip(*np.nonzero(mask)):
+        e = np.zeros(w.shape)
+        e[i] = 1.0
+        want[i] = np.sum(dy * conv_transpose_loop(x, e, None, **case.opts))
+    got = op.weight_grad(x, dy)
+    assert np.all(got[~mask] == 0)
+    assert_allclose(got, want)
+    # The unmasked operator holding zeros at the masked taps computes the same products.
+    full = case.operator(wm)
+    assert_allclose(op.forward(x), full.forward(x))
+    assert_allclose(op.backward_input(dy), full.backward_input(dy))
+    assert_allclose(got[mask], full.weight_grad(x, dy)[mask])
+    if keep:
+        dottest(op)
+
+
+def test_weight_mask_refuses_nonzero_masked_weights():
+    case = MASK_CASES[0]
+    w, _, _ = case.arrays()
+    mask = np.random.default_rng(7).random(w.shape) < 0.5
+    with pytest.raises(ValueError, match="non-zero values where weight_mask is False"):
+        ConvTransposeOperator(w, (case.c_in, *case.in_size), weight_mask=mask, **case.opts)
+    op = ConvTransposeOperator(np.where(mask, w, 0), (case.c_in, *case.in_size), weight_mask=mask, **case.opts)
+    before = op.matrix.toarray()
+    with pytest.raises(ValueError, match="non-zero values where weight_mask is False"):
+        op.set_weight(w)
+    np.testing.assert_array_equal(op.matrix.toarray(), before)

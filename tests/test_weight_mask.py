@@ -15,6 +15,7 @@ from sparseconv import reference as ref
 from sparseconv.nn import (SGD, Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d, Flatten,
                            Linear, Sequential, Tanh)
 from sparseconv.testing import assert_allclose, gradcheck
+from sparseconv.transpose import ConvTransposeOperator
 
 CASES = [
     ("conv1d", Conv1d, (3, 4, 3), dict(padding=1), (3, 9)),
@@ -69,6 +70,19 @@ def test_conv_mask_removes_entries_and_matches_the_reference(name, cls, args, op
     full.forward(x)
     assert layer.op.nnz < full.op.nnz
     assert_allclose(layer.forward(x), ref.conv_direct(x, layer.weight.data, layer.bias.data, **opts))
+
+
+@pytest.mark.parametrize("name,cls,args,opts,shape", [c for c in CASES if c[0].startswith("convT")],
+                         ids=[i for i in IDS if i.startswith("convT")])
+def test_transposed_mask_removes_entries(name, cls, args, opts, shape):
+    mask = _mask(_weight_shape(cls, *args, opts), 0.4, seed=5)
+    layer = _make(cls, args, opts, mask)
+    x = np.random.default_rng(1).standard_normal((2, *shape))
+    layer.forward(x)
+    # Entries from the mask: an unmasked operator with weight 1 at kept taps, 0 elsewhere,
+    # stores every tap; its non-zeros are the kept taps' entries.
+    indicator = ConvTransposeOperator(mask.astype(np.float64), shape, **opts)
+    assert layer.op.nnz == np.count_nonzero(indicator.matrix.data) < indicator.nnz
 
 
 @pytest.mark.parametrize("name,cls,args,opts,shape", CASES, ids=IDS)

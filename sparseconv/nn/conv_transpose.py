@@ -52,9 +52,8 @@ class _ConvTransposeNd(_ConvBase):
             self.build((in_channels, *normalize_tuple(input_size, self.ndim, "input_size")))
 
     def _make_operator(self, input_shape: tuple[int, ...]) -> ConvTransposeOperator:
-        # The operator stores every tap; masked ones hold zeros (kept so by the Parameter) and
-        # the layer zeroes their gradient.
-        return ConvTransposeOperator(self.weight.data, input_shape, memory_budget=self.memory_budget, **self.options)
+        return ConvTransposeOperator(self.weight.data, input_shape, weight_mask=self.weight.mask,
+                                     memory_budget=self.memory_budget, **self.options)
 
     def _weight_grad_columns(self, op: ConvTransposeOperator, X: np.ndarray, D: np.ndarray) -> np.ndarray:
         # The operator's kernel gradient takes batches; the batch-first views of the column
@@ -80,8 +79,8 @@ class ConvTranspose1d(_ConvTransposeNd):
         weight of shape ``(C_in, C_out // groups, *kernel)``. Validated at construction.
     bias : bool, default True
     weight_mask : ndarray of bool, shape of the weight, optional
-        Element-wise mask (pruning): weights where it is False are held at exactly zero and
-        get zero gradient.
+        Element-wise mask (pruning): weights where it is False have no entries in the matrix,
+        are held at exactly zero and get zero gradient.
     input_size : tuple of int, optional
         Build the matrix now instead of at the first forward.
     dtype : {float64, float32}
