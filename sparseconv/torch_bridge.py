@@ -148,7 +148,8 @@ def _convert_layer(module, bn, input_shape: tuple[int, ...], dtype: np.dtype, pr
     """A convolution, transposed convolution or linear layer, with ``bn`` (or None) folded in."""
     nn = torch.nn
     _refuse_pruned_bias(module)
-    # sparseconv's Linear is dense: exact zeros stay values there (prune_zeros is for convolutions).
+    # sparseconv's Linear is dense: exact zeros stay values there (prune_zeros is for convolutions);
+    # a torch pruning mask still becomes its weight_mask.
     weight, kept = _pruned(module, "weight", dtype, prune_zeros and not isinstance(module, nn.Linear))
     bias = None if module.bias is None else _array(module.bias, dtype)
     transposed = isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
@@ -157,10 +158,8 @@ def _convert_layer(module, bn, input_shape: tuple[int, ...], dtype: np.dtype, pr
         groups = getattr(module, "groups", 1)
         weight, bias = _fold(weight, bias, scale, shift, 1 if transposed else 0, groups, dtype)
     if isinstance(module, nn.Linear):
-        if kept is not None and not kept.all():
-            raise TypeError("Linear is pruned, and sparseconv's Linear is a dense layer with no weight mask; "
-                            "make the pruning permanent with torch.nn.utils.prune.remove first")
-        layer = ours.Linear(module.in_features, module.out_features, bias=bias is not None, dtype=dtype)
+        layer = ours.Linear(module.in_features, module.out_features, bias=bias is not None, weight_mask=kept,
+                            dtype=dtype)
         layer.params["weight"].data = weight
         if bias is not None:
             layer.params["bias"].data = bias
@@ -356,8 +355,8 @@ def from_torch(module, input_shape: tuple[int, ...], *, dtype: Optional[object] 
         checked on a random input and the module refused when it does not hold (a residual
         sum, a functional op between children). Pruning masks left by
         ``torch.nn.utils.prune`` on weights become the layers' ``weight_mask``: the pruned taps
-        get no entries in the convolution matrices (transposed convolutions store them as
-        zeros) and zero gradient.
+        get no entries in the (transposed) convolution matrices, are held at zero in ``Linear``
+        layers' dense weights, and get zero gradient.
     input_shape : tuple of int
         One sample's input shape, e.g. ``(3, 32, 32)``; sparse matrices are built for it.
     dtype : {float32, float64}, optional
@@ -551,7 +550,11 @@ def _module_classes(torch):
         """sparseconv's dense Linear layer: torch's own linear map on the same parameters."""
 
         def forward(self, x):
-            return torch.nn.functional.linear(self._sync(x, "Linear"), self.weight, getattr(self, "bias", None))
+            x = self._sync(x, "Linear")
+            mask = self._mask("weight")
+            # Masked weights read as zero and get zero gradient, as weight_orig * weight_mask does.
+            weight = self.weight if mask is None else self.weight * torch.as_tensor(mask)
+            return torch.nn.functional.linear(x, weight, getattr(self, "bias", None))
 
     class SparseSubsampling(LayerModule):
         """LeNet-5's trainable sub-sampling: a fixed sum-pooling operator, then ``beta * . + bias`` per map."""

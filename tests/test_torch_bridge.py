@@ -265,11 +265,49 @@ def test_prune_zeros_leaves_linear_layers_dense():
         assert_allclose(ours.forward(x), module(torch.tensor(x)).numpy())
 
 
-def test_pruned_linear_is_refused_with_the_remedy():
-    module = nn.Linear(4, 3)
-    prune.l1_unstructured(module, "weight", amount=0.5)
-    with pytest.raises(TypeError, match=r"Linear is pruned.*prune.remove"):
-        from_torch(module, (4,))
+@pytest.mark.parametrize("method", [m[1] for m in PRUNE_METHODS], ids=[m[0] for m in PRUNE_METHODS])
+def test_pruned_linear_converts_with_its_mask(method):
+    torch.manual_seed(5)
+    module = nn.Linear(6, 4)
+    method(module)
+    kept = _mask(module)
+    ours = _compare_pruned(module, (6,))
+    np.testing.assert_array_equal(ours.weight_mask, kept)
+    assert np.all(ours.params["weight"].grad[~kept] == 0)
+    assert np.all(ours.params["weight"].data[~kept] == 0)
+
+
+def test_pruned_linear_trains_like_torch():
+    from sparseconv.nn import SGD, CrossEntropyLoss
+
+    torch.manual_seed(6)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 5)).double()
+    prune.l1_unstructured(net[1], "weight", amount=0.6)
+    prune.random_structured(net[3], "weight", amount=0.25, dim=1)
+    ours = from_torch(net, (3, 4))
+    rng = np.random.default_rng(0)
+    opt_t = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    opt = SGD(ours.parameters(), 0.1, momentum=0.9, weight_decay=1e-2)
+    loss = CrossEntropyLoss()
+    for _ in range(3):
+        x, y = rng.standard_normal((4, 3, 4)), rng.integers(0, 5, 4)
+        opt_t.zero_grad()
+        value_t = torch.nn.functional.cross_entropy(net(torch.tensor(x)), torch.tensor(y))
+        value_t.backward()
+        opt.zero_grad()
+        value = loss(ours.forward(x), y)
+        ours.backward(loss.backward())
+        assert_allclose(value, value_t.item())
+        for i in (1, 3):
+            assert_allclose(ours[i].params["weight"].grad, net[i].weight_orig.grad.numpy(), err_msg=f"layer {i}")
+            assert_allclose(ours[i].params["bias"].grad, net[i].bias.grad.numpy(), err_msg=f"layer {i}")
+        opt_t.step()
+        opt.step()
+    for i in (1, 3):
+        effective = (net[i].weight_orig * net[i].weight_mask).detach().numpy()
+        assert_allclose(ours[i].params["weight"].data, effective, err_msg=f"layer {i}")
+        assert np.all(ours[i].params["weight"].data[~_mask(net[i])] == 0)
+        assert_allclose(ours[i].params["bias"].data, net[i].bias.detach().numpy(), err_msg=f"layer {i}")
 
 
 # ---------------------------------------------------------------------- batch norm, chains, dtypes

@@ -246,3 +246,68 @@ def test_copies_keep_the_mask_read_only():
         assert not twin.weight.mask.flags.writeable and not twin.weight.data.flags.writeable
         x = np.random.default_rng(0).standard_normal((2, 2, 6))
         assert_allclose(twin.forward(x), layer.forward(x))
+
+
+# ---------------------------------------------------------------------- Linear
+def test_linear_mask_holds_weights_at_zero_with_zero_gradient():
+    mask = _mask((4, 6), 0.5, seed=6)
+    layer = Linear(6, 4, weight_mask=mask, rng=0)
+    w = layer.weight.data
+    assert not w[~mask].any() and np.all(w[mask] != 0)
+    np.testing.assert_array_equal(layer.weight_mask, mask)
+    assert layer.weight.size == mask.sum() and "weight_mask=mask" in repr(layer)
+    x = np.random.default_rng(1).standard_normal((3, 6))
+    dy = np.random.default_rng(2).standard_normal((3, 4))
+    assert_allclose(layer.forward(x), x @ np.where(mask, w, 0).T + layer.bias.data)
+    layer.zero_grad()
+    layer.backward(dy)
+    g = layer.weight.grad
+    assert np.all(g[~mask] == 0)
+    assert_allclose(g[mask], (dy.T @ x)[mask])
+    # the column layout too
+    layer.zero_grad()
+    Y, _ = layer.forward_columns(x.T.copy(), (6,))
+    layer.backward_columns(dy.T.copy(), (4,))
+    assert np.all(layer.weight.grad[~mask] == 0)
+    assert_allclose(layer.weight.grad[mask], (dy.T @ x)[mask])
+
+
+def test_linear_mask_refuses_nonzero_values_and_sgd_never_moves_them(tmp_path):
+    mask = _mask((3, 5), 0.5, seed=7)
+    layer = Linear(5, 3, weight_mask=mask, rng=0)
+    before = layer.weight.data.copy()
+    with pytest.raises(ValueError, match="non-zero entries where the parameter's mask is False"):
+        layer.weight.data = np.ones((3, 5))
+    np.testing.assert_array_equal(layer.weight.data, before)
+    net = Sequential(layer)
+    state = net.state_dict()
+    state["0.weight"] = np.ones((3, 5))
+    with pytest.raises(ValueError, match=r"'0\.weight'.*non-zero values where this network's mask"):
+        net.load_state_dict(state)
+    np.testing.assert_array_equal(layer.weight.data, before)
+    opt = SGD(layer.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    x = np.random.default_rng(1).standard_normal((2, 5))
+    for _ in range(3):
+        opt.zero_grad()
+        layer.backward(np.ones_like(layer.forward(x)))
+        layer.weight.grad[~mask] = 5.0
+        opt.step()
+    assert np.all(layer.weight.data[~mask] == 0)
+    assert np.any(layer.weight.data[mask] != before[mask])
+
+
+@pytest.mark.parametrize("mask,match", [
+    (np.ones((3, 4), bool), r"weight_mask must be a bool array of the weight's shape .*\(3, 5\).*\(3, 4\)"),
+    (np.ones((3, 5)), r"weight_mask must be a bool array .*float64"),
+], ids=["shape", "dtype"])
+def test_linear_bad_masks_are_refused(mask, match):
+    with pytest.raises(ValueError, match=match):
+        Linear(5, 3, weight_mask=mask)
+
+
+def test_linear_mask_is_copied():
+    mask = _mask((3, 5), 0.5, seed=8)
+    layer = Linear(5, 3, weight_mask=mask, rng=0)
+    mask[:] = True
+    assert not layer.weight_mask.all()
+    assert not layer.weight_mask.flags.writeable

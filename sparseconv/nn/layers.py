@@ -589,6 +589,10 @@ class Linear(Module):
     ----------
     in_features, out_features : int
     bias : bool, default True
+    weight_mask : ndarray of bool, shape (out_features, in_features), optional
+        Element-wise mask (pruning): weights where it is False are held at exactly zero
+        (assigning or loading non-zero values there is refused) and get zero gradient, as
+        ``weight_orig * weight_mask`` does in ``torch.nn.utils.prune``. The matrix stays dense.
     dtype : {float64, float32}
     rng : int or numpy Generator, optional
 
@@ -598,16 +602,26 @@ class Linear(Module):
     ``(out_features, in_features)``.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, bias: bool = True, dtype: object = np.float64,
-                 rng: Seed = None):
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
+                 weight_mask: Optional[np.ndarray] = None, dtype: object = np.float64, rng: Seed = None):
         super().__init__()
         in_features = _positive_int(in_features, "in_features")
         out_features = _positive_int(out_features, "out_features")
+        shape = (out_features, in_features)
+        if weight_mask is not None:
+            mask = np.asarray(weight_mask)
+            if mask.dtype != bool or mask.shape != shape:
+                raise ValueError(f"weight_mask must be a bool array of the weight's shape (out_features, "
+                                 f"in_features) = {shape}; got {mask.dtype} array of shape {mask.shape}")
+            weight_mask = mask.copy()
         self.dtype = _float_dtype(dtype)
         self.in_features, self.out_features = in_features, out_features
         bound = 1.0 / np.sqrt(in_features)
         gen = np.random.default_rng(rng)
-        self.params["weight"] = Parameter(_uniform(gen, bound, (out_features, in_features), self.dtype))
+        weight = _uniform(gen, bound, shape, self.dtype)
+        if weight_mask is not None:
+            weight[~weight_mask] = 0
+        self.params["weight"] = Parameter(weight, weight_mask)
         if bias:
             self.params["bias"] = Parameter(_uniform(gen, bound, (out_features,), self.dtype))
 
@@ -620,6 +634,17 @@ class Linear(Module):
     def bias(self) -> Optional[Parameter]:
         """The bias, or None."""
         return self.params.get("bias")
+
+    @property
+    def weight_mask(self) -> Optional[np.ndarray]:
+        """The element-wise mask in force (read-only), or None."""
+        return self.weight.mask
+
+    def _add_weight_grad(self, grad: np.ndarray) -> None:
+        """Accumulate a weight gradient, zero at masked weights."""
+        if self.weight.mask is not None:
+            grad[~self.weight.mask] = 0
+        self.weight.grad += grad
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         if tuple(input_shape) != (self.in_features,):
@@ -643,7 +668,7 @@ class Linear(Module):
                              "forward() again before backward()")
         dy = _check_dy(self, dy, (x.shape[0], self.out_features), self.dtype)
         self._release()
-        self.params["weight"].grad += dy.T @ x
+        self._add_weight_grad(dy.T @ x)
         if "bias" in self.params:
             self.params["bias"].grad += dy.sum(axis=0)
         return dy @ self.params["weight"].data
@@ -667,7 +692,7 @@ class Linear(Module):
                              "forward() again before backward()")
         D = _check_columns_dy(self, D, (self.out_features,), shape, X.shape[1], self.dtype)
         self._release()
-        self.params["weight"].grad += D @ X.T
+        self._add_weight_grad(D @ X.T)
         if "bias" in self.params:
             self.params["bias"].grad += D.sum(axis=1)
         return self.params["weight"].data.T @ D
@@ -679,12 +704,13 @@ class Linear(Module):
         return self.params["weight"].data.copy(), bias
 
     def connections(self, input_shape: tuple[int, ...]) -> int:
-        """``in * out`` weights plus the biased outputs."""
+        """The unmasked weights (``in * out`` without a mask) plus the biased outputs."""
         self.output_shape(input_shape)
-        return self.in_features * self.out_features + (self.out_features if "bias" in self.params else 0)
+        return self.weight.size + (self.out_features if "bias" in self.params else 0)
 
     def __repr__(self) -> str:
         return (f"Linear({self.in_features}, {self.out_features}"
+                f"{', weight_mask=mask' if self.weight.mask is not None else ''}"
                 f"{'' if 'bias' in self.params else ', bias=False'})")
 
 
