@@ -553,7 +553,7 @@ def _module_classes(torch):
             x = self._sync(x, "Linear")
             mask = self._mask("weight")
             # Masked weights read as zero and get zero gradient, as weight_orig * weight_mask does.
-            weight = self.weight if mask is None else self.weight * torch.as_tensor(mask)
+            weight = self.weight if mask is None else self.weight * torch.tensor(mask)
             return torch.nn.functional.linear(x, weight, getattr(self, "bias", None))
 
     class SparseSubsampling(LayerModule):

@@ -113,6 +113,32 @@ def test_pruned_transposed_convolution_and_channel_affine():
     assert np.all(converted[0].weight.grad.numpy()[net[0].weight_mask.numpy() == 0] == 0)
 
 
+def test_pruned_linear_round_trip_trains_like_the_torch_original():
+    torch.manual_seed(7)
+    original = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    prune.l1_unstructured(original[0], "weight", amount=0.5)
+    converted = to_torch(from_torch(original, (6,)))
+    mask = original[0].weight_mask.numpy() == 1
+    opt_o = torch.optim.SGD(original.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    opt_c = torch.optim.SGD(converted.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    rng = np.random.default_rng(0)
+    for step in range(3):
+        x, y = torch.tensor(rng.standard_normal((4, 6))), torch.tensor(rng.integers(0, 3, 4))
+        losses = []
+        for model, opt in ((original, opt_o), (converted, opt_c)):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            losses.append(loss.item())
+        assert_allclose(losses[1], losses[0], err_msg=f"step {step}")
+        assert_allclose(converted[0].weight.grad.numpy(), original[0].weight_orig.grad.numpy())
+        assert np.all(converted[0].weight.grad.numpy()[~mask] == 0)
+        opt_o.step()
+        opt_c.step()
+        effective = (original[0].weight_orig * original[0].weight_mask).detach().numpy()
+        assert_allclose(converted[0].weight.detach().numpy(), effective, err_msg=f"step {step}")
+
+
 def test_lenet5_matches_its_native_torch_twin():
     """LeNet-5 with C3's connection table: to_torch against torch's dense layers on the same weights."""
     net = lenet5(dtype=np.float64, seed=3)
