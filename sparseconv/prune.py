@@ -29,9 +29,8 @@ from .nn import Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTr
 
 __all__ = ["PRUNABLE", "SCOPES", "STRUCTURES", "magnitude_masks", "apply_masks", "prune", "mask_summary"]
 
-#: Layer types :func:`prune` can mask (they take a ``weight_mask``). Convolutions leave masked
-#: taps out of their matrices; transposed convolutions still store them as zeros (their
-#: operator takes no mask yet), with zero gradient all the same.
+#: Layer types :func:`prune` can mask (they take a ``weight_mask``). Convolutions and transposed
+#: convolutions leave masked taps out of their matrices.
 PRUNABLE: tuple[type, ...] = (Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d)
 #: ``scope`` values: one threshold for every pruned layer, or the sparsity in each layer.
 SCOPES = ("global", "layer")
