@@ -335,11 +335,13 @@ def _combined_mask(shape: tuple[int, ...], ndim: int, connection: Optional[np.nd
     return mask
 
 
-class _ConvBase(OperatorLayer):
-    """What convolution and transposed-convolution layers share: weight, bias, mask, cache."""
+class _WeightAndBias:
+    """The ``weight`` (possibly masked) and optional ``bias`` parameters of a linear layer,
+    initialised uniformly in ``+-1/sqrt(fan_in)`` as PyTorch does; masked weights start at zero
+    and their :class:`Parameter` keeps them there."""
 
-    ndim = 0
-    _option_defaults: dict[str, object] = {}
+    params: dict
+    dtype: np.dtype
 
     def _init_parameters(self, shape: tuple[int, ...], mask: Optional[np.ndarray], fan_in: int, bias: bool,
                          rng: Seed, n_bias: int) -> None:
@@ -354,18 +356,26 @@ class _ConvBase(OperatorLayer):
 
     @property
     def weight(self) -> Parameter:
-        """The kernel."""
+        """The weight: a convolution's kernel, or a ``Linear`` layer's ``(out, in)`` matrix."""
         return self.params["weight"]
 
     @property
     def bias(self) -> Optional[Parameter]:
-        """The per-channel bias, or None."""
+        """The per-channel (or per-output) bias, or None."""
         return self.params.get("bias")
 
     @property
     def weight_mask(self) -> Optional[np.ndarray]:
-        """The element-wise mask in force (connection table and ``weight_mask`` combined), or None."""
+        """The element-wise mask in force (read-only; for convolutions the connection table and
+        ``weight_mask`` combined), or None."""
         return self.weight.mask
+
+
+class _ConvBase(_WeightAndBias, OperatorLayer):
+    """What convolution and transposed-convolution layers share: weight, bias, mask, cache."""
+
+    ndim = 0
+    _option_defaults: dict[str, object] = {}
 
     def set_weight_mask(self, weight_mask: Optional[np.ndarray]) -> None:
         """Replace the element-wise mask (pruning); the connection table, if any, still applies.
@@ -582,7 +592,7 @@ class Conv3d(_ConvNd):
 
 
 # ---------------------------------------------------------------------- dense
-class Linear(Module):
+class Linear(_WeightAndBias, Module):
     """Fully connected layer ``y = x @ W.T + b``.
 
     Parameters
@@ -616,29 +626,7 @@ class Linear(Module):
             weight_mask = mask.copy()
         self.dtype = _float_dtype(dtype)
         self.in_features, self.out_features = in_features, out_features
-        bound = 1.0 / np.sqrt(in_features)
-        gen = np.random.default_rng(rng)
-        weight = _uniform(gen, bound, shape, self.dtype)
-        if weight_mask is not None:
-            weight[~weight_mask] = 0
-        self.params["weight"] = Parameter(weight, weight_mask)
-        if bias:
-            self.params["bias"] = Parameter(_uniform(gen, bound, (out_features,), self.dtype))
-
-    @property
-    def weight(self) -> Parameter:
-        """The ``(out_features, in_features)`` matrix."""
-        return self.params["weight"]
-
-    @property
-    def bias(self) -> Optional[Parameter]:
-        """The bias, or None."""
-        return self.params.get("bias")
-
-    @property
-    def weight_mask(self) -> Optional[np.ndarray]:
-        """The element-wise mask in force (read-only), or None."""
-        return self.weight.mask
+        self._init_parameters(shape, weight_mask, in_features, bias, rng, out_features)
 
     def _add_weight_grad(self, grad: np.ndarray) -> None:
         """Accumulate a weight gradient, zero at masked weights."""
