@@ -453,9 +453,11 @@ class ConvOperator(MatrixOperator):
         with self._structure.lock:
             engine = self._engines.get(name)
             if (name, product) not in self._applicable:
-                if not engine_class(name).applicable(self._structure, product):
+                cls = engine_class(name)
+                if not cls.applicable(self._structure, product):
+                    why = cls.unavailable_reason()
                     raise ValueError(f"engine {name!r} cannot run the {product} product of this layer "
-                                     f"({self.geometry.describe()})")
+                                     f"({self.geometry.describe()})" + (f": {why}" if why else ""))
                 self._applicable.add((name, product))
             if engine is None:
                 engine = engine_class(name)(self._structure)

@@ -351,6 +351,11 @@ class Engine:
         return True
 
     @classmethod
+    def unavailable_reason(cls) -> Optional[str]:
+        """Why this engine cannot run anything here (a missing optional dependency), or None."""
+        return None
+
+    @classmethod
     def estimate_nbytes(cls, structure: Structure, product: str) -> int:
         """Bytes :meth:`prepare` would build for ``product`` (not counting what is built already)."""
         return 0

@@ -603,6 +603,12 @@ class NumbaProtocolEngine(KernelEngine):
         return available()
 
     @classmethod
+    def unavailable_reason(cls) -> Optional[str]:
+        """numba's import error, with the extra that installs it, or None."""
+        reason = unavailable_reason()
+        return None if reason is None else f"numba is not available (pip install 'sparseconv[fast]'): {reason}"
+
+    @classmethod
     def _own_nbytes(cls, structure: Structure, product: str) -> int:
         g = structure.geometry
         return NumbaEngine.estimate_nbytes(structure.nnz, (g.n_out, g.n_in), structure.dtype,

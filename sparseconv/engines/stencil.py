@@ -20,7 +20,7 @@ import numpy as np
 
 from ..geometry import ConvGeometry
 from .base import KernelEngine, Structure
-from .numba import _check_weight, _compute_dtype, _launch, _require, _threads, available
+from .numba import NumbaProtocolEngine, _check_weight, _compute_dtype, _launch, _require, _threads, available
 
 __all__ = ["ENGINE", "StencilEngine", "StencilProtocolEngine"]
 
@@ -277,6 +277,11 @@ class StencilProtocolEngine(KernelEngine):
     def applicable(cls, structure: Structure, product: str) -> bool:
         """numba available, 1 or 2 spatial dimensions, stride 1, zero padding."""
         return StencilEngine.applicable(structure.geometry)
+
+    @classmethod
+    def unavailable_reason(cls) -> Optional[str]:
+        """The numba engine's reason: the stencil is compiled by numba too."""
+        return NumbaProtocolEngine.unavailable_reason()
 
     @classmethod
     def estimate_nbytes(cls, structure: Structure, product: str) -> int:
