@@ -185,10 +185,14 @@ def _balanced_bands(indptr: np.ndarray, blocks: int, n_bands: int) -> np.ndarray
     return np.unique(np.concatenate(([0], inner, [block_rows]))).astype(np.int64)
 
 
-def _check_weight(weight: Any, name: str = "weight") -> np.ndarray:
+def _check_weight(weight: Any, name: str = "weight", *, shape: Optional[tuple[int, ...]] = None,
+                  dtype: Optional[np.dtype] = None) -> np.ndarray:
+    """``weight`` as a float32/float64 array; with ``shape`` and ``dtype``, exactly those (a refresh)."""
     w = np.asarray(weight)
     if w.dtype not in _FLOATS:
         raise TypeError(f"{name} must be a float32 or float64 array; got {w.dtype}")
+    if shape is not None and (w.shape != shape or w.dtype != dtype):
+        raise ValueError(f"{name} must be a {dtype} array of shape {shape}; got {w.dtype} array of shape {w.shape}")
     return w
 
 
@@ -376,10 +380,7 @@ class NumbaEngine:
         ----------
         weight : ndarray of shape :attr:`weight_shape`, the engine's dtype
         """
-        w = _check_weight(weight)
-        if w.shape != self.weight_shape or w.dtype != self.dtype:
-            raise ValueError(f"weight must be a {self.dtype} array of shape {self.weight_shape}; "
-                             f"got {w.dtype} array of shape {w.shape}")
+        w = _check_weight(weight, shape=self.weight_shape, dtype=self.dtype)
         flat = w.reshape(-1)
         if self._param is not None:
             # Indices were checked in range; "wrap" is numpy's fastest take mode.

@@ -136,10 +136,7 @@ class StencilEngine:
         ----------
         weight : ndarray of shape :attr:`weight_shape`, the engine's dtype
         """
-        w = _check_weight(weight)
-        if w.shape != self.weight_shape or w.dtype != self.dtype:
-            raise ValueError(f"weight must be a {self.dtype} array of shape {self.weight_shape}; "
-                             f"got {w.dtype} array of shape {w.shape}")
+        w = _check_weight(weight, shape=self.weight_shape, dtype=self.dtype)
         g = self.geometry
         kern = w.reshape(self._kern.shape)
         # The correlation kernel: a true convolution reads the weight rotated by 180 degrees.
