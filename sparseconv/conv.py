@@ -546,6 +546,62 @@ class ConvOperator(MatrixOperator):
             z += self.bias.reshape((-1,) + (1,) * self.geometry.ndim)
         return z
 
+    def affine(self, X: np.ndarray, bias: Optional[np.ndarray] = None, *, relu: bool = False,
+               engine: Optional[str] = None, threads: Optional[int] = None) -> np.ndarray:
+        """``W @ X + bias`` on a column block, optionally through ReLU: a layer's forward in one call.
+
+        The column-layout counterpart of :meth:`forward` (``X`` holds one sample per column,
+        as for ``op @ X``), with the bias and the activation of a ``Conv -> ReLU`` pair. The
+        compiled engines (``"numba"``) add the bias and take the maximum as each output row
+        leaves the registers, so the layer costs one pass over memory; the other engines
+        compute ``W @ X`` and then make one in-place pass per step. Either way the bits are
+        those of ``np.maximum(op @ X + bias_per_row, 0)``.
+
+        Parameters
+        ----------
+        X : ndarray of shape (C * prod(in), N)
+            Real; a float64 block on a float32 operator computes in float64 (as ``op @ X``).
+        bias : ndarray of shape (F,), optional
+            Added to every row of output channel ``f``. The operator's own :attr:`bias` is not
+            implied: pass ``op.bias`` to use it.
+        relu : bool, default False
+            Return ``max(W @ X + bias, 0)`` (NaN stays NaN, as with ``np.maximum``).
+        engine : str, optional
+            As for :meth:`forward` (default :meth:`engine` ``("forward")``).
+        threads : int, optional
+
+        Returns
+        -------
+        ndarray of shape (F * prod(out), N)
+
+        Raises
+        ------
+        ValueError
+            For a block or bias of the wrong shape.
+        TypeError
+            For a non-real block, a bias of another floating dtype than the operator's, or a
+            ``relu`` that is not a bool.
+        """
+        name = _engine_argument(engine)
+        X = np.asarray(X)
+        if X.ndim != 2 or X.shape[0] != self.shape[1]:
+            raise ValueError(f"X must be a column block of shape ({self.shape[1]}, N); got an array of shape {X.shape}")
+        if X.dtype.kind not in "biuf":
+            raise TypeError(f"X must be a real array; got dtype {X.dtype}")
+        dtype = np.result_type(self.dtype, X.dtype)
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"this operator computes in float32 or float64; a {X.dtype} block would be rounded "
+                            f"(convert it to float64 explicitly)")
+        if bias is not None:
+            bias = check_array_dtype(bias, self.dtype, "bias")
+            if bias.shape != (self.out_shape[0],):
+                raise ValueError(f"bias must have shape ({self.out_shape[0]},); got {bias.shape}")
+        if not isinstance(relu, (bool, np.bool_)):
+            raise TypeError(f"relu must be a bool; got {relu!r}")
+        if X.shape[1] == 0:
+            return np.zeros((self.shape[0], 0), dtype=dtype)
+        return self._engine("forward", name).matmat_bias_relu(X.astype(dtype, copy=False), threads, bias, bool(relu))
+
     def backward_input(self, dy: np.ndarray, *, engine: Optional[str] = None,
                        threads: Optional[int] = None) -> np.ndarray:
         """``dJ/dx = W.T @ dy`` for every sample (the full convolution with the rotated kernel).

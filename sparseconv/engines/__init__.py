@@ -29,6 +29,7 @@ _MODULES = {
     "factored": ".factored",
     "numba": ".numba",
     "stencil": ".stencil",
+    "implicit": ".implicit",
 }
 
 #: Every registered engine name.

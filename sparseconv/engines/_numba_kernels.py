@@ -48,6 +48,9 @@ __all__ = [
     "csr_bands",
     "csr_vec_bands",
     "csr_grad_segments",
+    "taps_bands",
+    "taps_grad",
+    "transpose_into",
     "stencil_forward",
     "stencil_grad",
     "shift_pad",
@@ -233,6 +236,29 @@ def vadd(typingctx, a, b):
 
 
 @intrinsic
+def vadd_scalar(typingctx, vec, scalar):
+    """``vec + scalar`` (``scalar`` broadcast)."""
+
+    def codegen(context, builder, sig, args):
+        s = context.cast(builder, args[1], sig.args[1], vec.dtype)
+        return builder.fadd(args[0], _splat(builder, s, args[0].type.count))
+
+    return vec(vec, scalar), codegen
+
+
+@intrinsic
+def vrelu(typingctx, vec):
+    """``max(vec, 0)`` element-wise as numpy computes it: NaN stays NaN (``select(v < 0, 0, v)``)."""
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        negative = builder.fcmp_ordered("<", v, ir.Constant(v.type, None))
+        return builder.select(negative, ir.Constant(v.type, None), v)
+
+    return vec(vec), codegen
+
+
+@intrinsic
 def vsum(typingctx, vec):
     """The sum of a vector's lanes, as a fixed halving tree (deterministic)."""
 
@@ -303,6 +329,16 @@ def _jit(**options) -> Callable:
 
 # ---------------------------------------------------------------------- CSR kernels
 @_jit(inline="always")
+def _epilogue(acc, has_bias, bval, relu):
+    """The row's outputs as stored: plus the row block's bias, then ``max(., 0)`` if asked."""
+    if has_bias:
+        acc = vadd_scalar(acc, bval)
+    if relu:
+        acc = vrelu(acc)
+    return acc
+
+
+@_jit(inline="always")
 def _row_main(lo, hi, indices, data, x, n, c0, like):
     """The ``like``-wide chunk at column ``c0`` of one row of ``A @ X``: two partial sums."""
     acc0 = like
@@ -333,7 +369,7 @@ def _row_tail(lo, hi, indices, data, x, n, c0, rem, like):
 
 
 @_jit(parallel=True, nogil=True)
-def csr_bands(indptr, indices, data, x, y, bands, n_blocks, block_rows):
+def csr_bands(indptr, indices, data, x, y, bands, n_blocks, block_rows, bias, relu):
     """``y = A @ x`` for a CSR matrix ``A``, band by band.
 
     Parameters
@@ -347,6 +383,10 @@ def csr_bands(indptr, indices, data, x, y, bands, n_blocks, block_rows):
         ``blk * block_rows + [bands[b], bands[b + 1])`` for every ``blk``.
     n_blocks, block_rows : int
         ``m == n_blocks * block_rows``.
+    bias : ndarray of shape (n_blocks,) or (0,), ``x``'s dtype
+        Added to every row of its block when not empty.
+    relu : bool
+        Store ``max(., 0)`` of each row (after the bias).
     """
     n = x.shape[1]
     main = vzero(x, MAIN_BYTES)
@@ -354,22 +394,26 @@ def csr_bands(indptr, indices, data, x, y, bands, n_blocks, block_rows):
     main_w = MAIN_BYTES // x.itemsize
     tail_w = TAIL_BYTES // x.itemsize
     n_main = n - n % main_w
+    has_bias = bias.size > 0
     for b in prange(bands.size - 1):
         for blk in range(n_blocks):
+            bval = bias[blk] if has_bias else 0.0
             r0 = blk * block_rows + bands[b]
             r1 = blk * block_rows + bands[b + 1]
             for r in range(r0, r1):
                 lo = uload(indptr, r)
                 hi = uload(indptr, r + 1)
                 for c0 in range(0, n_main, main_w):
-                    vstore(y, r * n + c0, _row_main(lo, hi, indices, data, x, n, c0, main))
+                    acc = _row_main(lo, hi, indices, data, x, n, c0, main)
+                    vstore(y, r * n + c0, _epilogue(acc, has_bias, bval, relu))
                 for c0 in range(n_main, n, tail_w):
                     rem = min(tail_w, n - c0)
-                    vstore_masked(y, r * n + c0, _row_tail(lo, hi, indices, data, x, n, c0, rem, tail), rem)
+                    acc = _row_tail(lo, hi, indices, data, x, n, c0, rem, tail)
+                    vstore_masked(y, r * n + c0, _epilogue(acc, has_bias, bval, relu), rem)
 
 
 @_jit(parallel=True, nogil=True)
-def csr_vec_bands(indptr, indices, data, x, y, bands, n_blocks, block_rows, zero):
+def csr_vec_bands(indptr, indices, data, x, y, bands, n_blocks, block_rows, zero, bias, relu):
     """``y = A @ x`` for one vector (``N = 1``), band by band, four partial sums per row.
 
     With one vector there are no lanes to fill along ``N``; four independent scalar sums per
@@ -386,9 +430,13 @@ def csr_vec_bands(indptr, indices, data, x, y, bands, n_blocks, block_rows, zero
         As for :func:`csr_bands`.
     zero : scalar of ``data``'s dtype
         0, typed: the sums are kept in the data's precision.
+    bias, relu
+        As for :func:`csr_bands`.
     """
+    has_bias = bias.size > 0
     for b in prange(bands.size - 1):
         for blk in range(n_blocks):
+            bval = bias[blk] if has_bias else zero
             r0 = blk * block_rows + bands[b]
             r1 = blk * block_rows + bands[b + 1]
             for r in range(r0, r1):
@@ -408,7 +456,12 @@ def csr_vec_bands(indptr, indices, data, x, y, bands, n_blocks, block_rows, zero
                 while e < hi:
                     s0 += uload(data, e) * uload(x, uload(indices, e))
                     e += 1
-                y[r] = (s0 + s1) + (s2 + s3)
+                v = (s0 + s1) + (s2 + s3)
+                if has_bias:
+                    v += bval
+                if relu and v < 0:  # NaN stays NaN, as with np.maximum
+                    v = zero
+                y[r] = v
 
 
 @_jit(inline="always")
@@ -484,6 +537,255 @@ def csr_grad_segments(seg_ptr, seg_param, rows, cols, x, d, out, part_ptr, per_p
             for c0 in range(n_main, n, tail_w):
                 total += _segment_tail(lo, hi, rows, cols, x, d, n, c0, min(tail_w, n - c0), tail)
             uadd(out, base + uload(seg_param, s), total)
+
+
+# ---------------------------------------------------------------------- tap-list kernels
+@_jit(inline="always")
+def _tap_valid(off, t, a0, a1, a2, s0, s1, s2):
+    """Whether tap ``t`` read from a position starting at ``(a0, a1, a2)`` lands inside the source."""
+    i0 = a0 + uload(off, 3 * t)
+    i1 = a1 + uload(off, 3 * t + 1)
+    i2 = a2 + uload(off, 3 * t + 2)
+    return 0 <= i0 < s0 and 0 <= i1 < s1 and 0 <= i2 < s2
+
+
+@_jit(inline="always")
+def _taps_main(lo, hi, delta, w, x, base, n, c0, like):
+    """``sum_t w[t] * x[base + delta[t]]`` over taps ``[lo, hi)``, the chunk at ``c0``: two partial sums."""
+    acc0 = like
+    acc1 = like
+    t = lo
+    while t + 1 < hi:
+        acc0 = vfma(acc0, uload(w, t), vload(x, (base + uload(delta, t)) * n + c0, like))
+        acc1 = vfma(acc1, uload(w, t + 1), vload(x, (base + uload(delta, t + 1)) * n + c0, like))
+        t += 2
+    if t < hi:
+        acc0 = vfma(acc0, uload(w, t), vload(x, (base + uload(delta, t)) * n + c0, like))
+    return vadd(acc0, acc1)
+
+
+@_jit(inline="always")
+def _taps_tail(lo, hi, delta, w, x, base, n, c0, rem, like):
+    """As ``_taps_main`` for a masked chunk of ``rem`` columns."""
+    acc0 = like
+    acc1 = like
+    t = lo
+    while t + 1 < hi:
+        acc0 = vfma(acc0, uload(w, t), vload_masked(x, (base + uload(delta, t)) * n + c0, rem, like))
+        acc1 = vfma(acc1, uload(w, t + 1), vload_masked(x, (base + uload(delta, t + 1)) * n + c0, rem, like))
+        t += 2
+    if t < hi:
+        acc0 = vfma(acc0, uload(w, t), vload_masked(x, (base + uload(delta, t)) * n + c0, rem, like))
+    return vadd(acc0, acc1)
+
+
+@_jit(inline="always")
+def _taps_checked(lo, hi, delta, off, w, x, base, a0, a1, a2, s0, s1, s2, n, c0, rem, like):
+    """As ``_taps_main`` (``rem`` < the chunk width: masked) skipping taps that land outside the source."""
+    acc = like
+    for t in range(lo, hi):
+        if _tap_valid(off, t, a0, a1, a2, s0, s1, s2):
+            at = (base + uload(delta, t)) * n + c0
+            if rem < 0:
+                acc = vfma(acc, uload(w, t), vload(x, at, like))
+            else:
+                acc = vfma(acc, uload(w, t), vload_masked(x, at, rem, like))
+    return acc
+
+
+@_jit(parallel=True, nogil=True)
+def taps_bands(x, y, tap_ptr, delta, off, w, pos_base, pos_start, pos_phase, pos_inner, sizes, n_phases, bands,
+               n_blocks, bias, relu):
+    """``y = W @ x`` for a convolution matrix ``W`` given by tap lists, never stored.
+
+    Row ``blk * P + p`` of ``W`` (row block ``blk``, position ``p``) holds the taps
+    ``tap_ptr[blk * n_phases + pos_phase[p]]`` up to the next pointer: tap ``t`` reads source
+    row ``pos_base[p] + delta[t]`` with weight ``w[t]`` when the source coordinates
+    ``pos_start[p] + off[t]`` lie inside ``sizes`` (always true where ``pos_inner[p]``).
+
+    Parameters
+    ----------
+    x : ndarray of shape (k, n), C-contiguous
+    y : ndarray of shape (n_blocks * P, n), C-contiguous; every element is written.
+    tap_ptr : ndarray of shape (n_blocks * n_phases + 1,), int64
+    delta : ndarray of shape (T,), int64
+        Source row offset of each tap (its source channel's first row plus its spatial shift).
+    off : ndarray of shape (T, 3), int64
+        Each tap's shift per spatial dimension (three, leading ones of size 1 for 1-D/2-D).
+    w : ndarray of shape (T,), ``x``'s dtype
+    pos_base : ndarray of shape (P,), int64
+        Flat source index of each position's start (negative at some borders).
+    pos_start : ndarray of shape (P, 3), int64
+    pos_phase : ndarray of shape (P,), int64
+    pos_inner : ndarray of shape (P,), uint8
+        Non-zero where every tap of the position's phase lands inside the source (no checks).
+    sizes : ndarray of shape (3,), int64
+        The source's spatial size.
+    n_phases : int
+    bands : ndarray of shape (n_bands + 1,), int64
+        Increasing position bounds; the parallel tasks, each running every row block.
+    n_blocks : int
+    bias : ndarray of shape (n_blocks,) or (0,), ``x``'s dtype
+        Added to every row of its block when not empty.
+    relu : bool
+        Store ``max(., 0)`` of each row (after the bias).
+    """
+    n = x.shape[1]
+    n_pos = pos_base.size
+    main = vzero(x, MAIN_BYTES)
+    tail = vzero(x, TAIL_BYTES)
+    main_w = MAIN_BYTES // x.itemsize
+    tail_w = TAIL_BYTES // x.itemsize
+    n_main = n - n % main_w
+    s0 = sizes[0]
+    s1 = sizes[1]
+    s2 = sizes[2]
+    has_bias = bias.size > 0
+    for b in prange(bands.size - 1):
+        for blk in range(n_blocks):
+            bval = bias[blk] if has_bias else 0.0
+            for p in range(bands[b], bands[b + 1]):
+                ph = blk * n_phases + uload(pos_phase, p)
+                lo = uload(tap_ptr, ph)
+                hi = uload(tap_ptr, ph + 1)
+                base = uload(pos_base, p)
+                r = (blk * n_pos + p) * n
+                if uload(pos_inner, p) != 0:
+                    for c0 in range(0, n_main, main_w):
+                        acc = _taps_main(lo, hi, delta, w, x, base, n, c0, main)
+                        vstore(y, r + c0, _epilogue(acc, has_bias, bval, relu))
+                    for c0 in range(n_main, n, tail_w):
+                        rem = min(tail_w, n - c0)
+                        acc = _taps_tail(lo, hi, delta, w, x, base, n, c0, rem, tail)
+                        vstore_masked(y, r + c0, _epilogue(acc, has_bias, bval, relu), rem)
+                else:
+                    a0 = uload(pos_start, 3 * p)
+                    a1 = uload(pos_start, 3 * p + 1)
+                    a2 = uload(pos_start, 3 * p + 2)
+                    for c0 in range(0, n_main, main_w):
+                        acc = _taps_checked(lo, hi, delta, off, w, x, base, a0, a1, a2, s0, s1, s2, n, c0, -1,
+                                            main)
+                        vstore(y, r + c0, _epilogue(acc, has_bias, bval, relu))
+                    for c0 in range(n_main, n, tail_w):
+                        rem = min(tail_w, n - c0)
+                        acc = _taps_checked(lo, hi, delta, off, w, x, base, a0, a1, a2, s0, s1, s2, n, c0, rem,
+                                            tail)
+                        vstore_masked(y, r + c0, _epilogue(acc, has_bias, bval, relu), rem)
+
+
+@_jit(inline="always")
+def _grad_chunk(p0, p1, blk, n_pos, dt, t, off, pos_base, pos_start, pos_inner, s0, s1, s2, x, d, n, c0, rem,
+                like):
+    """``sum_p d[blk * P + p] . x[pos_base[p] + dt]`` over positions ``[p0, p1)`` where tap ``t``
+    lands inside the source, the chunk at ``c0`` (masked when ``rem >= 0``)."""
+    acc0 = like
+    acc1 = like
+    p = p0
+    while p < p1:
+        if p + 1 < p1 and uload(pos_inner, p) != 0 and uload(pos_inner, p + 1) != 0:
+            r0 = (blk * n_pos + p) * n + c0
+            x0 = (uload(pos_base, p) + dt) * n + c0
+            x1 = (uload(pos_base, p + 1) + dt) * n + c0
+            if rem < 0:
+                acc0 = vfma_vv(acc0, vload(d, r0, like), vload(x, x0, like))
+                acc1 = vfma_vv(acc1, vload(d, r0 + n, like), vload(x, x1, like))
+            else:
+                acc0 = vfma_vv(acc0, vload_masked(d, r0, rem, like), vload_masked(x, x0, rem, like))
+                acc1 = vfma_vv(acc1, vload_masked(d, r0 + n, rem, like), vload_masked(x, x1, rem, like))
+            p += 2
+            continue
+        if uload(pos_inner, p) != 0 or _tap_valid(off, t, uload(pos_start, 3 * p), uload(pos_start, 3 * p + 1),
+                                             uload(pos_start, 3 * p + 2), s0, s1, s2):
+            r0 = (blk * n_pos + p) * n + c0
+            x0 = (uload(pos_base, p) + dt) * n + c0
+            if rem < 0:
+                acc0 = vfma_vv(acc0, vload(d, r0, like), vload(x, x0, like))
+            else:
+                acc0 = vfma_vv(acc0, vload_masked(d, r0, rem, like), vload_masked(x, x0, rem, like))
+        p += 1
+    return vsum(vadd(acc0, acc1))
+
+
+@_jit(parallel=True, nogil=True)
+def taps_grad(x, d, out, tap_ptr, delta, off, pos_base, pos_start, pos_inner, sizes, bands, part_ptr, n_blocks):
+    """Kernel gradient over tap lists: ``out[part * T + t] += sum_p d[row(t, p)] . x[pos_base[p] + delta[t]]``.
+
+    The tables are those of :func:`taps_bands` with one phase (a convolution's forward). For
+    each band of positions and row block, each tap's dot products over the band accumulate in
+    registers and are summed across lanes once per tap and band.
+
+    Parameters
+    ----------
+    x : ndarray of shape (k, n), C-contiguous
+    d : ndarray of shape (n_blocks * P, n), C-contiguous, ``x``'s dtype
+    out : ndarray of shape (n_parts * T,), float64
+        Added to; part ``i`` adds into ``out[i * T:(i + 1) * T]`` (the caller sums the parts).
+    tap_ptr, delta, off, pos_base, pos_start, pos_inner, sizes
+        As for :func:`taps_bands` (``tap_ptr`` of shape ``(n_blocks + 1,)``).
+    bands : ndarray of shape (n_bands + 1,), int64
+    part_ptr : ndarray of shape (n_parts + 1,), int64
+        Band bounds of each parallel task.
+    n_blocks : int
+    """
+    n = x.shape[1]
+    n_pos = pos_base.size
+    n_taps = delta.size
+    main = vzero(x, MAIN_BYTES)
+    tail = vzero(x, TAIL_BYTES)
+    main_w = MAIN_BYTES // x.itemsize
+    tail_w = TAIL_BYTES // x.itemsize
+    n_main = n - n % main_w
+    s0 = sizes[0]
+    s1 = sizes[1]
+    s2 = sizes[2]
+    for part in prange(part_ptr.size - 1):
+        base = part * n_taps
+        for b in range(part_ptr[part], part_ptr[part + 1]):
+            p0 = bands[b]
+            p1 = bands[b + 1]
+            for blk in range(n_blocks):
+                for t in range(uload(tap_ptr, blk), uload(tap_ptr, blk + 1)):
+                    dt = uload(delta, t)
+                    total = 0.0
+                    for c0 in range(0, n_main, main_w):
+                        total += _grad_chunk(p0, p1, blk, n_pos, dt, t, off, pos_base, pos_start, pos_inner, s0,
+                                             s1, s2, x, d, n, c0, -1, main)
+                    for c0 in range(n_main, n, tail_w):
+                        total += _grad_chunk(p0, p1, blk, n_pos, dt, t, off, pos_base, pos_start, pos_inner, s0,
+                                             s1, s2, x, d, n, c0, min(tail_w, n - c0), tail)
+                    uadd(out, base + t, total)
+
+
+# ---------------------------------------------------------------------- layout
+#: Side of the square tiles :func:`transpose_into` moves: a 32 x 32 tile of float64 is 8 KiB,
+#: so a source tile and a destination tile stay in L1 while their rows are swapped.
+TILE = 32
+
+
+@_jit(parallel=True, nogil=True)
+def transpose_into(src, dst):
+    """``dst[j, i] = src[i, j]`` tile by tile, the tiles spread over threads.
+
+    numpy's copy of a transposed view walks one side with a stride of a whole row, so that
+    one cache line is fetched per element: 7 ms for a (65536, 32) float32 block here; tiles
+    keep both sides' lines in L1 while they are used.
+
+    Parameters
+    ----------
+    src : ndarray of shape (R, C), C-contiguous
+    dst : ndarray of shape (C, R), C-contiguous; every element is written.
+    """
+    n_r, n_c = src.shape
+    t_r = (n_r + TILE - 1) // TILE
+    t_c = (n_c + TILE - 1) // TILE
+    for t in prange(t_r * t_c):
+        i0 = (t // t_c) * TILE
+        j0 = (t % t_c) * TILE
+        i1 = min(i0 + TILE, n_r)
+        j1 = min(j0 + TILE, n_c)
+        for j in range(j0, j1):
+            for i in range(i0, i1):
+                dst[j, i] = src[i, j]
 
 
 # ---------------------------------------------------------------------- stencil kernels

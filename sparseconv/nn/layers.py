@@ -34,6 +34,7 @@ import scipy.sparse as sp
 from scipy.special import erf
 
 from ..conv import ConvOperator
+from ..engines.numba import c_order
 from ..geometry import (IntOrTuple, PaddingSpec, check_array_dtype, conv_geometry, normalize_padding, normalize_tuple,
                         parse_memory_budget, validate_conv_options)
 from ..pooling import MaxPoolOperator, PoolOperator, pool_geometry
@@ -194,8 +195,13 @@ _BATCH_FIRST_ENGINES = frozenset({"factored"})
 
 
 def _for_engine(A: np.ndarray, op: Any, product: str) -> np.ndarray:
-    """``A`` in the memory order ``op``'s engine for ``product`` runs fastest on (a copy only if needed)."""
-    return np.asarray(A, order="F" if op.engine(product) in _BATCH_FIRST_ENGINES else "C")
+    """``A`` in the memory order ``op``'s engine for ``product`` runs fastest on (a copy only if needed).
+
+    A C-order copy is aligned and made by a tiled transpose (:func:`sparseconv.engines.numba.c_order`).
+    """
+    if op.engine(product) in _BATCH_FIRST_ENGINES:
+        return np.asarray(A, order="F")
+    return c_order(A)
 
 
 def _per_channel(A: np.ndarray, channels: int) -> np.ndarray:
@@ -430,15 +436,46 @@ class _ConvBase(_WeightAndBias, OperatorLayer):
 
     def forward_columns(self, X: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
         """``op @ X`` plus the bias per output channel; see :meth:`~sparseconv.nn.Module.forward_columns`."""
+        return self._forward_columns(X, shape, relu=False)
+
+    def forward_columns_relu(self, X: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
+        """``max(op @ X + bias, 0)``: this layer and a following :class:`ReLU` in one call.
+
+        :class:`~sparseconv.nn.Sequential` calls it for a ``Conv -> ReLU`` pair in the column
+        layout (and hands the result to :meth:`ReLU.record_columns` for the ReLU's backward).
+        The compiled engines add the bias and take the maximum as each output row is stored,
+        so the pair costs one pass over memory; other engines make one in-place pass. Its
+        backward is this layer's :meth:`backward_columns` (after the ReLU's).
+
+        Parameters
+        ----------
+        X : ndarray of shape (prod(shape), N)
+        shape : tuple of int
+            One input sample's shape.
+
+        Returns
+        -------
+        A : ndarray of shape (prod(out_shape), N)
+        out_shape : tuple of int
+        """
+        return self._forward_columns(X, shape, relu=True)
+
+    def _forward_columns(self, X: np.ndarray, shape: tuple[int, ...], relu: bool) -> tuple[np.ndarray, tuple[int, ...]]:
         shape = tuple(shape)
         check_sample_shape(shape, self.ndim, self.in_channels)
         X = _as_columns(X, shape, self.dtype)
         entry = self._entry(shape)
         op = entry[0]
         X = _for_engine(X, op, "forward")
-        Y = op.matmat(X)
-        if self.bias is not None:
-            Y = _add_channel_bias(Y, self.bias.data)
+        bias = None if self.bias is None else self.bias.data
+        if hasattr(op, "affine"):
+            Y = op.affine(X, bias, relu=relu)
+        else:  # a transposed convolution: the product, then in place on the fresh block
+            Y = op.matmat(X)
+            if bias is not None:
+                Y = _add_channel_bias(Y, bias)
+            if relu:
+                np.maximum(Y, 0, out=Y)
         self._save((entry, entry[1], X), "columns")
         return Y, tuple(op.out_shape)
 
@@ -1369,6 +1406,22 @@ class ReLU(Activation):
     """``max(z, 0)``."""
 
     name = "relu"
+
+    def record_columns(self, A: np.ndarray, shape: tuple[int, ...]) -> None:
+        """Record a forward computed by the layer before it (``A = max(Z, 0)``) for :meth:`backward_columns`.
+
+        What :class:`~sparseconv.nn.Sequential` calls after a fused ``Conv -> ReLU`` pair
+        (see :meth:`Conv2d.forward_columns_relu <sparseconv.nn.Conv2d.forward_columns_relu>`):
+        the derivative ``Z > 0`` is ``A > 0`` (where ``Z <= 0`` or is NaN, both are False), so
+        the output alone serves as the saved input.
+
+        Parameters
+        ----------
+        A : ndarray of shape (prod(shape), N)
+        shape : tuple of int
+        """
+        shape = tuple(shape)
+        self._save((A, A, shape), "columns")
 
 
 class Sigmoid(Activation):

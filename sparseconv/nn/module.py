@@ -692,11 +692,28 @@ class Sequential(Module):
                 m._pass_open = False
 
     def _forward_layers(self, X: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, list[tuple[int, ...]]]:
-        """Every layer on column blocks; the output and each layer's output sample shape."""
-        outs = []
-        for i, layer in enumerate(self.layers):
+        """Every layer on column blocks; the output and each layer's output sample shape.
+
+        A layer with ``forward_columns_relu`` (the convolutions) followed by a ``ReLU`` runs as
+        one call: the bias and the maximum are applied as the product's rows are stored,
+        instead of two more passes over the activations; the ReLU records the output for its
+        backward. Same bits as the two calls.
+        """
+        outs: list[tuple[int, ...]] = []
+        i = 0
+        while i < len(self.layers):
+            layer = self.layers[i]
+            nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
+            if nxt is not None and hasattr(layer, "forward_columns_relu") and hasattr(nxt, "record_columns"):
+                X, shape = self._run(i, layer, lambda layer=layer, X=X, shape=shape:
+                                     layer.forward_columns_relu(X, shape))
+                nxt.record_columns(X, shape)
+                outs += [tuple(shape), tuple(shape)]
+                i += 2
+                continue
             X, shape = self._run(i, layer, lambda layer=layer, X=X, shape=shape: layer.forward_columns(X, shape))
             outs.append(tuple(shape))
+            i += 1
         return X, outs
 
     def _backward_layers(self, D: np.ndarray, outs: list[tuple[int, ...]]) -> np.ndarray:
