@@ -4,12 +4,14 @@ Every operator product (``"forward"`` ``W @ X``, ``"adjoint"`` ``W.T @ D``, ``"w
 runs on an *engine*: ``"csr"`` (scipy's CSR kernel on the explicit matrix,
 :mod:`sparseconv.engines.csr`), ``"factored"`` (tap gathers and BLAS GEMMs,
 :mod:`sparseconv.engines.factored`), ``"numba"`` (compiled CSR kernels on column blocks,
-:mod:`sparseconv.engines.numba`, optional extra ``fast``) or ``"stencil"`` (compiled direct
-convolution of zero-padded, stride-1 image layers, :mod:`sparseconv.engines.stencil`). ``"auto"`` asks the policy
-(:func:`~sparseconv.engines.policy.choose_engine`), which decides per product at construction
-from the layer's shape and mask. The protocol an engine implements is in
-:mod:`sparseconv.engines.base`. Adding one is a module defining ``ENGINE`` (its class) plus
-one line in ``_MODULES`` below.
+:mod:`sparseconv.engines.numba`, optional extra ``fast``), ``"implicit"`` (the same compiled
+loops over per-filter tap lists, no matrix stored, zero padding,
+:mod:`sparseconv.engines.implicit`) or ``"stencil"`` (compiled direct convolution of
+zero-padded, stride-1 image layers, :mod:`sparseconv.engines.stencil`). ``"auto"`` asks the
+policy (:func:`~sparseconv.engines.policy.choose_engine`), which decides per product at
+construction from the layer's shape, mask and memory budget. The protocol an engine
+implements is in :mod:`sparseconv.engines.base`. Adding one is a module defining ``ENGINE``
+(its class) plus one line in ``_MODULES`` below.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ _MODULES = {
     "csr": ".csr",
     "factored": ".factored",
     "numba": ".numba",
-    "stencil": ".stencil",
     "implicit": ".implicit",
+    "stencil": ".stencil",
 }
 
 #: Every registered engine name.

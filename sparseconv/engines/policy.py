@@ -1,4 +1,4 @@
-"""Which engine runs which product: one rule, from the layer's shape and mask only.
+"""Which engine runs which product: one rule, from the layer's shape, mask and memory budget only.
 
 The factored product wins when BLAS gets wide enough operands and few of the gathered taps
 are explicit zeros; this rule encodes the measurements in ``benchmarks/bench_speed.py`` (the
@@ -9,7 +9,12 @@ When numba is importable (the ``fast`` extra), the compiled engines join: ``"num
 same CSR products as scipy's kernel with the batch innermost in vector registers, so it takes
 every product the CSR kernel would have taken, and every product of a layer with at most half of
 its weights kept (pruned or partially connected), where it does only the stored work; the
-kernel gradient of such a layer is computed only at the kept taps. ``"stencil"`` takes the
+kernel gradient of such a layer is computed only at the kept taps; where the matrix those CSR
+kernels run on (with its transpose for the adjoint, its entry order for the kernel gradient)
+would not fit the layer's memory budget, a zero-padded layer runs on ``"implicit"`` instead,
+the same loops over per-filter tap lists with no matrix stored (as fast on isolated layers
+within 0-20%, slower on the adjoint of valid convolutions, whose positions are mostly borders
+checked tap by tap). ``"stencil"`` takes the
 single-channel image operators of inverse problems (one input and one output channel per group,
 zero padding, stride 1, no mask), which a direct loop over the kernel runs fastest one vector at
 a time. Dense multi-channel layers keep the factored engine (BLAS GEMMs).
@@ -61,6 +66,12 @@ def _choose_compiled(structure: Structure, product: str, uncompiled: str) -> str
         if stencil.applicable(structure, product):
             return "stencil"
     if structure.mask_fraction <= _COMPILED_MAX_KEPT or uncompiled == "csr":
+        from .implicit import ENGINE as implicit
+        from .numba import ENGINE as numba
+
+        if (implicit.applicable(structure, product)
+                and numba.estimate_nbytes(structure, product) > structure.memory_budget):
+            return "implicit"
         return "numba"
     return uncompiled
 
@@ -77,7 +88,8 @@ def choose_engine(structure: Structure, product: str) -> str:
     Returns
     -------
     str
-        ``"csr"`` or ``"factored"``; with numba importable also ``"numba"`` or ``"stencil"``.
+        ``"csr"`` or ``"factored"``; with numba importable also ``"numba"``, ``"implicit"`` or
+        ``"stencil"``.
 
     Raises
     ------
