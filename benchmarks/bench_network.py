@@ -20,9 +20,9 @@ block) and, for comparison, in ``"batch_first"``. Inference is also timed with t
 copied into a C-contiguous ``(N, C, H, W)`` array, the memory layout PyTorch returns
 (``sparse_columns_contiguous``). The engines are whatever the operators' policy picks
 (``"auto"``); the engine of every product of every sparse layer is reported. The outputs of
-the sparse and the PyTorch model are compared before timing. Results: ``benchmarks/results/network.json``; ratios are PyTorch time / sparse time
-(above 1: sparse is faster). Run ``python benchmarks/bench_network.py`` (``--quick`` for fewer
-repeats).
+the sparse and the PyTorch model are compared before timing. Results:
+``benchmarks/results/network.json``; ratios are PyTorch time / sparse time (above 1: sparse is
+faster). Run ``python benchmarks/bench_network.py`` (``--quick`` for fewer repeats).
 """
 
 from __future__ import annotations

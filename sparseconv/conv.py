@@ -109,6 +109,16 @@ class MatrixOperator(LinearOperator):
         """``W @ a`` (or ``W.T @ a``) for a real block of the operator's dtype or float64, N >= 1."""
         raise NotImplementedError
 
+    def _compute_dtype(self, a: np.ndarray) -> np.dtype:
+        """The dtype a real block computes in (the class docstring's rules), or ``TypeError``."""
+        if a.dtype.kind not in "biuf":
+            raise TypeError(f"this operator multiplies real or complex blocks; got dtype {a.dtype}")
+        dtype = np.result_type(self.dtype, a.dtype)
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"this operator computes in float32 or float64; a {a.dtype} block would be rounded "
+                            f"(convert it to float64 explicitly)")
+        return dtype
+
     def _apply(self, a: np.ndarray, adjoint: bool, engine: Optional[str] = None,
                threads: Optional[int] = None) -> np.ndarray:
         """Columns of ``a`` through the product, after the dtype rules of the class docstring."""
@@ -116,12 +126,7 @@ class MatrixOperator(LinearOperator):
         if np.iscomplexobj(a):
             return (self._apply(a.real, adjoint, engine, threads)
                     + 1j * self._apply(a.imag, adjoint, engine, threads))
-        if a.dtype.kind not in "biuf":
-            raise TypeError(f"this operator multiplies real or complex blocks; got dtype {a.dtype}")
-        dtype = np.result_type(self.dtype, a.dtype)
-        if dtype not in FLOAT_DTYPES:
-            raise TypeError(f"this operator computes in float32 or float64; a {a.dtype} block would be rounded "
-                            f"(convert it to float64 explicitly)")
+        dtype = self._compute_dtype(a)
         rows = self.shape[1] if adjoint else self.shape[0]
         if a.shape[1] == 0:
             return np.zeros((rows, 0), dtype=dtype)
@@ -552,10 +557,10 @@ class ConvOperator(MatrixOperator):
 
         The column-layout counterpart of :meth:`forward` (``X`` holds one sample per column,
         as for ``op @ X``), with the bias and the activation of a ``Conv -> ReLU`` pair. The
-        compiled engines (``"numba"``) add the bias and take the maximum as each output row
-        leaves the registers, so the layer costs one pass over memory; the other engines
-        compute ``W @ X`` and then make one in-place pass per step. Either way the bits are
-        those of ``np.maximum(op @ X + bias_per_row, 0)``.
+        compiled engines (``"numba"``, ``"implicit"``) add the bias and take the maximum as
+        each output row leaves the registers, so the layer costs one pass over memory; the
+        other engines compute ``W @ X`` and then make one in-place pass per step. Either way
+        the bits are those of ``np.maximum(op @ X + bias_per_row, 0)`` on the same engine.
 
         Parameters
         ----------
@@ -586,12 +591,9 @@ class ConvOperator(MatrixOperator):
         X = np.asarray(X)
         if X.ndim != 2 or X.shape[0] != self.shape[1]:
             raise ValueError(f"X must be a column block of shape ({self.shape[1]}, N); got an array of shape {X.shape}")
-        if X.dtype.kind not in "biuf":
+        if np.iscomplexobj(X):
             raise TypeError(f"X must be a real array; got dtype {X.dtype}")
-        dtype = np.result_type(self.dtype, X.dtype)
-        if dtype not in FLOAT_DTYPES:
-            raise TypeError(f"this operator computes in float32 or float64; a {X.dtype} block would be rounded "
-                            f"(convert it to float64 explicitly)")
+        dtype = self._compute_dtype(X)
         if bias is not None:
             bias = check_array_dtype(bias, self.dtype, "bias")
             if bias.shape != (self.out_shape[0],):

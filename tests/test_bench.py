@@ -163,14 +163,16 @@ def test_runs_without_optional_extras(tmp_path, monkeypatch):
     assert result["thread_configs"]["1"]["pools"] is None
     # The compiled engines are skipped, saying so, where numba is missing; the stencil also on
     # layers it cannot run (it runs only zero-padded stride-1 layers).
-    compiled = [r for r in result["results"] if r["method"] in ("numba", "stencil")]
+    compiled = [r for r in result["results"] if r["method"] in ("numba", "implicit", "stencil")]
     assert compiled
     if _installed("numba"):
         assert all(r["status"] == "ok" for r in compiled if r["method"] == "numba")
-        assert all(r["status"] == "ok" or "cannot run" in r["reason"] for r in compiled if r["method"] == "stencil")
+        assert all(r["status"] == "ok" or "cannot run" in r["reason"] for r in compiled
+                   if r["method"] in ("stencil", "implicit"))
     else:
         assert all(r["status"] == "skipped" and "numba is not available" in r["reason"] for r in compiled)
-    assert all(r["status"] == "ok" for r in result["results"] if r["method"] not in ("torch", "pylops", "numba", "stencil"))
+    assert all(r["status"] == "ok" for r in result["results"]
+               if r["method"] not in ("torch", "pylops", "numba", "implicit", "stencil"))
     _strict_json(tmp_path / "smoke.json")
     assert (tmp_path / "smoke.md").exists()
 
@@ -274,8 +276,8 @@ def test_passes_name_the_engine_only_where_the_operator_would_choose_another(unc
 
 def test_methods_are_discovered_in_rank_order():
     assert bench.METHODS[:3] == ("sparse", "csr", "factored")
-    assert set(bench.METHODS) == {"sparse", "csr", "factored", "numba", "stencil", "dense", "im2col", "direct", "fft",
-                                  "torch", "pylops"}
+    assert set(bench.METHODS) == {"sparse", "csr", "factored", "numba", "implicit", "stencil", "dense", "im2col",
+                                  "direct", "fft", "torch", "pylops"}
     with pytest.raises(ValueError, match="method must be one of"):
         bench.prepare_method("magic", bench.make_case(bench.suite_layers("smoke")[0], "float64"))
 

@@ -248,12 +248,13 @@ def vadd_scalar(typingctx, vec, scalar):
 
 @intrinsic
 def vrelu(typingctx, vec):
-    """``max(vec, 0)`` element-wise as numpy computes it: NaN stays NaN (``select(v < 0, 0, v)``)."""
+    """``max(vec, 0)`` element-wise as ``np.maximum(vec, 0)`` computes it: NaN stays NaN and
+    -0.0 becomes +0.0 (``v`` where ``v > 0`` or unordered, else +0.0)."""
 
     def codegen(context, builder, sig, args):
         v = args[0]
-        negative = builder.fcmp_ordered("<", v, ir.Constant(v.type, None))
-        return builder.select(negative, ir.Constant(v.type, None), v)
+        keep = builder.fcmp_unordered(">", v, ir.Constant(v.type, None))
+        return builder.select(keep, v, ir.Constant(v.type, None))
 
     return vec(vec), codegen
 
@@ -459,7 +460,7 @@ def csr_vec_bands(indptr, indices, data, x, y, bands, n_blocks, block_rows, zero
                 v = (s0 + s1) + (s2 + s3)
                 if has_bias:
                     v += bval
-                if relu and v < 0:  # NaN stays NaN, as with np.maximum
+                if relu and v <= 0:  # as np.maximum(v, 0): NaN stays NaN, -0.0 becomes +0.0
                     v = zero
                 y[r] = v
 

@@ -28,7 +28,7 @@ from ..pattern import (MemoryBudgetError, TiedPattern, ValueLayout, build_patter
                        spatial_pattern, value_layout)
 
 __all__ = ["ALIGNMENT", "PRODUCTS", "Structure", "Engine", "KernelEngine", "GuardedMatrix", "MatrixModifiedError",
-           "aligned_empty", "freeze", "is_aligned"]
+           "aligned_empty", "bias_relu_inplace", "bias_values", "freeze", "is_aligned"]
 
 #: The products every engine implements, by the names used everywhere (operator keywords,
 #: ``op.engine(product)``, the benchmark).
@@ -58,13 +58,58 @@ def aligned_empty(shape: tuple[int, ...], dtype: object) -> np.ndarray:
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
-    start = -raw.ctypes.data % ALIGNMENT
-    return raw[start:start + nbytes].view(dtype).reshape(shape)
+    # np.ndarray with an offset moves the data pointer even for zero elements (a slice would not).
+    return np.ndarray(shape, dtype=dtype, buffer=raw, offset=-raw.ctypes.data % ALIGNMENT)
 
 
 def is_aligned(a: np.ndarray) -> bool:
     """Whether ``a``'s data starts at a multiple of :data:`ALIGNMENT` bytes."""
     return a.ctypes.data % ALIGNMENT == 0
+
+
+def bias_values(bias: Optional[np.ndarray], channels: int, dtype: np.dtype) -> Optional[np.ndarray]:
+    """A fused product's bias checked and in the product's ``dtype`` (never rounded), or None.
+
+    Parameters
+    ----------
+    bias : array_like of shape (channels,), or None
+    channels : int
+        Output channels (row blocks) of the product.
+    dtype : dtype
+        The dtype the product computes in.
+
+    Raises
+    ------
+    ValueError
+        For a bias of another shape.
+    TypeError
+        For a bias that is not floating, or would be rounded in ``dtype`` (a float64 bias on a
+        float32 product).
+    """
+    if bias is None:
+        return None
+    b = np.asarray(bias)
+    if b.shape != (channels,):
+        raise ValueError(f"bias must have shape ({channels},); got {b.shape}")
+    if b.dtype.kind != "f" or not np.can_cast(b.dtype, dtype, "safe"):
+        raise TypeError(f"bias must be a floating array that converts to the product's {np.dtype(dtype)} without "
+                        f"rounding; got {b.dtype}")
+    return b.astype(dtype, copy=False)
+
+
+def bias_relu_inplace(Y: np.ndarray, bias: Optional[np.ndarray], relu: bool) -> np.ndarray:
+    """``Y`` (a fresh ``(channels * positions, N)`` block) plus ``bias[c]`` on every row of
+    channel ``c``, then through ``max(., 0)`` if ``relu``, in place; returns ``Y``.
+
+    Two passes over ``Y`` where the compiled engines' fused store makes none; the same bits
+    (``np.maximum`` turns -0.0 into +0.0 and keeps NaN, as the fused store does).
+    """
+    if bias is not None:
+        view = np.reshape(Y, (bias.size, Y.shape[0] // bias.size, Y.shape[1]), copy=False)
+        view += bias[:, None, None]
+    if relu:
+        np.maximum(Y, 0, out=Y)
+    return Y
 
 
 def freeze(array: np.ndarray) -> np.ndarray:
@@ -427,20 +472,15 @@ class Engine:
         X : ndarray of shape (in_size, N)
         threads : int or None
         bias : ndarray of shape (out_channels,), or None
-            Of a dtype that casts to the product's without loss.
+            Floating, of a dtype that casts to the product's without loss.
         relu : bool
 
         Returns
         -------
         ndarray of shape (out_size, N)
         """
-        Y = self.matmat(X, threads)
-        if bias is not None:
-            view = np.reshape(Y, (bias.size, Y.shape[0] // bias.size, Y.shape[1]), copy=False)
-            view += bias[:, None, None]
-        if relu:
-            np.maximum(Y, 0, out=Y)
-        return Y
+        bias = bias_values(bias, self.structure.geometry.out_channels, np.result_type(X.dtype, self.structure.dtype))
+        return bias_relu_inplace(self.matmat(X, threads), bias, relu)
 
     def refresh(self, weight: np.ndarray) -> None:
         """The structure's weight now holds ``weight``: update anything derived from it."""

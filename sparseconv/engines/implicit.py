@@ -32,9 +32,9 @@ from typing import Any, Optional
 import numpy as np
 
 from ..geometry import ConvGeometry
-from .base import KernelEngine, Structure, aligned_empty
-from .numba import (_BAND_INPUT_BYTES, NumbaProtocolEngine, _bias_values, _block, _check_weight, _launch, _pool_size,
-                    _require, _threads, available, check_bias)
+from .base import KernelEngine, Structure, aligned_empty, bias_values
+from .numba import (_BAND_INPUT_BYTES, NumbaProtocolEngine, _block, _check_weight, _compute_dtype, _grad_blocks,
+                    _launch, _pool_size, _require, _threads, available)
 
 __all__ = ["ENGINE", "ImplicitEngine", "ImplicitProtocolEngine"]
 
@@ -55,6 +55,15 @@ def _grid(sizes: np.ndarray) -> np.ndarray:
     return np.indices(tuple(int(s) for s in sizes)).reshape(3, -1).T.astype(np.int64)
 
 
+class _Dims:
+    """A geometry's per-dimension sizes as three int64 values each (1-D/2-D padded in front)."""
+
+    def __init__(self, g: ConvGeometry) -> None:
+        self.kernel, self.dilation, self.stride = _three(g.kernel_size, 1), _three(g.dilation, 1), _three(g.stride, 1)
+        self.lo = _three([p[0] for p in g.padding], 0)
+        self.ins, self.outs = _three(g.in_size, 1), _three(g.out_size, 1)
+
+
 class _Tables:
     """Tap lists and position tables of one product (see ``taps_bands`` for their meaning)."""
 
@@ -62,11 +71,11 @@ class _Tables:
                  pos_base: np.ndarray, pos_start: np.ndarray, pos_phase: np.ndarray, pos_inner: np.ndarray,
                  sizes: np.ndarray, n_phases: int, n_blocks: int, source_rows: int) -> None:
         self.tap_ptr, self.delta, self.off, self.param = tap_ptr, delta, off, param
-        self.pos_base, self.pos_start, self.pos_phase, self.pos_inner = pos_base, pos_start, pos_phase, pos_inner
-        self.sizes, self.n_phases, self.n_blocks, self.source_rows = sizes, n_phases, n_blocks, source_rows
+        self.pos_base, self.pos_start, self.pos_phase = pos_base, pos_start, pos_phase
         # uint8, not bool: the kernels read it through raw loads (numba keeps bools as bytes).
         self.pos_inner = pos_inner.astype(np.uint8)
-        self.bands: dict[tuple[int, int], np.ndarray] = {}
+        self.sizes, self.n_phases, self.n_blocks, self.source_rows = sizes, n_phases, n_blocks, source_rows
+        self.bands: dict[tuple[int, int, int, int], np.ndarray] = {}
 
     @property
     def nbytes(self) -> int:
@@ -76,24 +85,26 @@ class _Tables:
 
     def band_bounds(self, n_threads: int, n: int, itemsize: int, rows: int) -> np.ndarray:
         """Equal runs of positions: enough that a band's ``rows`` source rows fit in L2, a
-        multiple of the thread count (cached per thread count and ``N``)."""
-        key = (n_threads, n)
-        if key not in self.bands:
+        multiple of the thread count (cached per thread count, ``N``, item size and rows)."""
+        key = (n_threads, n, itemsize, rows)
+        # A local reference: another thread may clear the cache between the store and the return.
+        bands = self.bands.get(key)
+        if bands is None:
             if len(self.bands) >= 64:  # many batch sizes: keep the cache small
                 self.bands.clear()
             n_pos = self.pos_base.size
             n_bands = max(n_threads, -(-rows * n * itemsize // _BAND_INPUT_BYTES))
             n_bands = min(-(-n_bands // n_threads) * n_threads, max(n_pos, 1))
-            self.bands[key] = np.unique(np.linspace(0, n_pos, n_bands + 1).round().astype(np.int64))
-        return self.bands[key]
+            bands = np.unique(np.linspace(0, n_pos, n_bands + 1).round().astype(np.int64))
+            self.bands[key] = bands
+        return bands
 
 
 def _forward_tables(g: ConvGeometry, mask: np.ndarray) -> _Tables:
     """Per filter, its kept taps; per output position, where its window starts in the input."""
     f_per_g, c_per_g = g.out_channels // g.groups, g.in_channels // g.groups
-    ks, dil, st = _three(g.kernel_size, 1), _three(g.dilation, 1), _three(g.stride, 1)
-    lo = _three([p[0] for p in g.padding], 0)
-    ins, outs = _three(g.in_size, 1), _three(g.out_size, 1)
+    d = _Dims(g)
+    ks, dil, st, lo, ins, outs = d.kernel, d.dilation, d.stride, d.lo, d.ins, d.outs
     n_k = int(np.prod(ks))
     # The shift at which each weight of a filter reads: correlation reads weight a at a * dilation,
     # a true convolution reads it rotated, at (k - 1 - a) * dilation.
@@ -120,9 +131,8 @@ def _adjoint_tables(g: ConvGeometry, fwd: _Tables) -> _Tables:
     stride`` with ``start = (i + lo) // stride``.
     """
     c_per_g, f_per_g = g.in_channels // g.groups, g.out_channels // g.groups
-    ks, dil, st = _three(g.kernel_size, 1), _three(g.dilation, 1), _three(g.stride, 1)
-    lo = _three([p[0] for p in g.padding], 0)
-    ins, outs = _three(g.in_size, 1), _three(g.out_size, 1)
+    d = _Dims(g)
+    ks, dil, st, lo, ins, outs = d.kernel, d.dilation, d.stride, d.lo, d.ins, d.outs
     n_phases = int(np.prod(st))
     o = np.repeat(np.arange(g.out_channels, dtype=np.int64), np.diff(fwd.tap_ptr))
     # The source channel from the weight index (the shift can exceed a channel's size).
@@ -138,8 +148,10 @@ def _adjoint_tables(g: ConvGeometry, fwd: _Tables) -> _Tables:
     phase = shifted % st
     start = shifted // st
     # Per dimension and phase value, the output offsets its taps read at (whole kernel, mask
-    # ignored: a conservative bound); a phase with no tap in some dimension reads nothing.
+    # ignored: a conservative bound); a phase with no tap in some dimension reads nothing, so
+    # its positions need no checks.
     inner = np.ones(start.shape[0], dtype=bool)
+    empty = np.zeros(start.shape[0], dtype=bool)
     for dim in range(3):
         reach = np.arange(ks[dim]) * dil[dim]
         for ph in range(int(st[dim])):
@@ -147,12 +159,8 @@ def _adjoint_tables(g: ConvGeometry, fwd: _Tables) -> _Tables:
             rows = phase[:, dim] == ph
             if m.size:
                 inner[rows] &= (start[rows, dim] - m.max() >= 0) & (start[rows, dim] - m.min() < outs[dim])
-    empty = np.zeros(start.shape[0], dtype=bool)
-    for dim in range(3):
-        reach = np.arange(ks[dim]) * dil[dim]
-        for ph in range(int(st[dim])):
-            if not np.any(reach % st[dim] == ph):
-                empty |= phase[:, dim] == ph
+            else:
+                empty |= rows
     inner |= empty
     pos_phase = np.ravel_multi_index(tuple(phase.T), tuple(st)).astype(np.int64)
     return _Tables(tap_ptr, delta.astype(np.int64), src_off, fwd.param[order], start @ out_strides,
@@ -237,8 +245,8 @@ class ImplicitEngine:
 
     @classmethod
     def estimate_nbytes(cls, geometry: ConvGeometry, n_taps: int, dtype: Any, *, adjoint: bool = True) -> int:
-        """Bytes the engine would hold: per tap four int64 and a value, per position six int64
-        and a flag; with ``adjoint``, the same again for the transposed tables.
+        """Bytes the engine would hold (an upper bound): per tap six int64 and a value, per
+        position six int64 and a flag; with ``adjoint``, the same again for the transposed tables.
 
         Parameters
         ----------
@@ -300,7 +308,7 @@ class ImplicitEngine:
         out = aligned_empty((tables.n_blocks * tables.pos_base.size, n), block.dtype)
         nt = _threads(threads)
         bands = tables.band_bounds(nt, n, block.dtype.itemsize, tables.source_rows)
-        b = _bias_values(bias, block.dtype)
+        b = np.zeros(0, block.dtype) if bias is None else bias
         _launch(self._k.taps_bands, nt, block, out, tables.tap_ptr, tables.delta, tables.off,
                 values.astype(block.dtype, copy=False), tables.pos_base, tables.pos_start, tables.pos_phase,
                 tables.pos_inner, tables.sizes, tables.n_phases, bands, tables.n_blocks, b, bool(relu))
@@ -329,8 +337,9 @@ class ImplicitEngine:
             Each row summed by one thread in a fixed order: the same bits for every thread
             count, and the same bits as adding the bias and taking the maximum afterwards.
         """
+        dtype = _compute_dtype(np.asarray(X), self.dtype, "X")
         return self._run(self._fwd, self._w, X, self.shape[1], "X", threads,
-                         check_bias(bias, self.geometry.out_channels), relu)
+                         bias_values(bias, self.geometry.out_channels, dtype), relu)
 
     def rmatmat(self, D: np.ndarray, threads: Optional[int] = None) -> np.ndarray:
         """``Z = W.T @ D`` (the first call builds the transposed tables).
@@ -366,13 +375,7 @@ class ImplicitEngine:
             last bits.
         """
         m, k = self.shape
-        align = self._reads(self._fwd) >= 4
-        x, _ = _block(X, k, self.dtype, "X", align=align)
-        d, _ = _block(D, m, self.dtype, "D", align=align)
-        if x.dtype != d.dtype:  # one of them float64 on a float32 engine
-            x, d = x.astype(np.float64, copy=False), d.astype(np.float64, copy=False)
-        if x.shape[1] != d.shape[1]:
-            raise ValueError(f"X and D must hold the same number of vectors; got {x.shape[1]} and {d.shape[1]}")
+        x, d = _grad_blocks(X, D, self.shape, self.dtype, align=self._reads(self._fwd) >= 4)
         n = x.shape[1]
         nt = _threads(threads)
         t = self._fwd

@@ -43,10 +43,9 @@ import scipy.sparse as sp
 
 from ..geometry import ConvGeometry
 from ..parallel import get_threads
-from .base import ALIGNMENT, KernelEngine, Structure, aligned_empty, is_aligned
+from .base import ALIGNMENT, KernelEngine, Structure, aligned_empty, bias_values, is_aligned
 
-__all__ = ["ENGINE", "NumbaEngine", "NumbaProtocolEngine", "available", "c_order", "check_bias", "transpose_c",
-           "unavailable_reason"]
+__all__ = ["ENGINE", "NumbaEngine", "NumbaProtocolEngine", "available", "c_order", "transpose_c", "unavailable_reason"]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 # Bytes of input a band of rows may read: a quarter of one core's L2 (2 MiB here), so the
@@ -157,8 +156,9 @@ def _compute_dtype(a: np.ndarray, dtype: np.dtype, name: str) -> np.dtype:
 def _block(a: np.ndarray, rows: int, dtype: np.dtype, name: str, *, align: bool = False) -> tuple[np.ndarray, bool]:
     """A checked, C-contiguous ``(rows, N)`` block in its compute dtype, and whether ``a`` was 1-D.
 
-    With ``align``, a block whose rows span at least :data:`~sparseconv.engines.base.ALIGNMENT` bytes is also aligned
-    (copied into an aligned buffer if it is not): for kernels that read each row many times.
+    With ``align``, a block whose rows span at least :data:`~sparseconv.engines.base.ALIGNMENT`
+    bytes is also aligned (copied into an aligned buffer if it is not): for kernels that read
+    each row many times.
     """
     a = np.asarray(a)
     if a.ndim not in (1, 2) or a.shape[0] != rows:
@@ -173,30 +173,25 @@ def _block(a: np.ndarray, rows: int, dtype: np.dtype, name: str, *, align: bool 
     return np.ascontiguousarray(block, dtype=dtype), a.ndim == 1
 
 
-def check_bias(bias: Optional[np.ndarray], blocks: int) -> Optional[np.ndarray]:
-    """A fused product's ``bias``: None, or a float32/float64 array of shape ``(blocks,)``.
-
-    Raises
-    ------
-    ValueError
-        Naming the expected and the given shape and dtype.
-    """
-    if bias is None:
-        return None
-    b = np.asarray(bias)
-    if b.shape != (blocks,) or b.dtype not in _FLOATS:
-        raise ValueError(f"bias must be a float32 or float64 array of shape ({blocks},); got {b.dtype} array of "
-                         f"shape {b.shape}")
-    return b
+def _grad_blocks(X: np.ndarray, D: np.ndarray, shape: tuple[int, int], dtype: np.dtype, *,
+                 align: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The checked ``(in_size, N)`` and ``(out_size, N)`` blocks of a kernel gradient, C order, in
+    one compute dtype (float64 for both if either is a float64 block on a float32 engine)."""
+    m, k = shape
+    x, _ = _block(X, k, dtype, "X", align=align)
+    d, _ = _block(D, m, dtype, "D", align=align)
+    if x.dtype != d.dtype:
+        x, d = x.astype(np.float64, copy=False), d.astype(np.float64, copy=False)
+    if x.shape[1] != d.shape[1]:
+        raise ValueError(f"X and D must hold the same number of vectors; got {x.shape[1]} and {d.shape[1]}")
+    return x, d
 
 
 def c_order(a: np.ndarray, threads: Optional[int] = None) -> np.ndarray:
     """A 2-D array in C order: ``a`` itself when it is C-contiguous, else an aligned copy.
 
     The copy of an F-contiguous array (the column view ``x.reshape(N, -1).T`` of a batch, or
-    a block a factored engine produced) is made by a compiled tiled transpose where numba
-    is available (0.8 ms for a (65536, 32) float32 block on 2 threads, against 1.2 ms for
-    numpy's copy); other layouts, or no numba, are copied by numpy.
+    a block a factored engine produced) is made by :func:`transpose_c`.
 
     Parameters
     ----------
@@ -211,48 +206,36 @@ def c_order(a: np.ndarray, threads: Optional[int] = None) -> np.ndarray:
     a = np.asarray(a)
     if a.ndim != 2:
         raise ValueError(f"a must be a 2-D array; got shape {a.shape}")
-    if a.flags.c_contiguous:
-        return a
-    out = aligned_empty(a.shape, a.dtype)
-    if a.flags.f_contiguous and a.dtype in _FLOATS and available():
-        _launch(_require().transpose_into, _threads(threads), a.T, out)
-    else:
-        out[...] = a
-    return out
+    return a if a.flags.c_contiguous else transpose_c(a.T, threads)
 
 
 def transpose_c(a: np.ndarray, threads: Optional[int] = None) -> np.ndarray:
-    """``a.T`` as a C-contiguous, aligned copy (see :func:`c_order`).
+    """``a.T`` as a new C-contiguous array aligned to :data:`~sparseconv.engines.base.ALIGNMENT` bytes.
+
+    A C-contiguous float ``a`` is transposed by a compiled tiled kernel where numba is
+    available: 0.55-0.8 ms for a (65536, 32) or (32, 65536) float32 block on 2 threads,
+    where numpy's copy of the transposed view takes 1.2-7 ms (one cache line fetched per
+    element on one side). Other inputs, or no numba, are copied by numpy.
 
     Parameters
     ----------
     a : ndarray of shape (R, C)
     threads : int, optional
+        Default :func:`sparseconv.parallel.get_threads`.
 
     Returns
     -------
-    ndarray of shape (C, R), C-contiguous
+    ndarray of shape (C, R), C-contiguous, sharing no memory with ``a``
     """
     a = np.asarray(a)
     if a.ndim != 2:
         raise ValueError(f"a must be a 2-D array; got shape {a.shape}")
-    return c_order(a.T, threads) if a.flags.c_contiguous else np.ascontiguousarray(a.T)
-
-
-def _bias_values(bias: Optional[np.ndarray], dtype: np.dtype) -> np.ndarray:
-    """The bias a kernel adds, in the compute ``dtype`` (empty for none); never rounded.
-
-    Raises
-    ------
-    TypeError
-        For a float64 bias on a float32 product (it would be rounded).
-    """
-    if bias is None:
-        return np.zeros(0, dtype)
-    if not np.can_cast(bias.dtype, dtype, "safe"):
-        raise TypeError(f"bias is {bias.dtype} but the product computes in {dtype}: the bias would be rounded "
-                        f"(pass it as {dtype})")
-    return bias.astype(dtype)
+    out = aligned_empty(a.shape[::-1], a.dtype)
+    if a.size and a.flags.c_contiguous and a.dtype in _FLOATS and available():
+        _launch(_require().transpose_into, _threads(threads), a, out)
+    else:
+        out[...] = a.T
+    return out
 
 
 def _balanced_bands(indptr: np.ndarray, blocks: int, n_bands: int) -> np.ndarray:
@@ -515,7 +498,9 @@ class NumbaEngine:
     def _band_bounds(self, adjoint: bool, n_threads: int, n: int) -> np.ndarray:
         """Row bands of ``W`` (or ``W.T``) for ``n_threads`` and ``n`` vectors, cached."""
         key = (adjoint, n_threads, n)
-        if key not in self._bands:
+        # A local reference: another thread may clear the cache between the store and the return.
+        bands = self._bands.get(key)
+        if bands is None:
             if len(self._bands) >= 64:  # many batch sizes: keep the cache small
                 self._bands.clear()
             indptr = self._t_indptr if adjoint else self._indptr
@@ -523,8 +508,9 @@ class NumbaEngine:
             cols = self.shape[0] if adjoint else self.shape[1]
             n_bands = max(n_threads, -(-cols * n * self.dtype.itemsize // _BAND_INPUT_BYTES))
             # A multiple of the thread count: every thread gets as many bands.
-            self._bands[key] = _balanced_bands(indptr, blocks, -(-n_bands // n_threads) * n_threads)
-        return self._bands[key]
+            bands = _balanced_bands(indptr, blocks, -(-n_bands // n_threads) * n_threads)
+            self._bands[key] = bands
+        return bands
 
     def _product(self, a: np.ndarray, threads: Optional[int], adjoint: bool, bias: Optional[np.ndarray] = None,
                  relu: bool = False) -> np.ndarray:
@@ -544,7 +530,7 @@ class NumbaEngine:
         else:
             arrays = (self._indptr, self._indices, self._values(False, block.dtype))
         bands = self._band_bounds(adjoint, nt, n)
-        b = _bias_values(bias, block.dtype)
+        b = np.zeros(0, block.dtype) if bias is None else bias
         if n == 1:
             # One vector: scalar sums (a vector kernel would fill one lane of each register).
             _launch(self._k.csr_vec_bands, nt, *arrays, block.reshape(-1), out.reshape(-1), bands, blocks,
@@ -579,7 +565,8 @@ class NumbaEngine:
             Each row is summed by one thread in a fixed order: the same bits for every thread
             count, and the same bits as adding the bias and taking the maximum afterwards.
         """
-        return self._product(X, threads, False, check_bias(bias, self._blocks[0]), relu)
+        dtype = _compute_dtype(np.asarray(X), self.dtype, "X")
+        return self._product(X, threads, False, bias_values(bias, self._blocks[0], dtype), relu)
 
     def rmatmat(self, D: np.ndarray, threads: Optional[int] = None) -> np.ndarray:
         """``Z = W.T @ D`` (the first call builds the transposed structure).
@@ -617,12 +604,7 @@ class NumbaEngine:
             builds the entry order, a permutation of the entries.
         """
         m, k = self.shape
-        x, _ = _block(X, k, self.dtype, "X", align=self._indices.size >= 4 * k)
-        d, _ = _block(D, m, self.dtype, "D", align=self._indices.size >= 4 * m)
-        if x.dtype != d.dtype:  # one of them float64 on a float32 engine
-            x, d = x.astype(np.float64, copy=False), d.astype(np.float64, copy=False)
-        if x.shape[1] != d.shape[1]:
-            raise ValueError(f"X and D must hold the same number of vectors; got {x.shape[1]} and {d.shape[1]}")
+        x, d = _grad_blocks(X, D, self.shape, self.dtype, align=self._indices.size >= 4 * max(m, k))
         n = x.shape[1]
         nt = _threads(threads)
         seg = self._segments(n)
@@ -725,6 +707,15 @@ class NumbaProtocolEngine(KernelEngine):
     def estimate_nbytes(cls, structure: Structure, product: str) -> int:
         """The pattern (shared with the CSR engine) and this engine's own arrays for ``product``."""
         return structure.pattern_nbytes() + cls._own_nbytes(structure, product)
+
+    @classmethod
+    def full_nbytes(cls, structure: Structure) -> int:
+        """Everything the engine would hold after all three products: pattern, values, the
+        transposed matrix and the gradient's entry order (what the policy checks against the
+        memory budget)."""
+        g = structure.geometry
+        return structure.pattern_nbytes() + NumbaEngine.estimate_nbytes(structure.nnz, (g.n_out, g.n_in),
+                                                                         structure.dtype)
 
     def prepare(self, product: str) -> None:
         """Build the values (and the stored transpose or the gradient's entry order) on first use."""

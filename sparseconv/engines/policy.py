@@ -69,8 +69,9 @@ def _choose_compiled(structure: Structure, product: str, uncompiled: str) -> str
         from .implicit import ENGINE as implicit
         from .numba import ENGINE as numba
 
-        if (implicit.applicable(structure, product)
-                and numba.estimate_nbytes(structure, product) > structure.memory_budget):
+        # Decided for the layer, not per product: the products' engines share one budget, so
+        # the test is whether the numba engine could build everything a training step needs.
+        if implicit.applicable(structure, product) and numba.full_nbytes(structure) > structure.memory_budget:
             return "implicit"
         return "numba"
     return uncompiled

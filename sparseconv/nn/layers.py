@@ -34,6 +34,7 @@ import scipy.sparse as sp
 from scipy.special import erf
 
 from ..conv import ConvOperator
+from ..engines.base import bias_relu_inplace
 from ..engines.numba import c_order
 from ..geometry import (IntOrTuple, PaddingSpec, check_array_dtype, conv_geometry, normalize_padding, normalize_tuple,
                         parse_memory_budget, validate_conv_options)
@@ -441,8 +442,9 @@ class _ConvBase(_WeightAndBias, OperatorLayer):
     def forward_columns_relu(self, X: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
         """``max(op @ X + bias, 0)``: this layer and a following :class:`ReLU` in one call.
 
-        :class:`~sparseconv.nn.Sequential` calls it for a ``Conv -> ReLU`` pair in the column
-        layout (and hands the result to :meth:`ReLU.record_columns` for the ReLU's backward).
+        :class:`~sparseconv.nn.Sequential` calls it for a ``Conv -> ReLU`` pair inside a
+        column-layout network (and hands the result to :meth:`ReLU.record_columns` for the
+        ReLU's backward) when :meth:`fuses_relu` and the ReLU's ``fusable()`` allow.
         The compiled engines add the bias and take the maximum as each output row is stored,
         so the pair costs one pass over memory; other engines make one in-place pass. Its
         backward is this layer's :meth:`backward_columns` (after the ReLU's).
@@ -460,6 +462,14 @@ class _ConvBase(_WeightAndBias, OperatorLayer):
         """
         return self._forward_columns(X, shape, relu=True)
 
+    def fuses_relu(self) -> bool:
+        """Whether :meth:`forward_columns_relu` is this layer's :meth:`forward_columns` followed by
+        a ReLU: True unless a subclass changed what the column forward or backward computes."""
+        cls = type(self)
+        return (cls.forward_columns is _ConvBase.forward_columns and cls._forward_columns is _ConvBase._forward_columns
+                and cls.forward_columns_relu is _ConvBase.forward_columns_relu
+                and cls.backward_columns is _ConvBase.backward_columns)
+
     def _forward_columns(self, X: np.ndarray, shape: tuple[int, ...], relu: bool) -> tuple[np.ndarray, tuple[int, ...]]:
         shape = tuple(shape)
         check_sample_shape(shape, self.ndim, self.in_channels)
@@ -471,11 +481,7 @@ class _ConvBase(_WeightAndBias, OperatorLayer):
         if hasattr(op, "affine"):
             Y = op.affine(X, bias, relu=relu)
         else:  # a transposed convolution: the product, then in place on the fresh block
-            Y = op.matmat(X)
-            if bias is not None:
-                Y = _add_channel_bias(Y, bias)
-            if relu:
-                np.maximum(Y, 0, out=Y)
+            Y = bias_relu_inplace(op.matmat(X), bias, relu)
         self._save((entry, entry[1], X), "columns")
         return Y, tuple(op.out_shape)
 
@@ -1422,6 +1428,14 @@ class ReLU(Activation):
         """
         shape = tuple(shape)
         self._save((A, A, shape), "columns")
+
+    def fusable(self) -> bool:
+        """Whether the layer before may compute this ReLU itself (:meth:`record_columns`): True
+        unless a subclass changed what the forward or the derivative computes."""
+        cls = type(self)
+        return (self.name == "relu" and cls.function is Activation.function and cls.derivative is Activation.derivative
+                and cls.forward_columns is Activation.forward_columns
+                and cls.backward_columns is Activation.backward_columns)
 
 
 class Sigmoid(Activation):

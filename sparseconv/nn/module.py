@@ -694,17 +694,19 @@ class Sequential(Module):
     def _forward_layers(self, X: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, list[tuple[int, ...]]]:
         """Every layer on column blocks; the output and each layer's output sample shape.
 
-        A layer with ``forward_columns_relu`` (the convolutions) followed by a ``ReLU`` runs as
-        one call: the bias and the maximum are applied as the product's rows are stored,
-        instead of two more passes over the activations; the ReLU records the output for its
-        backward. Same bits as the two calls.
+        A convolution followed by a ``ReLU`` runs as one call (``forward_columns_relu``): the
+        bias and the maximum are applied as the product's rows are stored, instead of two more
+        passes over the activations, and the ReLU records the output for its backward. Same
+        bits as the two calls. Not for the last pair: its output leaves the network, and an
+        in-place edit of it by the caller would change the recorded ReLU's mask.
         """
         outs: list[tuple[int, ...]] = []
         i = 0
         while i < len(self.layers):
             layer = self.layers[i]
-            nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
-            if nxt is not None and hasattr(layer, "forward_columns_relu") and hasattr(nxt, "record_columns"):
+            nxt = self.layers[i + 1] if i + 2 < len(self.layers) else None
+            if (nxt is not None and hasattr(layer, "fuses_relu") and layer.fuses_relu()
+                    and hasattr(nxt, "fusable") and nxt.fusable()):
                 X, shape = self._run(i, layer, lambda layer=layer, X=X, shape=shape:
                                      layer.forward_columns_relu(X, shape))
                 nxt.record_columns(X, shape)

@@ -12,8 +12,9 @@ The methods:
 sparse
     :class:`sparseconv.ConvOperator` with its defaults (engine ``"auto"``; the engine each
     product ran on is recorded).
-csr, factored
-    The operator with one engine for every product.
+csr, factored, numba, implicit, stencil
+    The operator with one engine for every product (the compiled ones with the ``fast``
+    extra).
 dense
     The same matrix stored dense, one GEMM per pass.
 im2col

@@ -53,7 +53,8 @@ def engine_method(name: str, engine: Optional[str]) -> Callable[[Case, Settings]
         return Prepared(
             method=name, passes=_operator.passes(op, case, engine), flat=case.layer.interface == "linear_operator",
             buffer_name="what the operator built for its engines: the sparse matrix (values, indices, indptr, "
-                        "tying map) where used, the factored engine's tables where used",
+                        "tying map) where used, the factored engine's tables, the compiled engines' transposed "
+                        "matrix or tap lists where used",
             buffer_bytes=held, build_s=build_s, refresh=lambda: _operator.set_weight(op, w),
             info={**_operator.matrix_facts(op), "engines": engines, "interface": case.layer.interface})
 
