@@ -429,16 +429,22 @@ class ImplicitProtocolEngine(KernelEngine):
                                               adjoint=product == "adjoint")
 
     def prepare(self, product: str) -> None:
-        """Build the forward tables on first use, and the transposed ones for the adjoint."""
+        """Build the forward tables on first use, and the transposed ones for the adjoint.
+
+        What ``product`` still needs is charged in one reservation before anything of it is
+        built, so a refused product leaves the engine as it was.
+        """
         s = self.structure
+        n_taps = self._n_taps(s)
+        forward = ImplicitEngine.estimate_nbytes(s.geometry, n_taps, s.dtype, adjoint=False)
+        need = forward if self.kernel is None else 0
+        if product == "adjoint" and (self.kernel is None or self.kernel._adj is None):
+            need += ImplicitEngine.estimate_nbytes(s.geometry, n_taps, s.dtype) - forward
+        if need:
+            s.reserve(need, "the implicit engine's tap tables")
         if self.kernel is None:
-            s.reserve(ImplicitEngine.estimate_nbytes(s.geometry, self._n_taps(s), s.dtype, adjoint=False),
-                      "the implicit engine's tap tables")
             self.kernel = ImplicitEngine(s.geometry, s.weight, weight_mask=s.mask)
-        if product == "adjoint" and self.kernel._adj is None:
-            full = ImplicitEngine.estimate_nbytes(s.geometry, self.kernel.n_taps, s.dtype)
-            s.reserve(full - ImplicitEngine.estimate_nbytes(s.geometry, self.kernel.n_taps, s.dtype, adjoint=False),
-                      "the implicit engine's transposed tap tables")
+        if product == "adjoint":
             self.kernel.build_adjoint()
 
 

@@ -718,21 +718,30 @@ class NumbaProtocolEngine(KernelEngine):
                                                                          structure.dtype)
 
     def prepare(self, product: str) -> None:
-        """Build the values (and the stored transpose or the gradient's entry order) on first use."""
+        """Build the values (and the stored transpose or the gradient's entry order) on first use.
+
+        What ``product`` still needs is charged to the budget in one reservation before
+        anything of it is built, so a refused product leaves the engine as it was (the
+        pattern, which belongs to the structure, is charged and kept on its own).
+        """
         s = self.structure
+        p = s.pattern()
+        values = p.nnz * s.dtype.itemsize if self.kernel is None else 0
+        extra, what = 0, "values"
+        if product == "adjoint" and (self.kernel is None or self.kernel._t_data is None):
+            extra, what = self._own_nbytes(s, "adjoint") - self._own_nbytes(s, "forward"), "values and transposed matrix"
+        if product == "weight_grad" and not self._grad_reserved:
+            extra, what = (self._own_nbytes(s, "weight_grad") - self._own_nbytes(s, "forward"),
+                           "values and gradient entry order")
+        if values + extra:
+            s.reserve(values + extra, f"the numba engine's {what}")
         if self.kernel is None:
-            p = s.pattern()
-            s.reserve(p.nnz * s.dtype.itemsize, "the numba engine's values")
             g = s.geometry
             self.kernel = NumbaEngine(p.shape, p.indptr, p.indices, s.weight, param_index=p.param_index,
                                       tying=p.tying, out_blocks=g.out_channels, in_blocks=g.in_channels)
-        if product == "adjoint" and self.kernel._t_data is None:
-            s.reserve(self._own_nbytes(s, "adjoint") - self._own_nbytes(s, "forward"),
-                      "the numba engine's transposed matrix")
+        if product == "adjoint":
             self.kernel.build_adjoint()
-        if product == "weight_grad" and not self._grad_reserved:
-            s.reserve(self._own_nbytes(s, "weight_grad") - self._own_nbytes(s, "forward"),
-                      "the numba engine's gradient entry order")
+        if product == "weight_grad":
             self._grad_reserved = True
 
 
