@@ -31,12 +31,13 @@ def dense(case: Case, w: np.ndarray) -> np.ndarray:
 
 
 def misaligned(a: np.ndarray, offset: int = 16) -> np.ndarray:
-    """A C-contiguous copy of ``a`` whose data starts ``offset`` bytes past a multiple of ALIGNMENT."""
+    """A C-contiguous copy of ``a`` whose data starts ``offset`` bytes past a multiple of ALIGNMENT
+    (an empty array's data pointer is wherever numpy leaves it)."""
     buf = np.empty(a.nbytes + 2 * ALIGNMENT, dtype=np.uint8)
     start = -buf.ctypes.data % ALIGNMENT + offset
     out = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
     out[...] = a
-    assert out.ctypes.data % ALIGNMENT == offset % ALIGNMENT
+    assert a.size == 0 or out.ctypes.data % ALIGNMENT == offset % ALIGNMENT
     return out
 
 
