@@ -152,6 +152,40 @@ def test_forward_and_adjoint_do_not_depend_on_thread_count(dtype):
         assert eng.rmatmat(np.ascontiguousarray(D[:, 0]), 1).shape == (case.geometry().n_in,)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_many_bands(dtype):
+    """A block of several MiB is split into more bands than threads (each band's input rows fit
+    in L2): the products still match the direct convolution, bit for bit across threads."""
+    case = Case((32, 30), (3, 3), c=16, f=8, stride=(1, 2), padding=((1, 2), 1), dtype=dtype)
+    x, w, _, dy = dataclasses.replace(case, n=65).arrays(3)
+    mask = np.random.default_rng(0).random(w.shape) >= 0.5
+    w = np.where(mask, w, 0).astype(dtype)
+    eng = ImplicitEngine(case.geometry(), w, weight_mask=mask)
+    X, D = columns(x), columns(dy)
+    assert X.nbytes > 4 * (1 << 19)  # several bands of the engine's L2 budget
+    y = eng.matmat(X, 1)
+    z = eng.rmatmat(D, 1)
+    assert np.array_equal(eng.matmat(X, 2), y) and np.array_equal(eng.rmatmat(D, 2), z)
+    dx, dw, _ = ref.conv_direct_backward(x, w, dy, **case.opts)
+    assert_allclose(y, columns(ref.conv_direct(x, w, None, **case.opts)))
+    assert_allclose(z, columns(dx))
+    for threads in (1, 2):
+        assert_allclose(eng.weight_grad(X, D, threads), np.where(mask, dw, 0))
+
+
+def test_pickled_operator_keeps_its_implicit_engine():
+    case = Case((7, 6), (3, 3), c=3, f=4, stride=2, padding=1)
+    x, w, b, dy = case.arrays(0)
+    op = sc.ConvOperator(w, (case.c, *case.in_size), bias=b, engine="implicit", **case.opts)
+    op.backward_input(dy)
+    twin = pickle.loads(pickle.dumps(op))
+    assert twin.engine("forward") == "implicit"
+    twin.set_weight(2 * w)
+    assert_allclose(twin.forward(x), ref.conv_direct(x, 2 * w, b, **case.opts))
+    assert_allclose(twin.backward_input(dy), ref.conv_direct_backward(x, 2 * w, dy, **case.opts)[0])
+    assert_allclose(op.forward(x), ref.conv_direct(x, w, b, **case.opts))
+
+
 def test_float64_blocks_on_a_float32_engine_compute_in_float64():
     """A float64 block is never rounded to float32: the float32 weights promote exactly."""
     case = Case((7, 8), (3, 3), c=3, f=4, stride=2, padding=1, flip=True, dtype="float32")
