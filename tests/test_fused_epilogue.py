@@ -9,6 +9,10 @@ one-column blocks, and the engines' own ``matmat`` keywords.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -253,3 +257,50 @@ def test_numba_engine_bias_per_row_block_of_a_general_matrix():
                         scale=float((abs(a) @ np.abs(X)).max()) + float(np.abs(b).max()))
     with pytest.raises(ValueError, match=r"shape \(4,\)"):
         eng.matmat(X, bias=np.ones(60))
+
+
+@pytest.mark.slow
+def test_without_numba_affine_runs_on_the_scipy_engines():
+    """No numba: the policy never names a compiled engine, ``"implicit"`` is refused with the
+    reason, ``affine`` and ``c_order``/``transpose_c`` still work (numpy copies)."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["numba"] = None  # import numba now raises ImportError
+        import numpy as np
+        import sparseconv as sc
+        from sparseconv import reference as ref
+        from sparseconv.engines.implicit import ImplicitEngine
+        from sparseconv.engines.numba import c_order, transpose_c
+        from sparseconv.testing import assert_allclose
+
+        rng = np.random.default_rng(0)
+        w = rng.standard_normal((3, 2, 3, 3))
+        b = rng.standard_normal(3)
+        op = sc.ConvOperator(w, (2, 5, 6), padding=1, memory_budget=100_000)
+        print("choices", sorted({op.engine(p) for p in ("forward", "adjoint", "weight_grad")}))
+        print("supports", any(op.supports("implicit", p) for p in ("forward", "adjoint", "weight_grad")))
+        try:
+            sc.ConvOperator(w, (2, 5, 6), padding=1, engine="implicit")
+        except ValueError as err:
+            print("refused:", err)
+        try:
+            ImplicitEngine(op.geometry, w)
+        except ImportError as err:
+            print("import:", err)
+        X = np.asfortranarray(rng.standard_normal((60, 4)))
+        A = ref.dense_matrix(w, (2, 5, 6), padding=1)
+        expected = np.maximum(A @ X + np.repeat(b, 30)[:, None], 0)
+        for engine in ("csr", "factored"):
+            assert_allclose(op.affine(X, b, relu=True, engine=engine), expected)
+        assert np.array_equal(c_order(X), np.ascontiguousarray(X)) and c_order(X).flags.c_contiguous
+        assert np.array_equal(transpose_c(X), np.ascontiguousarray(X.T))
+        print("affine ok")
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "choices ['csr', 'factored']" in res.stdout, res.stdout
+    assert "supports False" in res.stdout
+    assert "refused: engine 'implicit' cannot run the forward product" in res.stdout
+    assert "numba is not available" in res.stdout
+    assert "import: the compiled engines need numba" in res.stdout
+    assert res.stdout.strip().endswith("affine ok")
