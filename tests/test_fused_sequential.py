@@ -174,6 +174,35 @@ def test_fused_output_bits_equal_the_unfused_calls():
     assert np.array_equal(conv.bias.grad, twin.bias.grad, equal_nan=True)
 
 
+def _unfused(layers):
+    """The same layers with an Identity between every Conv and the ReLU after it (no fusion)."""
+    out = []
+    for i, layer in enumerate(layers):
+        out.append(layer)
+        if isinstance(layer, _ConvBase) and i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU):
+            out.append(nn.Identity())
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["conv-relu-pairs", "shared-relu", "convtranspose-relu", "masked-numba"])
+def test_fused_network_has_the_bits_of_the_unfused_one(name, dtype, fused_calls):
+    """Same network in "columns", with and without fusion: identical outputs and gradients."""
+    make, shape, calls = NETWORKS[name]
+    fused = nn.Sequential(*make(dtype), layout="columns")
+    unfused = nn.Sequential(*_unfused(copy.deepcopy(fused.layers)), layout="columns")
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((17, *shape)).astype(dtype)
+    dy = rng.standard_normal((17, *fused.output_shape(shape))).astype(dtype)
+    results = [_run(net, x, dy) for net in (fused, unfused)]
+    assert len(fused_calls) == calls  # the unfused copy made none
+    (y1, dx1, g1), (y2, dx2, g2) = results
+    assert np.array_equal(y1, y2) and np.array_equal(dx1, dx2)
+    assert len(g1) == len(g2)
+    for a, b in zip(g1.values(), g2.values()):
+        assert np.array_equal(a, b)
+
+
 def test_a_rejected_input_names_the_fused_layer():
     net = nn.Sequential(*_pairs("float64"), layout="columns")
     with pytest.raises(nn.LayerInputError, match=r"layer 0 \(Conv2d"):
