@@ -5,7 +5,8 @@ when ``NumbaProtocolEngine.estimate_nbytes(structure, product)`` exceeds the lay
 budget and the padding is zeros. The tests check the choice from the estimates, that the chosen
 engines then run every product within the budget (charged bytes, ``op.nbytes``) and give the
 direct convolution's results, and that repeating padding modes and the no-numba policy never
-choose it.
+choose it. Two known failures are kept as strict xfails: per-product estimates that add up past the
+budget, and the bytes a refused product leaves charged.
 """
 
 from __future__ import annotations
@@ -165,3 +166,25 @@ def test_auto_never_exceeds_a_budget_the_implicit_engine_fits_in(which):
     op = _operator(PRUNED, budget)
     _run_all_products(op, PRUNED)
     assert op.nbytes <= budget
+
+
+@pytest.mark.xfail(strict=True, raises=(AssertionError, sc.MemoryBudgetError),
+                   reason="BUG: when prepare() builds the forward tables/values and then the adjoint's reserve "
+                          "fails, the operator discards the engine but the structure keeps the bytes charged: the "
+                          "implicit forward that fits is then refused, the numba forward is charged twice")
+@pytest.mark.parametrize("engine", ["implicit", "numba"])
+def test_a_refused_adjoint_leaves_the_forward_its_budget(engine):
+    case = Case((8, 8), (3, 3), c=3, f=4, padding=1)
+    x, w, _, dy = case.arrays(0)
+    cls = engine_class(engine)
+    s = Structure(case.geometry(), np.dtype(case.dtype))
+    forward, adjoint = cls.estimate_nbytes(s, "forward"), cls.estimate_nbytes(s, "adjoint")
+    built = sc.ConvOperator(w, (case.c, *case.in_size), engine="factored", **case.opts).nbytes
+    budget = built + (forward + adjoint) // 2
+    op = sc.ConvOperator(w, (case.c, *case.in_size), engine="factored", memory_budget=budget, **case.opts)
+    assert op.nbytes == built and built + forward <= budget < built + adjoint
+    with pytest.raises(sc.MemoryBudgetError):
+        op.backward_input(dy, engine=engine)
+    # The forward alone fits, and is charged once.
+    assert_allclose(op.forward(x, engine=engine), ref.conv_direct(x, w, None, **case.opts))
+    assert op.nbytes <= built + forward
