@@ -18,6 +18,7 @@ import pytest
 import scipy.sparse as sp
 
 import sparseconv as sc
+from sparseconv.parallel import threads
 from sparseconv.testing import assert_allclose
 
 from cases import Case, supported_engines
@@ -54,6 +55,14 @@ def _epilogue(Y: np.ndarray, bias, relu: bool, channels: int) -> np.ndarray:
     return np.maximum(Y, 0) if relu else Y
 
 
+@pytest.fixture
+def one_thread():
+    """Products on the calling thread: the tests that use it check values and arguments, not
+    threading (the compiled engines' launches are slow on a loaded machine)."""
+    with threads(1):
+        yield
+
+
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True)
 
@@ -70,19 +79,28 @@ def test_affine_on_every_engine(name, dtype):
         X = rng.standard_normal((op.shape[1], n)).astype(dtype)
         X64 = X.astype(np.float64)
         scale = float((np.abs(A) @ np.abs(X64)).max()) + float(np.abs(b).max())
-        for engine in engines:
-            for relu in (False, True):
-                for bias in (None, b):
-                    tag = f"{engine} N={n} relu={relu} bias={bias is not None}"
-                    Y = op.affine(X, bias, relu=relu, engine=engine)
-                    assert Y.shape == (op.shape[0], n) and Y.dtype == np.dtype(dtype), tag
-                    assert_allclose(Y, _epilogue(A @ X64, bias, relu, case.f), scale=scale, err_msg=tag)
-                    unfused = _epilogue(op.as_linear_operator(engine) @ X, bias, relu, case.f)
-                    assert _same_bits(Y, unfused), tag
-                    if relu:
-                        assert np.all(Y >= 0), tag
+        # Every call of one width on the same thread count (the widest on two): the unfused
+        # product it is compared with bit for bit runs on as many.
+        with threads(2 if n == max(WIDTHS) else 1):
+            _check_affine(op, engines, X, b, A @ X64, scale, case.f, n)
         # No engine named: the operator's forward engine, same bits as naming it.
-        assert _same_bits(op.affine(X, b, relu=True), op.affine(X, b, relu=True, engine=op.engine("forward")))
+        assert _same_bits(op.affine(X, b, relu=True, threads=1),
+                          op.affine(X, b, relu=True, engine=op.engine("forward"), threads=1))
+
+
+def _check_affine(op, engines, X, b, exact, scale, channels, n):
+    """``op.affine`` on every engine, relu and bias against the exact product and the unfused one."""
+    for engine in engines:
+        for relu in (False, True):
+            for bias in (None, b):
+                tag = f"{engine} N={n} relu={relu} bias={bias is not None}"
+                Y = op.affine(X, bias, relu=relu, engine=engine)
+                assert Y.shape == (op.shape[0], n) and Y.dtype == op.dtype, tag
+                assert_allclose(Y, _epilogue(exact, bias, relu, channels), scale=scale, err_msg=tag)
+                unfused = _epilogue(op.as_linear_operator(engine) @ X, bias, relu, channels)
+                assert _same_bits(Y, unfused), tag
+                if relu:
+                    assert np.all(Y >= 0), tag
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -102,13 +120,16 @@ def test_nan_stays_nan_through_relu(name, dtype):
         assert reached.any() and not reached.all()
         for engine in supported_engines(op, "forward"):
             for relu in (False, True):
-                Y = op.affine(X, b, relu=relu, engine=engine)
+                with threads(1 if n == 1 else 2):
+                    Y = op.affine(X, b, relu=relu, engine=engine)
+                    unfused = _epilogue(op.as_linear_operator(engine) @ X, b, relu, case.f)
                 assert np.array_equal(np.isnan(Y), reached), (engine, n, relu)
                 if relu:
                     assert np.all(Y[~reached] >= 0)
-                assert _same_bits(Y, _epilogue(op.as_linear_operator(engine) @ X, b, relu, case.f)), (engine, relu)
+                assert _same_bits(Y, unfused), (engine, relu)
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", ["conv2d-p1", "masked-80%"])
 def test_blocks_of_other_dtypes_follow_the_product(name, dtype):
@@ -129,6 +150,7 @@ def test_blocks_of_other_dtypes_follow_the_product(name, dtype):
                             scale=float((np.abs(A) @ np.abs(X.astype(np.float64))).max()) + float(np.abs(b).max()))
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_affine_leaves_its_arguments_unchanged(dtype):
     _, op, _ = _layer("masked-80%", dtype)
@@ -142,6 +164,7 @@ def test_affine_leaves_its_arguments_unchanged(dtype):
         assert np.array_equal(X, X0) and np.array_equal(b, b0), engine
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_empty_blocks(dtype):
     _, op, _ = _layer("conv2d-p1", dtype)
@@ -156,6 +179,7 @@ def test_empty_blocks(dtype):
             op.affine(np.zeros((op.shape[1], 0), dtype), b, relu=1, engine=engine)
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_bad_arguments_are_refused(dtype):
     _, op, _ = _layer("masked-80%", dtype)
