@@ -32,7 +32,7 @@ LAYERS = {
     "conv1d-s2-g2": (Case((11,), (3,), c=4, f=4, groups=2, stride=2), None),
     "conv3d": (Case((4, 5, 3), (2, 2, 2), c=2, f=3, padding=1), None),
     "reflect": (Case((7, 6), (3, 3), c=2, f=3, padding=1, padding_mode="reflect"), None),
-    "masked-80%": (Case((8, 8), (3, 3), c=6, f=5, padding=1), 0.8),
+    "pruned-80": (Case((8, 8), (3, 3), c=6, f=5, padding=1), 0.8),
 }
 DTYPES = ("float32", "float64")
 WIDTHS = (1, 5, 33)
@@ -131,7 +131,7 @@ def test_nan_stays_nan_through_relu(name, dtype):
 
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", ["conv2d-p1", "masked-80%"])
+@pytest.mark.parametrize("name", ["conv2d-p1", "pruned-80"])
 def test_blocks_of_other_dtypes_follow_the_product(name, dtype):
     """float64 (on float32), integer and F-ordered blocks: the dtype and bits of ``op @ X``."""
     case, op, w = _layer(name, dtype)
@@ -153,7 +153,7 @@ def test_blocks_of_other_dtypes_follow_the_product(name, dtype):
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_affine_leaves_its_arguments_unchanged(dtype):
-    _, op, _ = _layer("masked-80%", dtype)
+    _, op, _ = _layer("pruned-80", dtype)
     rng = np.random.default_rng(0)
     X = rng.standard_normal((op.shape[1], 16)).astype(dtype)
     b = rng.standard_normal(op.out_shape[0]).astype(dtype)
@@ -182,7 +182,7 @@ def test_empty_blocks(dtype):
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_bad_arguments_are_refused(dtype):
-    _, op, _ = _layer("masked-80%", dtype)
+    _, op, _ = _layer("pruned-80", dtype)
     other = np.float64 if dtype == "float32" else np.float32
     X = np.ones((op.shape[1], 3), dtype)
     b = np.ones(op.out_shape[0], dtype)
