@@ -250,13 +250,17 @@ def test_compiled_matmat_bias_checks():
     X = np.ones((case.geometry().n_in, 4), np.float32)
     for eng in _compiled_engines(case, w):
         before = eng.matmat(X)
-        with pytest.raises(TypeError, match="bias is float64 but the product computes in float32"):
-            eng.matmat(X, bias=np.ones(3))
-        for bad in (np.ones(2, np.float32), np.ones((3, 1), np.float32), np.ones(3, np.int64),
-                    np.ones(3, np.float16)):
-            with pytest.raises(ValueError, match=r"bias must be a float32 or float64 array of shape \(3,\)"):
+        for bad in (np.ones(3), np.ones(3, np.int64), np.ones(3, bool)):
+            with pytest.raises(TypeError, match="bias must be a floating array that converts to the product's "
+                                                "float32 without rounding"):
+                eng.matmat(X, bias=bad)
+        for bad in (np.ones(2, np.float32), np.ones((3, 1), np.float32)):
+            with pytest.raises(ValueError, match=r"bias must have shape \(3,\)"):
                 eng.matmat(X, bias=bad)
         assert np.array_equal(eng.matmat(X), before)
+        # float16 converts to float32 exactly: taken as it is.
+        half = np.array([0.5, -1.25, 3.0], np.float16)
+        assert np.array_equal(eng.matmat(X, bias=half), eng.matmat(X, bias=half.astype(np.float32)))
         # A float64 block computes in float64: a float64 bias is then not rounded.
         y = eng.matmat(X.astype(np.float64), bias=np.full(3, 1 + 1e-12))
         assert y.dtype == np.float64

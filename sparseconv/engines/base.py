@@ -336,6 +336,17 @@ class Structure:
         MemoryBudgetError
             When the bytes built so far plus ``nbytes`` exceed the budget.
         """
+        self.check_fits(nbytes, what)
+        self.built_bytes += nbytes
+
+    def check_fits(self, nbytes: int, what: str) -> None:
+        """Raise as :meth:`reserve` would, charging nothing (for a build charged in several steps).
+
+        Raises
+        ------
+        MemoryBudgetError
+            When the bytes built so far plus ``nbytes`` exceed the budget.
+        """
         if self.built_bytes + nbytes > self.memory_budget:
             already = f" on top of {format_bytes(self.built_bytes)} already built" if self.built_bytes else ""
             raise MemoryBudgetError(
@@ -343,7 +354,6 @@ class Structure:
                 f"{already} but the memory budget is {format_bytes(self.memory_budget)}; pass "
                 f"memory_budget=<bytes, or a string such as '8GiB'> or set the SPARSECONV_MEMORY_BUDGET "
                 f"environment variable to raise it, or pick an engine that needs less (engine=...)")
-        self.built_bytes += nbytes
 
     # ------------------------------------------------------------------ cached pattern data
     def pattern_nbytes(self) -> int:

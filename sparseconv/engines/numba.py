@@ -720,19 +720,20 @@ class NumbaProtocolEngine(KernelEngine):
     def prepare(self, product: str) -> None:
         """Build the values (and the stored transpose or the gradient's entry order) on first use.
 
-        What ``product`` still needs is charged to the budget in one reservation before
-        anything of it is built, so a refused product leaves the engine as it was (the
-        pattern, which belongs to the structure, is charged and kept on its own).
+        Everything ``product`` still needs, the structure's pattern included, is checked
+        against the budget before anything is built, so a refused product leaves the engine
+        and the budget as they were.
         """
         s = self.structure
-        p = s.pattern()
-        values = p.nnz * s.dtype.itemsize if self.kernel is None else 0
+        values = s.nnz * s.dtype.itemsize if self.kernel is None else 0
         extra, what = 0, "values"
         if product == "adjoint" and (self.kernel is None or self.kernel._t_data is None):
             extra, what = self._own_nbytes(s, "adjoint") - self._own_nbytes(s, "forward"), "values and transposed matrix"
         if product == "weight_grad" and not self._grad_reserved:
             extra, what = (self._own_nbytes(s, "weight_grad") - self._own_nbytes(s, "forward"),
                            "values and gradient entry order")
+        s.check_fits(s.pattern_nbytes() + values + extra, f"the numba engine's matrix, {what}")
+        p = s.pattern()
         if values + extra:
             s.reserve(values + extra, f"the numba engine's {what}")
         if self.kernel is None:
