@@ -306,7 +306,7 @@ class ImplicitEngine:
         block, vector = _block(a, rows_in, self.dtype, name, align=self._reads(tables) >= 4)
         n = block.shape[1]
         out = aligned_empty((tables.n_blocks * tables.pos_base.size, n), block.dtype)
-        nt = _threads(threads)
+        nt = _threads(threads, self.n_taps * tables.pos_base.size * n // tables.n_phases)
         bands = tables.band_bounds(nt, n, block.dtype.itemsize, tables.source_rows)
         b = np.zeros(0, block.dtype) if bias is None else bias
         _launch(self._k.taps_bands, nt, block, out, tables.tap_ptr, tables.delta, tables.off,
@@ -377,7 +377,7 @@ class ImplicitEngine:
         m, k = self.shape
         x, d = _grad_blocks(X, D, self.shape, self.dtype, align=self._reads(self._fwd) >= 4)
         n = x.shape[1]
-        nt = _threads(threads)
+        nt = _threads(threads, self.n_taps * self._fwd.pos_base.size * n)
         t = self._fwd
         # Bands sized for the rows of both D and X, as many as numba's pool can split evenly.
         pool = _pool_size()

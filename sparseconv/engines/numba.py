@@ -102,8 +102,20 @@ def _pool_size() -> int:
     return int(numba.config.NUMBA_NUM_THREADS)
 
 
-def _threads(threads: Optional[int]) -> int:
-    """The thread count to run on: the request, capped at numba's pool size."""
+#: Multiply-adds (stored entries times vectors) below which a product runs on one thread.
+#: Such a product takes at most ~0.1 ms on one core, so a parallel region gains little, and
+#: it can lose much: numba's workers wait at the region's end for every thread, and a worker
+#: descheduled by another pool's busy-waiting threads (OpenBLAS's, after a multi-threaded
+#: GEMM) stalled the region for milliseconds -- a 90%-pruned LeNet-5 training step in the
+#: column layout took 15-100 ms instead of 6 ms until its small products ran on one thread.
+SERIAL_WORK = 1 << 21
+
+
+def _threads(threads: Optional[int], work: Optional[int] = None) -> int:
+    """The thread count to run on: the request, capped at numba's pool size; 1 for a product
+    of fewer than :data:`SERIAL_WORK` multiply-adds (``work``, when given)."""
+    if work is not None and work < SERIAL_WORK:
+        return 1
     return min(get_threads(threads), _pool_size())
 
 
@@ -232,7 +244,7 @@ def transpose_c(a: np.ndarray, threads: Optional[int] = None) -> np.ndarray:
         raise ValueError(f"a must be a 2-D array; got shape {a.shape}")
     out = aligned_empty(a.shape[::-1], a.dtype)
     if a.size and a.flags.c_contiguous and a.dtype in _FLOATS and available():
-        _launch(_require().transpose_into, _threads(threads), a, out)
+        _launch(_require().transpose_into, _threads(threads, a.size), a, out)
     else:
         out[...] = a.T
     return out
@@ -523,7 +535,7 @@ class NumbaEngine:
             self.build_adjoint()
         n = block.shape[1]
         out = aligned_empty((rows_out, n), block.dtype)
-        nt = _threads(threads)
+        nt = _threads(threads, self._indices.size * n)
         blocks = self._blocks[1] if adjoint else self._blocks[0]
         if adjoint:
             arrays = (self._t_indptr, self._t_indices, self._values(True, block.dtype))
@@ -606,7 +618,7 @@ class NumbaEngine:
         m, k = self.shape
         x, d = _grad_blocks(X, D, self.shape, self.dtype, align=self._indices.size >= 4 * max(m, k))
         n = x.shape[1]
-        nt = _threads(threads)
+        nt = _threads(threads, self._indices.size * n)
         seg = self._segments(n)
         n_bands = seg["band_ptr"].size - 1
         n_parts = min(nt, n_bands)
@@ -728,7 +740,8 @@ class NumbaProtocolEngine(KernelEngine):
         values = s.nnz * s.dtype.itemsize if self.kernel is None else 0
         extra, what = 0, "values"
         if product == "adjoint" and (self.kernel is None or self.kernel._t_data is None):
-            extra, what = self._own_nbytes(s, "adjoint") - self._own_nbytes(s, "forward"), "values and transposed matrix"
+            extra, what = (self._own_nbytes(s, "adjoint") - self._own_nbytes(s, "forward"),
+                           "values and transposed matrix")
         if product == "weight_grad" and not self._grad_reserved:
             extra, what = (self._own_nbytes(s, "weight_grad") - self._own_nbytes(s, "forward"),
                            "values and gradient entry order")
