@@ -45,7 +45,7 @@ LENET5_LAYERS = {"C1": 0, "S2": 2, "C3": 4, "S4": 6, "C5": 8, "F6": 11, "OUT": 1
 
 
 def lenet5(*, classes: int = 10, dtype: object = np.float32, seed: Union[None, int, np.random.Generator] = 0,
-           build: bool = True, layout: str = "batch_first") -> Sequential:
+           build: bool = True, layout: str = "columns") -> Sequential:
     """LeNet-5 with C3's partial connection table, every convolution a sparse matrix.
 
     Parameters
@@ -58,7 +58,7 @@ def lenet5(*, classes: int = 10, dtype: object = np.float32, seed: Union[None, i
         Seeds the initialisation; the same seed gives the same network.
     build : bool, default True
         Build every sparse matrix now for 32x32 inputs rather than at the first forward.
-    layout : {"batch_first", "columns"}, default "batch_first"
+    layout : {"columns", "batch_first"}, default "columns"
         How the network carries batches between layers (see
         :class:`~sparseconv.nn.Sequential`); both give the same results to rounding.
 

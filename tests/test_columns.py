@@ -373,12 +373,12 @@ def test_layout_option_validated():
     net = nn.Sequential(nn.ReLU())
     with pytest.raises(ValueError, match="layout must be one of"):
         net.layout = "rows"
-    assert net.layout == "batch_first"
-    assert net[0:1].layout == "batch_first"
-    net.layout = "columns"
+    assert net.layout == "columns"  # the default: batch-innermost from input to output
     assert net[0:1].layout == "columns"
-    assert lenet5(build=False, layout="columns").layout == "columns"
-    assert lenet5(build=False).layout == "batch_first"
+    net.layout = "batch_first"
+    assert net[0:1].layout == "batch_first"
+    assert lenet5(build=False, layout="batch_first").layout == "batch_first"
+    assert lenet5(build=False).layout == "columns"
     with pytest.raises(ValueError, match="layout must be one of"):
         lenet5(build=False, layout="NCHW")
 

@@ -58,8 +58,10 @@ def _mixed(dt):
 
 
 def _nested(dt):
+    # Its own layout is batch-first (it applies to its own forward, as the outer network's
+    # batch-first pass calls it); the outer column pass runs it on columns.
     inner = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, dtype=dt, rng=14), nn.ReLU(),
-                          nn.Conv2d(3, 3, 3, padding=1, dtype=dt, rng=15))
+                          nn.Conv2d(3, 3, 3, padding=1, dtype=dt, rng=15), layout="batch_first")
     return [inner, nn.ReLU(), nn.Conv2d(3, 2, 1, dtype=dt, rng=16), nn.ReLU()]
 
 

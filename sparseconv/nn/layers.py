@@ -425,10 +425,8 @@ class _ConvBase(_WeightAndBias, OperatorLayer):
             self.bias.grad += dy.sum(axis=(0, *range(2, dy.ndim)))
         if x.shape[0] == 0:
             return np.zeros(x.shape, dtype=self.dtype)
-        grad = op.weight_grad(x, dy)
-        if self.weight.mask is not None:
-            grad[~self.weight.mask] = 0
-        self.weight.grad += grad
+        # Zero at masked weights already: the operator holds the same mask.
+        self.weight.grad += op.weight_grad(x, dy)
         return op.backward_input(dy)
 
     def _weight_grad_columns(self, op: Any, X: np.ndarray, D: np.ndarray) -> np.ndarray:
@@ -495,10 +493,8 @@ class _ConvBase(_WeightAndBias, OperatorLayer):
             self.bias.grad += _channel_sum(D, self.out_channels)
         if n == 0:
             return np.zeros(X.shape, dtype=self.dtype)
-        grad = self._weight_grad_columns(op, X, D)
-        if self.weight.mask is not None:
-            grad[~self.weight.mask] = 0
-        self.weight.grad += grad
+        # Zero at masked weights already: the operator holds the same mask.
+        self.weight.grad += self._weight_grad_columns(op, X, D)
         return op.rmatmat(_for_engine(D, op, "adjoint"))
 
     def export(self, input_shape: tuple[int, ...]) -> tuple[sp.csr_array, Optional[np.ndarray]]:
@@ -1349,12 +1345,35 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return out
 
 
+def _sigmoid_derivative(z: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """``a (1 - a)`` in one fresh array (no temporaries)."""
+    d = np.subtract(1, a)
+    d *= a
+    return d
+
+
+def _tanh_derivative(z: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """``1 - a^2`` in one fresh array (no temporaries)."""
+    d = np.multiply(a, a)
+    np.subtract(1, d, out=d)
+    return d
+
+
 # name -> (f(z), f'(z) expressed through z and a = f(z)), for the activations without options
 ACTIVATIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray, np.ndarray], np.ndarray]]] = {
     "relu": (lambda z: np.maximum(z, 0), lambda z, a: (z > 0).astype(z.dtype)),
-    "sigmoid": (_sigmoid, lambda z, a: a * (1 - a)),
-    "tanh": (np.tanh, lambda z, a: 1 - a * a),
+    "sigmoid": (_sigmoid, _sigmoid_derivative),
+    "tanh": (np.tanh, _tanh_derivative),
 }
+
+
+def _times(d: np.ndarray, D: np.ndarray, *saved: np.ndarray) -> np.ndarray:
+    """``D * d``, into ``d`` when ``d`` is a fresh array of the result's shape and dtype (not a
+    saved array, not a view): the activations' backward without one more temporary."""
+    if (isinstance(d, np.ndarray) and d.base is None and d.flags.writeable and d.shape == np.shape(D)
+            and d.dtype == np.result_type(d, D) and not any(d is x for x in (D, *saved))):
+        return np.multiply(d, D, out=d)
+    return D * d
 
 
 class Activation(Module):
@@ -1387,7 +1406,7 @@ class Activation(Module):
         z, a = self._restore()
         dy = _check_dy(self, dy, z.shape, z.dtype)
         self._release()
-        return dy * self.derivative(z, a)
+        return _times(self.derivative(z, a), dy, z, a)
 
     def forward_columns(self, X: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
         """``f(X)`` element-wise (the layout does not matter); see :meth:`~sparseconv.nn.Module.forward_columns`."""
@@ -1402,7 +1421,7 @@ class Activation(Module):
         z, a, z_shape = self._restore("columns")
         D = _check_columns_dy(self, D, z_shape, shape, z.shape[1], z.dtype)
         self._release()
-        return D * self.derivative(z, a)
+        return _times(self.derivative(z, a), D, z, a)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
