@@ -2,8 +2,10 @@
 
 Run ``PYTHONPATH=. python benchmarks/bench_numba.py`` (``--quick`` for 3 repeats, ``--json
 PATH`` to keep every number). Two parts, each ratio measured in one run with the two sides
-timed in alternating rounds (:func:`sparseconv.bench.measure_interleaved`) and every library on
-the same thread count (:func:`sparseconv.bench.thread_limits`):
+timed in alternating rounds (:func:`sparseconv.bench.measure_interleaved`) or, with
+``--blocked``, each in a block of its own repeats (the other library's thread pools then do not
+busy-wait on the same cores), and every library on the same thread count
+(:func:`sparseconv.bench.thread_limits`):
 
 1. The 64->64 3x3 32x32 layer (padding 1) at batch 32, float32, with 90 / 95 / 99 % of the
    weights masked out (``weight_mask``): the ``"numba"`` engine's forward, adjoint and kernel
@@ -34,11 +36,24 @@ import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
 import sparseconv as sc
-from sparseconv.bench import measure_interleaved, thread_limits
+from sparseconv.bench import measure, measure_interleaved, thread_limits
+from sparseconv.engines.numba import transpose_c
 from sparseconv.engines.numba import NumbaEngine, available, unavailable_reason
 from sparseconv.engines.stencil import StencilEngine
 
 __all__ = ["layer_rows", "crossover_rows", "image_rows", "assembly_counts", "main"]
+
+
+# Set by --blocked: time each callable in a block of its own repeats instead of in turn.
+BLOCKED = False
+
+
+def _timings(fns: dict, repeats: int) -> dict:
+    """Every callable timed in alternating rounds or, with ``--blocked``, one after the other
+    (no other library's thread pool then busy-waits on the cores while one runs)."""
+    if BLOCKED:
+        return {k: measure(f, repeats=repeats) for k, f in fns.items()}
+    return measure_interleaved(fns, repeats=repeats)
 
 
 def _summary(timing: dict) -> dict:
@@ -76,9 +91,11 @@ def layer_rows(zero_fractions: tuple[float, ...], threads: tuple[int, ...], repe
     x = rng.standard_normal((n, c, size, size)).astype(np.float32)
     dy = rng.standard_normal((n, f, size, size)).astype(np.float32)
     xt, dyt = torch.from_numpy(x), torch.from_numpy(dy)
-    # The engine's layout: one sample per column.
-    xc = np.ascontiguousarray(x.reshape(n, -1).T)
-    dc = np.ascontiguousarray(dy.reshape(n, -1).T)
+    # The engine's layout: one sample per column, made as a column network makes it (an
+    # aligned copy, sparseconv.engines.numba.transpose_c); a misaligned block is copied by
+    # the engine first (ALIGN_READS), which costs 0.3-1.2 ms on this layer.
+    xc = transpose_c(x.reshape(n, -1))
+    dc = transpose_c(dy.reshape(n, -1))
     for zeros in zero_fractions:
         mask = _pruned_mask((f, c, 3, 3), zeros, rng)
         w = np.where(mask, rng.standard_normal(mask.shape), 0).astype(np.float32)
@@ -96,7 +113,7 @@ def layer_rows(zero_fractions: tuple[float, ...], threads: tuple[int, ...], repe
                     "weight_grad/numba": lambda: engine.weight_grad(xc, dc, threads=nt),
                     "weight_grad/torch": lambda: torch.nn.grad.conv2d_weight(xt, wt.shape, dyt, padding=1),
                 }
-                timing = measure_interleaved(fns, repeats=repeats)
+                timing = _timings(fns, repeats)
             per_threads[nt] = timing
             for product in ("forward", "adjoint", "weight_grad"):
                 ours, theirs = timing[f"{product}/numba"], timing[f"{product}/torch"]
@@ -133,7 +150,7 @@ def crossover_rows(zero_fractions: tuple[float, ...], threads: int, repeats: int
     n, c, f, size = 32, 64, 64, 32
     x = rng.standard_normal((n, c, size, size)).astype(np.float32)
     xt = torch.from_numpy(x)
-    xc = np.ascontiguousarray(x.reshape(n, -1).T)
+    xc = transpose_c(x.reshape(n, -1))
     rows = []
     for zeros in zero_fractions:
         mask = _pruned_mask((f, c, 3, 3), zeros, rng) if zeros > 0 else np.ones((f, c, 3, 3), dtype=bool)
@@ -142,9 +159,9 @@ def crossover_rows(zero_fractions: tuple[float, ...], threads: int, repeats: int
         engine = NumbaEngine.from_operator(op)
         wt = torch.from_numpy(w)
         with thread_limits(threads), torch.no_grad():
-            timing = measure_interleaved({
+            timing = _timings({
                 "numba": lambda: engine.matmat(xc, threads=threads),
-                "factored": lambda: op.forward(x, method="taps", threads=threads),
+                "factored": lambda: op.forward(x, engine="factored", threads=threads),
                 "torch": lambda: torch.nn.functional.conv2d(xt, wt, padding=1),
             }, repeats=repeats)
         rows.append({"zeros": zeros, "threads": threads, **{k: _summary(v) for k, v in timing.items()},
@@ -185,7 +202,7 @@ def image_rows(kernels: tuple[int, ...], threads: tuple[int, ...], repeats: int)
                                       rmatvec=lambda v: engine.rmatmat(v, threads=nt), dtype=np.float32)
                 fns = {"forward/stencil": lambda: ours.matvec(image), "adjoint/stencil": lambda: ours.rmatvec(image),
                        "forward/pylops": lambda: ref.matvec(image), "adjoint/pylops": lambda: ref.rmatvec(image)}
-                timing = measure_interleaved(fns, repeats=repeats)
+                timing = _timings(fns, repeats)
             # Same operator? PyLops' 'same' convolution with the kernel centred is ours.
             err = float(np.max(np.abs(ours.matvec(image) - ref.matvec(image))))
             for product in ("forward", "adjoint"):
@@ -246,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--asm", action="store_true",
                         help="compile in this process (no cache) and count vfmadd instructions per register width")
     parser.add_argument("--zeros", default="0.9,0.95,0.99", help="comma-separated fractions of zero weights")
+    parser.add_argument("--blocked", action="store_true",
+                        help="time each library in a block of its own repeats, not in turn")
     args = parser.parse_args(argv)
     if args.asm:
         # Read when the kernels are first imported (by available() below).
@@ -254,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"numba engines unavailable: {unavailable_reason()}", file=sys.stderr)
         return 1
     repeats = 3 if args.quick else 7
+    global BLOCKED
+    BLOCKED = args.blocked
     threads = tuple(int(t) for t in args.threads.split(","))
     result: dict[str, list[dict]] = {}
     if args.part in ("all", "layer"):

@@ -33,8 +33,8 @@ import numpy as np
 
 from ..geometry import ConvGeometry
 from .base import KernelEngine, Structure, aligned_empty, bias_values
-from .numba import (_BAND_INPUT_BYTES, NumbaProtocolEngine, _block, _check_weight, _compute_dtype, _grad_blocks,
-                    _launch, _pool_size, _require, _threads, available)
+from .numba import (_BAND_INPUT_BYTES, ALIGN_READS, NumbaProtocolEngine, _block, _check_weight, _compute_dtype,
+                    _grad_blocks, _launch, _pool_size, _require, _threads, available)
 
 __all__ = ["ENGINE", "ImplicitEngine", "ImplicitProtocolEngine"]
 
@@ -302,8 +302,8 @@ class ImplicitEngine:
 
     def _run(self, tables: _Tables, values: np.ndarray, a: np.ndarray, rows_in: int, name: str,
              threads: Optional[int], bias: Optional[np.ndarray], relu: bool) -> np.ndarray:
-        # Aligned when each source row is read several times over (see :data:`~sparseconv.engines.base.ALIGNMENT`).
-        block, vector = _block(a, rows_in, self.dtype, name, align=self._reads(tables) >= 4)
+        # Aligned when each source row is read many times over (see :data:`~sparseconv.engines.base.ALIGNMENT`).
+        block, vector = _block(a, rows_in, self.dtype, name, align=self._reads(tables) >= ALIGN_READS)
         n = block.shape[1]
         out = aligned_empty((tables.n_blocks * tables.pos_base.size, n), block.dtype)
         nt = _threads(threads, self.n_taps * tables.pos_base.size * n // tables.n_phases)
@@ -375,7 +375,7 @@ class ImplicitEngine:
             last bits.
         """
         m, k = self.shape
-        x, d = _grad_blocks(X, D, self.shape, self.dtype, align=self._reads(self._fwd) >= 4)
+        x, d = _grad_blocks(X, D, self.shape, self.dtype, align=self._reads(self._fwd) >= ALIGN_READS)
         n = x.shape[1]
         nt = _threads(threads, self.n_taps * self._fwd.pos_base.size * n)
         t = self._fwd
