@@ -32,8 +32,8 @@ from typing import Any, Optional
 import numpy as np
 
 from ..geometry import ConvGeometry
-from .base import KernelEngine, Structure, aligned_empty, bias_values
-from .numba import (_BAND_INPUT_BYTES, ALIGN_READS, NumbaProtocolEngine, _block, _check_weight, _compute_dtype,
+from .base import Structure, aligned_empty, bias_values
+from .numba import (_BAND_INPUT_BYTES, ALIGN_READS, CompiledEngine, _block, _check_weight, _compute_dtype,
                     _grad_blocks, _launch, _pool_size, _require, _threads, available)
 
 __all__ = ["ENGINE", "ImplicitEngine", "ImplicitProtocolEngine"]
@@ -397,7 +397,7 @@ class ImplicitEngine:
 
 
 # ---------------------------------------------------------------------- the engine protocol
-class ImplicitProtocolEngine(KernelEngine):
+class ImplicitProtocolEngine(CompiledEngine):
     """The ``"implicit"`` engine on a ``Structure``: tap tables only, never the matrix.
 
     Parameters
@@ -412,11 +412,6 @@ class ImplicitProtocolEngine(KernelEngine):
     def applicable(cls, structure: Structure, product: str) -> bool:
         """numba available and zero padding."""
         return ImplicitEngine.applicable(structure.geometry)
-
-    @classmethod
-    def unavailable_reason(cls) -> Optional[str]:
-        """The numba engine's reason: this engine is compiled by numba too."""
-        return NumbaProtocolEngine.unavailable_reason()
 
     @classmethod
     def _n_taps(cls, structure: Structure) -> int:

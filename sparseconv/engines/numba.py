@@ -45,7 +45,7 @@ from ..geometry import ConvGeometry
 from ..parallel import get_threads
 from .base import ALIGNMENT, KernelEngine, Structure, aligned_empty, bias_values, is_aligned
 
-__all__ = ["ALIGN_READS", "ENGINE", "NumbaEngine", "NumbaProtocolEngine", "SERIAL_WORK", "available", "c_order",
+__all__ = ["ALIGN_READS", "CompiledEngine", "ENGINE", "NumbaEngine", "NumbaProtocolEngine", "SERIAL_WORK", "available", "c_order",
            "transpose_c", "unavailable_reason"]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
@@ -691,7 +691,23 @@ class NumbaEngine:
 
 
 # ---------------------------------------------------------------------- the engine protocol
-class NumbaProtocolEngine(KernelEngine):
+class CompiledEngine(KernelEngine):
+    """Base of the engines numba compiles (``"numba"``, ``"implicit"``, ``"stencil"``): they share
+    numba's availability and the reason it is missing.
+
+    Parameters
+    ----------
+    structure : Structure
+    """
+
+    @classmethod
+    def unavailable_reason(cls) -> Optional[str]:
+        """numba's import error, with the extra that installs it, or None."""
+        reason = unavailable_reason()
+        return None if reason is None else f"numba is not available (pip install 'sparseconv[fast]'): {reason}"
+
+
+class NumbaProtocolEngine(CompiledEngine):
     """The ``"numba"`` engine on a ``Structure``: a :class:`NumbaEngine` on the structure's
     pattern, built at the first product, each piece charged to the memory budget first.
 
@@ -711,12 +727,6 @@ class NumbaProtocolEngine(KernelEngine):
     def applicable(cls, structure: Structure, product: str) -> bool:
         """Whenever numba imports: the CSR products run on any pattern."""
         return available()
-
-    @classmethod
-    def unavailable_reason(cls) -> Optional[str]:
-        """numba's import error, with the extra that installs it, or None."""
-        reason = unavailable_reason()
-        return None if reason is None else f"numba is not available (pip install 'sparseconv[fast]'): {reason}"
 
     @classmethod
     def _own_nbytes(cls, structure: Structure, product: str) -> int:

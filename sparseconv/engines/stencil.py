@@ -19,8 +19,8 @@ from typing import Any, Optional
 import numpy as np
 
 from ..geometry import ConvGeometry
-from .base import KernelEngine, Structure
-from .numba import NumbaProtocolEngine, _check_weight, _compute_dtype, _launch, _require, _threads, available
+from .base import Structure
+from .numba import CompiledEngine, _check_weight, _compute_dtype, _launch, _require, _threads, available
 
 __all__ = ["ENGINE", "StencilEngine", "StencilProtocolEngine"]
 
@@ -260,7 +260,7 @@ class StencilEngine:
 
 
 # ---------------------------------------------------------------------- the engine protocol
-class StencilProtocolEngine(KernelEngine):
+class StencilProtocolEngine(CompiledEngine):
     """The ``"stencil"`` engine on a ``Structure`` (no pattern data: only the kernel, twice).
 
     Parameters
@@ -274,11 +274,6 @@ class StencilProtocolEngine(KernelEngine):
     def applicable(cls, structure: Structure, product: str) -> bool:
         """numba available, 1 or 2 spatial dimensions, stride 1, zero padding."""
         return StencilEngine.applicable(structure.geometry)
-
-    @classmethod
-    def unavailable_reason(cls) -> Optional[str]:
-        """The numba engine's reason: the stencil is compiled by numba too."""
-        return NumbaProtocolEngine.unavailable_reason()
 
     @classmethod
     def estimate_nbytes(cls, structure: Structure, product: str) -> int:
