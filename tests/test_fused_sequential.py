@@ -138,7 +138,10 @@ def test_columns_equal_batch_first(name, dtype, fused_calls):
     if isinstance(net.layers[-1], nn.ReLU):
         assert np.all(cols[0] >= 0)
     if name == "masked-numba":
-        assert {layer.op.engine("forward") for layer in net.layers[::2]} == {"numba"}
+        # The compiled engine where numba is installed, the scipy/numpy rule's otherwise.
+        compiled = net.layers[0].op.supports("numba", "forward")
+        engines = {layer.op.engine("forward") for layer in net.layers[::2]}
+        assert engines == {"numba"} if compiled else engines <= {"csr", "factored"}
 
 
 @pytest.mark.parametrize("engine", ["csr", "factored", "numba", "implicit"])
