@@ -44,7 +44,7 @@ from typing import Any, Callable
 import numpy as np
 
 import sparseconv as sc
-from sparseconv.bench import measure, measure_interleaved, thread_limits
+from sparseconv.bench import measure_each, thread_limits
 from sparseconv.engines.numba import transpose_c
 from sparseconv.models import lenet5
 from sparseconv.nn import SGD, Conv2d, CrossEntropyLoss, OperatorLayer, ReLU, Sequential
@@ -150,9 +150,7 @@ def _summary(timing: dict) -> dict:
 
 def _compare(fns: dict[str, Callable[[], Any]], repeats: int, max_seconds: float) -> dict[str, dict]:
     """Every callable timed, interleaved (repeats in turn) or, with ``--blocked``, one after the other."""
-    if BLOCKED:
-        return {k: _summary(measure(f, repeats=repeats, max_seconds=max_seconds)) for k, f in fns.items()}
-    timings = measure_interleaved(fns, repeats=repeats, max_seconds=max_seconds)
+    timings = measure_each(fns, blocked=BLOCKED, repeats=repeats, max_seconds=max_seconds)
     return {k: _summary(v) for k, v in timings.items()}
 
 

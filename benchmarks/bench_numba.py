@@ -36,9 +36,8 @@ import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
 import sparseconv as sc
-from sparseconv.bench import measure, measure_interleaved, thread_limits
-from sparseconv.engines.numba import transpose_c
-from sparseconv.engines.numba import NumbaEngine, available, unavailable_reason
+from sparseconv.bench import measure_each, thread_limits
+from sparseconv.engines.numba import NumbaEngine, available, transpose_c, unavailable_reason
 from sparseconv.engines.stencil import StencilEngine
 
 __all__ = ["layer_rows", "crossover_rows", "image_rows", "assembly_counts", "main"]
@@ -49,11 +48,8 @@ BLOCKED = False
 
 
 def _timings(fns: dict, repeats: int) -> dict:
-    """Every callable timed in alternating rounds or, with ``--blocked``, one after the other
-    (no other library's thread pool then busy-waits on the cores while one runs)."""
-    if BLOCKED:
-        return {k: measure(f, repeats=repeats) for k, f in fns.items()}
-    return measure_interleaved(fns, repeats=repeats)
+    """Every callable timed in alternating rounds or, with ``--blocked``, one after the other."""
+    return measure_each(fns, blocked=BLOCKED, repeats=repeats)
 
 
 def _summary(timing: dict) -> dict:

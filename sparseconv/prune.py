@@ -161,7 +161,8 @@ def _masked_copy(layer: Module, keep: np.ndarray) -> Module:
 
 def _rebuild(network: Module, masks: dict[str, np.ndarray], prefix: str, used: set) -> Module:
     if isinstance(network, Sequential):
-        return Sequential(*(_rebuild(layer, masks, f"{prefix}{i}.", used) for i, layer in enumerate(network)))
+        return Sequential(*(_rebuild(layer, masks, f"{prefix}{i}.", used) for i, layer in enumerate(network)),
+                          layout=network.layout)
     name = prefix + "weight"
     if isinstance(network, PRUNABLE) and name in masks:
         used.add(name)

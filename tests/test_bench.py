@@ -456,3 +456,19 @@ def test_im2col_layouts_and_col2im_scatter(kernel, stride, dilation, padding, mo
     np.testing.assert_array_equal(by_rows, mine)
     with pytest.raises(ValueError, match="layout must be one of"):
         ref.im2col(x, kernel, layout="cols", **patch)
+
+
+@pytest.mark.parametrize("blocked", [False, True], ids=["interleaved", "blocked"])
+def test_measure_each_times_every_callable(blocked):
+    calls = {"a": 0, "b": 0}
+
+    def make(key):
+        def fn():
+            calls[key] += 1
+        return fn
+
+    timings = bench.measure_each({"a": make("a"), "b": make("b")}, blocked=blocked, repeats=3, max_seconds=0.2)
+    assert set(timings) == {"a", "b"}
+    for t in timings.values():
+        assert t["repeats"] == 3 and len(t["times_s"]) == 3 and t["min_s"] <= t["median_s"]
+    assert calls["a"] >= 3 and calls["b"] >= 3

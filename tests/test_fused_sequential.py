@@ -70,17 +70,17 @@ def _conv3d(dt):
             nn.Conv3d(3, 3, (1, 2, 2), groups=3, dtype=dt, rng=18), nn.ReLU()]
 
 
-# name -> (layers(dtype), sample shape, forward_columns_relu calls per forward). A pair that
-# ends its Sequential is not fused (its output leaves the network and may be edited in place).
+# name -> (layers(dtype), sample shape, forward_columns_relu calls per forward). Every
+# Conv -> ReLU pair fuses, the one that ends the network too (its output is copied out).
 NETWORKS = {
-    "conv-relu-pairs": (_pairs, (2, 7, 7), 1),
-    "shared-relu": (_shared_relu, (2, 6, 6), 1),
-    "conv-tanh-no-fusion": (_tanh_between, (2, 7, 7), 0),
-    "convtranspose-relu": (_transposed, (2, 3, 4), 1),
-    "masked-numba": (_masked, (2, 6, 5), 1),
+    "conv-relu-pairs": (_pairs, (2, 7, 7), 2),
+    "shared-relu": (_shared_relu, (2, 6, 6), 2),
+    "conv-tanh-no-fusion": (_tanh_between, (2, 7, 7), 1),
+    "convtranspose-relu": (_transposed, (2, 3, 4), 2),
+    "masked-numba": (_masked, (2, 6, 5), 2),
     "relu-conv1d-linear": (_mixed, (2, 9), 1),
-    "nested-sequential": (_nested, (2, 5, 5), 1),
-    "conv3d-groups": (_conv3d, (2, 3, 2, 3), 1),
+    "nested-sequential": (_nested, (2, 5, 5), 2),
+    "conv3d-groups": (_conv3d, (2, 3, 2, 3), 2),
 }
 
 
@@ -155,7 +155,7 @@ def test_columns_equal_batch_first_on_each_engine(engine, monkeypatch, fused_cal
         net, x, dy, first, cols = _both_layouts("conv-relu-pairs", dtype, n=17)
         _assert_same(first, cols, f"{engine} {dtype}")
         assert {layer.op.engine("forward") for layer in net.layers[::2]} == {engine}
-    assert len(fused_calls) == len(DTYPES)  # the first pair; the last one ends the network
+    assert len(fused_calls) == 2 * len(DTYPES)
 
 
 def test_fused_output_bits_equal_the_unfused_calls():
@@ -342,17 +342,81 @@ def test_conv_subclass_with_its_own_column_forward_is_not_fused_away(fused_calls
     assert fused_calls == []
 
 
-def test_editing_the_output_in_place_does_not_change_the_gradient():
-    """The pair that ends the network is not fused: its ReLU keeps Z, not the returned output."""
+@pytest.mark.parametrize("tail", [[], [nn.Flatten()], [nn.Identity(), nn.Dropout(0.5)], "nested"],
+                         ids=["pair-ends-network", "then-flatten", "then-identity-dropout-eval", "nested"])
+def test_editing_the_output_in_place_does_not_change_the_gradient(tail, fused_calls):
+    """A fused ReLU records its output for its backward; the network copies its output out when
+    it is that block (here through layers that pass it on unchanged, or a nested network)."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 1, 6, 6))
     grads = {}
     for layout in ("batch_first", "columns"):
-        net = nn.Sequential(nn.Conv2d(1, 2, 3, rng=0), nn.ReLU(), layout=layout)
+        conv = nn.Conv2d(1, 2, 3, rng=0)
+        if tail == "nested":
+            net = nn.Sequential(nn.Sequential(conv, nn.ReLU(), layout=layout), nn.Identity(), layout=layout)
+        else:
+            net = nn.Sequential(conv, nn.ReLU(), *copy.deepcopy(tail), layout=layout)
+        net.eval()  # Dropout passes its input on unchanged
         y = net.forward(x)
         dy = np.ones_like(y)
         y -= 100.0  # a residual computed in place, e.g. y -= target
-        grads[layout] = (net.backward(dy), net.layers[0].weight.grad.copy())
+        grads[layout] = (net.backward(dy), conv.weight.grad.copy())
+    assert fused_calls, "the pair was meant to fuse"
     assert np.linalg.norm(grads["batch_first"][0]) > 0
     assert_allclose(grads["columns"][0], grads["batch_first"][0])
     assert_allclose(grads["columns"][1], grads["batch_first"][1])
+
+
+class ForwardDoubledConv(nn.Conv2d):
+    """A user's convolution that changes only ``forward``/``backward`` (not the column methods)."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+    def backward(self, dy):
+        return super().backward(2 * dy)
+
+
+class CachedDerivativeTanh(nn.Tanh):
+    """An activation whose derivative returns an array it keeps (a cache): never written into."""
+
+    def __init__(self):
+        super().__init__()
+        self.cache = {}
+
+    def derivative(self, z, a):
+        if z.shape not in self.cache:
+            self.cache[z.shape] = np.ones(z.shape, z.dtype)
+        return self.cache[z.shape]
+
+
+@pytest.mark.parametrize("tail", [[nn.Flatten()], [nn.ReLU(), nn.Flatten()]], ids=["alone", "before-relu"])
+def test_subclass_overriding_only_forward_runs_its_forward_in_columns(tail, fused_calls):
+    """The column pass goes through the subclass's forward/backward (Module.forward_columns)."""
+    x = np.random.default_rng(2).standard_normal((3, 1, 6, 6))
+    runs = {}
+    for layout in ("batch_first", "columns"):
+        conv = ForwardDoubledConv(1, 2, 3, rng=0)
+        net = nn.Sequential(conv, *copy.deepcopy(tail), layout=layout)
+        y = np.array(net.forward(x))
+        dx = net.backward(np.ones_like(y))
+        runs[layout] = (y, dx, conv.weight.grad.copy())
+    for a, b in zip(runs["columns"], runs["batch_first"]):
+        assert_allclose(a, b)
+    assert fused_calls == []
+
+
+def test_a_derivative_the_activation_keeps_is_not_overwritten():
+    act = CachedDerivativeTanh()
+    net = nn.Sequential(act, layout="columns")
+    x = np.zeros((2, 3))
+    for _ in range(3):
+        net.forward(x)
+        assert np.array_equal(net.backward(np.full((2, 3), 5.0)), np.full((2, 3), 5.0))
+    assert act.cache and all(np.all(c == 1) for c in act.cache.values())
+
+
+def test_scalar_input_is_a_layer_input_error():
+    for layout in ("columns", "batch_first"):
+        with pytest.raises(nn.LayerInputError):
+            nn.Sequential(nn.ReLU(), nn.Flatten(), layout=layout).forward(np.float64(1.0))

@@ -427,3 +427,64 @@ def test_engines_copy_and_pickle(copy):
         twin.refresh(2 * w)
         _check_engine_on_case(twin, case, x, 2 * w, dy, 2)
         _check_engine_on_case(eng, case, x, w, dy, 2)
+
+
+# ---------------------------------------------------------------------- small products on one thread
+@pytest.mark.parametrize("bad", [0, -2, "two", 2.5, True], ids=repr)
+def test_small_products_still_check_threads(bad):
+    """A product under SERIAL_WORK runs on one thread whatever is asked, but a bad request is refused."""
+    from sparseconv.engines.numba import SERIAL_WORK, _work, transpose_c
+
+    op = sc.ConvOperator(np.ones((4, 4, 3, 3), np.float32), (4, 8, 8), padding=1, engine="numba")
+    assert _work(op.nnz, 3) < SERIAL_WORK
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        op.forward(np.ones((3, 4, 8, 8), np.float32), threads=bad)
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        transpose_c(np.ones((4, 5), np.float32), threads=bad)
+
+
+def test_serial_work_rule():
+    from sparseconv.engines.numba import SERIAL_WORK, _threads, _work
+
+    assert _threads(2, SERIAL_WORK - 1) == 1
+    assert _threads(2, SERIAL_WORK) == min(2, numba_pool_size())
+    assert _threads(2, None) == min(2, numba_pool_size())
+    # One vector counts as 16: a narrow product of many entries still runs on every thread.
+    assert _work(SERIAL_WORK // 16, 1) == SERIAL_WORK
+    assert _work(1000, 64) == 64_000
+
+
+def numba_pool_size() -> int:
+    import numba
+
+    return int(numba.config.NUMBA_NUM_THREADS)
+
+
+@pytest.mark.parametrize("engine", ["numba", "implicit"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_parallel_products_do_not_depend_on_thread_count(engine, dtype, monkeypatch):
+    """With the one-thread rule off, products run in parallel regions: forward and adjoint give
+    the same bits on 1, 2 and 3 threads, the kernel gradient the same values to rounding."""
+    import sparseconv.engines.numba as compiled
+
+    monkeypatch.setattr(compiled, "SERIAL_WORK", 0)
+    rng = np.random.default_rng(3)
+    mask = rng.random((6, 4, 3, 3)) < 0.5
+    w = np.where(mask, rng.standard_normal(mask.shape), 0).astype(dtype)
+    op = sc.ConvOperator(w, (4, 9, 7), padding=1, stride=(1, 2), weight_mask=mask, engine=engine)
+    X = rng.standard_normal((op.shape[1], 37)).astype(dtype)
+    D = rng.standard_normal((op.shape[0], 37)).astype(dtype)
+    dense = op.as_linear_operator("csr")
+    ref_f, ref_a = dense @ X, dense.H @ D
+    first = None
+    for threads in (1, 2, 3):
+        y = op._columns_product(X, False, None, threads)
+        z = op._columns_product(D, True, None, threads)
+        g = op.weight_grad(X, D, layout="columns", threads=threads)
+        assert_allclose(y, ref_f, dtype=dtype)
+        assert_allclose(z, ref_a, dtype=dtype)
+        if first is None:
+            first = (y, z, g)
+        else:
+            assert np.array_equal(y, first[0]) and np.array_equal(z, first[1])
+            assert_allclose(g, first[2], dtype=dtype)

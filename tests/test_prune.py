@@ -165,3 +165,10 @@ def test_bad_masks_are_refused_and_change_nothing():
     with pytest.raises(ValueError, match=r"mask '4.weight' keeps weights that the layer does not have"):
         apply_masks(net, {"4.weight": np.ones((16, 6, 5, 5), bool)})
     assert mask_summary(net)["kept"] == 150 + 1500 + 48000
+
+
+@pytest.mark.parametrize("layout", ["columns", "batch_first"])
+def test_prune_keeps_the_layout(layout):
+    net = lenet5(seed=0, build=False, layout=layout)
+    pruned, _ = prune(net, 0.5)
+    assert pruned.layout == layout

@@ -45,7 +45,7 @@ from .report import NOISY_SPREAD, format_markdown, format_table
 from .run import SCHEMA, run_suite, verify
 from .suites import (LINEAR_OPERATOR_PASSES, PASSES, PRUNED_SPARSITIES, SUITES, TOLERANCES, Case, Layer, layer_mask,
                      make_case, suite_layers)
-from .timing import DEFAULT_MAX_SECONDS, measure, measure_interleaved, thread_limits, time_once
+from .timing import DEFAULT_MAX_SECONDS, measure, measure_each, measure_interleaved, thread_limits, time_once
 
 __all__ = [
     "PASSES",
@@ -71,6 +71,7 @@ __all__ = [
     "resolve_budget",
     "verify",
     "measure",
+    "measure_each",
     "measure_interleaved",
     "time_once",
     "thread_limits",

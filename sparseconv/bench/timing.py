@@ -26,6 +26,7 @@ __all__ = [
     "MIN_REPEAT_SECONDS",
     "measure_interleaved",
     "measure",
+    "measure_each",
     "time_once",
     "traced_call",
     "thread_limits",
@@ -143,6 +144,32 @@ def measure(fn: Callable[[], Any], *, repeats: int = 5, max_seconds: float = DEF
     """
     return measure_interleaved({"fn": fn}, repeats=repeats, max_seconds=max_seconds, warmup=warmup,
                                min_repeat_seconds=min_repeat_seconds)["fn"]
+
+
+def measure_each(fns: Mapping[str, Callable[[], Any]], *, blocked: bool = False, repeats: int = 5,
+                 max_seconds: float = DEFAULT_MAX_SECONDS) -> dict[str, dict]:
+    """Every callable timed: in alternating rounds (:func:`measure_interleaved`) or, with
+    ``blocked``, each in a block of its own repeats (:func:`measure`), one after the other.
+
+    Alternating rounds spread a burst of load over every callable alike, but also run each one
+    right after the others, while their thread pools (OpenMP, OpenBLAS workers) still
+    busy-wait on the same cores; blocks leave those pools idle.
+
+    Parameters
+    ----------
+    fns : mapping of str to callable
+    blocked : bool, default False
+    repeats, max_seconds
+        As for :func:`measure_interleaved`.
+
+    Returns
+    -------
+    dict of str to dict
+        As :func:`measure_interleaved` returns.
+    """
+    if blocked:
+        return {k: measure(f, repeats=repeats, max_seconds=max_seconds) for k, f in fns.items()}
+    return measure_interleaved(fns, repeats=repeats, max_seconds=max_seconds)
 
 
 def time_once(fn: Callable[[], Any]) -> tuple[Any, float]:

@@ -328,8 +328,8 @@ class Structure:
         """A kernel gradient in the weight's shape and dtype, zero at masked weights.
 
         With a mask, the kept entries are gathered into a zeroed array through indices found
-        once (5x faster than assigning through the inverted boolean mask, which a LeNet-5
-        training step did three times per step).
+        once: 1.1x (LeNet C3) to 5.5x (a 64x64x3x3 kernel at 90% zeros) faster than assigning
+        through the inverted boolean mask.
         """
         shape = self.geometry.weight_shape
         if self.mask is None:

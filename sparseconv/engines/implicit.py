@@ -34,7 +34,7 @@ import numpy as np
 from ..geometry import ConvGeometry
 from .base import Structure, aligned_empty, bias_values
 from .numba import (_BAND_INPUT_BYTES, ALIGN_READS, CompiledEngine, _block, _check_weight, _compute_dtype,
-                    _grad_blocks, _launch, _pool_size, _require, _threads, available)
+                    _grad_blocks, _launch, _pool_size, _require, _threads, _work, available)
 
 __all__ = ["ENGINE", "ImplicitEngine", "ImplicitProtocolEngine"]
 
@@ -306,7 +306,7 @@ class ImplicitEngine:
         block, vector = _block(a, rows_in, self.dtype, name, align=self._reads(tables) >= ALIGN_READS)
         n = block.shape[1]
         out = aligned_empty((tables.n_blocks * tables.pos_base.size, n), block.dtype)
-        nt = _threads(threads, self.n_taps * tables.pos_base.size * n // tables.n_phases)
+        nt = _threads(threads, _work(self.n_taps * tables.pos_base.size // tables.n_phases, n))
         bands = tables.band_bounds(nt, n, block.dtype.itemsize, tables.source_rows)
         b = np.zeros(0, block.dtype) if bias is None else bias
         _launch(self._k.taps_bands, nt, block, out, tables.tap_ptr, tables.delta, tables.off,
@@ -377,7 +377,7 @@ class ImplicitEngine:
         m, k = self.shape
         x, d = _grad_blocks(X, D, self.shape, self.dtype, align=self._reads(self._fwd) >= ALIGN_READS)
         n = x.shape[1]
-        nt = _threads(threads, self.n_taps * self._fwd.pos_base.size * n)
+        nt = _threads(threads, _work(self.n_taps * self._fwd.pos_base.size, n))
         t = self._fwd
         # Bands sized for the rows of both D and X, as many as numba's pool can split evenly.
         pool = _pool_size()

@@ -103,21 +103,27 @@ def _pool_size() -> int:
     return int(numba.config.NUMBA_NUM_THREADS)
 
 
-#: Multiply-adds (stored entries times vectors) below which a product runs on one thread.
-#: Such a product takes at most ~0.1 ms on one core, so a parallel region gains little, and
-#: it can lose much: numba's workers wait at the region's end for every thread, and a worker
-#: descheduled by another pool's busy-waiting threads (OpenBLAS's, after a multi-threaded
-#: GEMM) stalled the region for milliseconds -- a 90%-pruned LeNet-5 training step in the
-#: column layout took 15-100 ms instead of 6 ms until its small products ran on one thread.
+#: Work below which a product runs on one thread: stored entries times ``max(N, 16)``
+#: (narrow blocks count as 16 vectors wide: one vector's scalar sums are bound by latency, not
+#: by lanes, and still gain from a second thread). Such a product takes at most ~0.1 ms on
+#: one core, so a parallel region gains little, and it can lose much: numba's workers wait at
+#: the region's end for every thread, and a worker descheduled by another pool's busy-waiting
+#: threads (OpenBLAS's, after a multi-threaded GEMM) stalled the region for milliseconds -- a
+#: 90%-pruned LeNet-5 training step in the column layout took 15-100 ms instead of 6 ms until
+#: its small products ran on one thread.
 SERIAL_WORK = 1 << 21
 
 
 def _threads(threads: Optional[int], work: Optional[int] = None) -> int:
-    """The thread count to run on: the request, capped at numba's pool size; 1 for a product
-    of fewer than :data:`SERIAL_WORK` multiply-adds (``work``, when given)."""
-    if work is not None and work < SERIAL_WORK:
-        return 1
-    return min(get_threads(threads), _pool_size())
+    """The thread count to run on: the request (checked), capped at numba's pool size; 1 for a
+    product whose ``work`` (entries times ``max(N, 16)``, when given) is below :data:`SERIAL_WORK`."""
+    n = min(get_threads(threads), _pool_size())
+    return 1 if work is not None and work < SERIAL_WORK else n
+
+
+def _work(entries: int, n: int) -> int:
+    """A product's work for :data:`SERIAL_WORK`: ``entries`` multiply-adds on ``max(n, 16)`` vectors."""
+    return int(entries) * max(int(n), 16)
 
 
 def _launch(kernel: Any, n_threads: int, *args: Any) -> None:
@@ -544,7 +550,7 @@ class NumbaEngine:
             self.build_adjoint()
         n = block.shape[1]
         out = aligned_empty((rows_out, n), block.dtype)
-        nt = _threads(threads, self._indices.size * n)
+        nt = _threads(threads, _work(self._indices.size, n))
         blocks = self._blocks[1] if adjoint else self._blocks[0]
         if adjoint:
             arrays = (self._t_indptr, self._t_indices, self._values(True, block.dtype))
@@ -627,7 +633,7 @@ class NumbaEngine:
         m, k = self.shape
         x, d = _grad_blocks(X, D, self.shape, self.dtype, align=self._indices.size >= ALIGN_READS * max(m, k))
         n = x.shape[1]
-        nt = _threads(threads, self._indices.size * n)
+        nt = _threads(threads, _work(self._indices.size, n))
         seg = self._segments(n)
         n_bands = seg["band_ptr"].size - 1
         n_parts = min(nt, n_bands)

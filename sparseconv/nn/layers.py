@@ -1367,11 +1367,12 @@ ACTIVATIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.nd
 }
 
 
-def _times(d: np.ndarray, D: np.ndarray, *saved: np.ndarray) -> np.ndarray:
-    """``D * d``, into ``d`` when ``d`` is a fresh array of the result's shape and dtype (not a
-    saved array, not a view): the activations' backward without one more temporary."""
-    if (isinstance(d, np.ndarray) and d.base is None and d.flags.writeable and d.shape == np.shape(D)
-            and d.dtype == np.result_type(d, D) and not any(d is x for x in (D, *saved))):
+def _times(d: np.ndarray, D: np.ndarray, fresh: bool) -> np.ndarray:
+    """``D * d``; into ``d`` when ``fresh`` (``d`` came from a built-in derivative, which returns a
+    new array nothing else holds) and ``d`` has the result's shape and dtype: the activations'
+    backward without one more temporary. A subclass's derivative may return an array it keeps
+    (a cache, a saved input), so its ``d`` is never written."""
+    if fresh and d.shape == np.shape(D) and d.dtype == np.result_type(d, D):
         return np.multiply(d, D, out=d)
     return D * d
 
@@ -1406,7 +1407,7 @@ class Activation(Module):
         z, a = self._restore()
         dy = _check_dy(self, dy, z.shape, z.dtype)
         self._release()
-        return _times(self.derivative(z, a), dy, z, a)
+        return _times(self.derivative(z, a), dy, type(self).derivative is Activation.derivative)
 
     def forward_columns(self, X: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
         """``f(X)`` element-wise (the layout does not matter); see :meth:`~sparseconv.nn.Module.forward_columns`."""
@@ -1421,7 +1422,7 @@ class Activation(Module):
         z, a, z_shape = self._restore("columns")
         D = _check_columns_dy(self, D, z_shape, shape, z.shape[1], z.dtype)
         self._release()
-        return _times(self.derivative(z, a), D, z, a)
+        return _times(self.derivative(z, a), D, type(self).derivative is Activation.derivative)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -1447,6 +1448,10 @@ class ReLU(Activation):
         """
         shape = tuple(shape)
         self._save((A, A, shape), "columns")
+
+    def recorded_blocks(self) -> list[np.ndarray]:
+        """The blocks :meth:`record_columns` saved for backward calls not yet made."""
+        return [ctx[0] for layout, ctx in self._saved if layout == "columns" and ctx[0] is ctx[1]]
 
     def fusable(self) -> bool:
         """Whether the layer before may compute this ReLU itself (:meth:`record_columns`): True

@@ -25,6 +25,7 @@ import errno
 import itertools
 import os
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
@@ -289,6 +290,20 @@ class Module:
         dx = self.backward(D.T.reshape((n, *shape)))
         return dx.reshape(n, int(np.prod(dx.shape[1:], dtype=np.int64))).T
 
+    def native_columns(self) -> bool:
+        """Whether :meth:`forward_columns`/:meth:`backward_columns` compute what :meth:`forward`/
+        :meth:`backward` compute: False when a subclass overrides ``forward`` or ``backward``
+        below the class that defines the column methods (a user's layer derived from a built-in
+        one); :class:`Sequential` then runs the column pass through the base
+        :meth:`Module.forward_columns`, which calls ``forward`` on a transposed view."""
+        for cls in type(self).__mro__:
+            names = cls.__dict__
+            if "forward_columns" in names or "backward_columns" in names:
+                return True
+            if "forward" in names or "backward" in names:
+                return False
+        return True
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.forward(x)
 
@@ -552,6 +567,17 @@ def _read_checkpoint(path: str) -> dict[str, np.ndarray]:
                          f"{type(err).__name__}: {err}") from None
 
 
+def _unshared(Y: np.ndarray, members: list[Module]) -> np.ndarray:
+    """``Y``, copied if it shares memory with a block a fused ``ReLU`` of this pass recorded for
+    its backward (a caller editing the output in place must not change the recorded mask);
+    ``members`` is empty for a nested call, which leaves it to the outermost one."""
+    for m in members:
+        for block in getattr(m, "recorded_blocks", lambda: ())():
+            if np.may_share_memory(Y, block):
+                return np.array(Y, order="K")
+    return Y
+
+
 def _check_layout(layout: object) -> str:
     if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
@@ -577,9 +603,11 @@ class Sequential(Module):
         maximum taken (not for the pair that ends the network, whose output the caller
         holds). ``"batch_first"``: every layer's own :meth:`~Module.forward` on
         ``(N, C, *spatial)`` batches. Both give the same results to rounding. Measured with
-        ``benchmarks/bench_network.py`` (2 threads, float32): inference of a 90%-pruned
-        three-layer 64-channel CNN 11.5-13.7 ms in columns against 15-45 ms batch-first; a
-        90%-pruned LeNet-5 training step 5.2-5.4 ms in both; dense networks alike.
+        ``benchmarks/bench_network.py --blocked`` (2 threads, float32): inference of a
+        90%-pruned three-layer 64-channel CNN 12.8-14.8 ms in columns against 17-28 ms
+        batch-first; a 90%-pruned LeNet-5 training step 3.6-3.9 ms in both; the unpruned CNN
+        alike (76-86 ms against 80-87 ms), the dense LeNet-5 training step within this
+        machine's noise (one run of three put columns 5-13% behind).
 
     Notes
     -----
@@ -594,12 +622,14 @@ class Sequential(Module):
     The CSR kernel (and compiled engines) multiply ``N``-wide rows and want it
     C-contiguous; the factored engine computes on the batch-first view ``X.T`` and wants it
     F-contiguous. Each sparse layer hands its engine the order that engine wants, copying
-    only when the block is in the other one, and element-wise layers keep the order they
-    are given. The batch enters as the transposed view of ``x`` and leaves as the
-    ``(N, *out)`` view of the last block (strided, as the batch-first path's outputs are),
-    so it is transposed (copied) at most once on the way in, by the first layer that needs
-    C order; a layer after one with the other engine pays one more copy; a chain of
-    factored layers (dense layers) pays none.
+    only when the block is in the other one (a C-order copy is aligned and made by a tiled
+    transpose), and element-wise layers keep the order they are given. The batch enters as
+    the transposed view of ``x`` and leaves as the ``(N, *out)`` view of the last block: an
+    F-ordered array, not C-contiguous (``np.ascontiguousarray`` makes one where needed;
+    batch-first networks ending in ``Linear`` return C-contiguous arrays). So it is
+    transposed (copied) at most once on the way in, by the first layer that needs C order; a
+    layer after one with the other engine pays one more copy; a chain of factored layers
+    (dense layers) pays none.
     """
 
     # Class default, so that a Sequential pickled before the layout existed unpickles as one.
@@ -673,10 +703,10 @@ class Sequential(Module):
                 for i, layer in enumerate(self.layers):
                     x = self._run(i, layer, lambda layer=layer, x=x: layer.forward(x))
                 self._save(None)
-                return x
+                return _unshared(x, members)
             x = np.asarray(x)
             if x.ndim < 1:
-                raise ValueError("x must be a batch of shape (N, ...); got a scalar")
+                raise LayerInputError("x must be a batch of shape (N, ...); got a scalar")
             n, shape = x.shape[0], tuple(x.shape[1:])
             # The columns start as the transposed view of x: the first layer whose engine
             # wants C-contiguous blocks makes the one transpose copy, and a network of
@@ -684,9 +714,9 @@ class Sequential(Module):
             X = x.reshape(n, int(np.prod(shape, dtype=np.int64))).T
             Y, outs = self._forward_layers(X, shape)
             self._save((n, shape, outs), "columns")
-            # The output is the (N, *out) view of the last block, as the batch-first path's
-            # outputs are views of their operators' column blocks: no copy.
-            return Y.T.reshape((n, *(outs[-1] if outs else shape)))
+            # The output is the (N, *out) view of the last block (F-ordered): no copy, unless
+            # the block is one a fused ReLU recorded for its backward.
+            return _unshared(Y, members).T.reshape((n, *(outs[-1] if outs else shape)))
         finally:
             for m in members:
                 m._pass_open = False
@@ -697,30 +727,33 @@ class Sequential(Module):
         A convolution followed by a ``ReLU`` runs as one call (``forward_columns_relu``): the
         bias and the maximum are applied as the product's rows are stored, instead of two more
         passes over the activations, and the ReLU records the output for its backward. Same
-        bits as the two calls. Not for the last pair: its output leaves the network, and an
-        in-place edit of it by the caller would change the recorded ReLU's mask.
+        bits as the two calls. (The outermost call copies its output if it is such a block,
+        so that a caller editing the output in place cannot change the recorded mask.) A layer
+        whose class overrides ``forward``/``backward`` below its column methods runs through
+        :meth:`Module.forward_columns` (see :meth:`Module.native_columns`).
         """
         outs: list[tuple[int, ...]] = []
         i = 0
         while i < len(self.layers):
             layer = self.layers[i]
-            nxt = self.layers[i + 1] if i + 2 < len(self.layers) else None
-            if (nxt is not None and hasattr(layer, "fuses_relu") and layer.fuses_relu()
-                    and hasattr(nxt, "fusable") and nxt.fusable()):
+            nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
+            if (nxt is not None and hasattr(layer, "fuses_relu") and layer.native_columns() and layer.fuses_relu()
+                    and hasattr(nxt, "fusable") and nxt.native_columns() and nxt.fusable()):
                 X, shape = self._run(i, layer, lambda layer=layer, X=X, shape=shape:
                                      layer.forward_columns_relu(X, shape))
                 nxt.record_columns(X, shape)
                 outs += [tuple(shape), tuple(shape)]
                 i += 2
                 continue
-            X, shape = self._run(i, layer, lambda layer=layer, X=X, shape=shape: layer.forward_columns(X, shape))
+            forward = layer.forward_columns if layer.native_columns() else partial(Module.forward_columns, layer)
+            X, shape = self._run(i, layer, lambda forward=forward, X=X, shape=shape: forward(X, shape))
             outs.append(tuple(shape))
             i += 1
         return X, outs
 
     def _backward_layers(self, D: np.ndarray, outs: list[tuple[int, ...]]) -> np.ndarray:
         for layer, out in zip(reversed(self.layers), reversed(outs)):
-            D = layer.backward_columns(D, out)
+            D = layer.backward_columns(D, out) if layer.native_columns() else Module.backward_columns(layer, D, out)
         return D
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
@@ -750,7 +783,7 @@ class Sequential(Module):
         finally:
             for m in members:
                 m._pass_open = False
-        return Y, (outs[-1] if outs else tuple(shape))
+        return _unshared(Y, members), (outs[-1] if outs else tuple(shape))
 
     def backward_columns(self, D: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         """Every layer's :meth:`~Module.backward_columns`, last layer first."""
