@@ -36,6 +36,7 @@ __all__ = [
     "axis_sources",
     "spatial_pattern",
     "build_pattern",
+    "count_items",
     "index_dtype",
     "pattern_bytes",
     "pattern_nbytes",
@@ -224,6 +225,23 @@ def _items_per_filter(geom: ConvGeometry, spat: SpatialPattern, mask: Optional[n
     return (mask.reshape(geom.out_channels, cin_g, n_taps) * tap_counts).sum(axis=(1, 2))
 
 
+def count_items(geom: ConvGeometry, spatial: SpatialPattern, weight_mask: Optional[np.ndarray] = None) -> int:
+    """Stored entries of the matrix, counted without building it: exact where every entry is
+    one weight, an upper bound where repeating padding merges items into one entry.
+
+    Parameters
+    ----------
+    geom : ConvGeometry
+    spatial : SpatialPattern
+    weight_mask : ndarray of bool, optional
+
+    Returns
+    -------
+    int
+    """
+    return int(_items_per_filter(geom, spatial, _checked_mask(geom, weight_mask)).sum())
+
+
 def pattern_nbytes(geom: ConvGeometry, spatial: SpatialPattern, weight_mask: Optional[np.ndarray] = None,
                    value_dtype: np.dtype = np.dtype(np.float64)) -> int:
     """Bytes :func:`build_pattern` would return plus the value array, computed without building.
@@ -242,7 +260,7 @@ def pattern_nbytes(geom: ConvGeometry, spatial: SpatialPattern, weight_mask: Opt
         Values, column indices, row pointers and tying map (an upper bound where repeating
         padding merges items into one entry).
     """
-    n_items = int(_items_per_filter(geom, spatial, _checked_mask(geom, weight_mask)).sum())
+    n_items = count_items(geom, spatial, weight_mask)
     idx_dtype = index_dtype(n_items, geom.n_in, geom.n_out)
     return pattern_bytes(n_items, geom.n_out, np.dtype(value_dtype).itemsize, idx_dtype.itemsize,
                          index_dtype(geom.n_params).itemsize)

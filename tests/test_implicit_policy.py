@@ -181,3 +181,20 @@ def test_a_refused_adjoint_leaves_the_forward_its_budget(engine):
     # The forward alone fits, and is charged once.
     assert_allclose(op.forward(x, engine=engine), ref.conv_direct(x, w, None, **case.opts))
     assert op.nbytes <= built + forward
+
+
+@pytest.mark.parametrize("mode", ["reflect", "circular", "replicate"])
+def test_numba_estimates_and_refusals_build_nothing(mode):
+    """Repeating padding (entries may hold weight sums): the numba engine's estimate builds no
+    pattern, and a product the budget refuses leaves the operator as it was."""
+    case = Case((8, 8), (3, 3), c=3, f=4, padding=1, padding_mode=mode)
+    x, w, _, _ = case.arrays(0)
+    op = sc.ConvOperator(w, (case.c, *case.in_size), engine="factored", **case.opts)
+    s = op._structure
+    built = s.built_bytes
+    assert NUMBA.estimate_nbytes(s, "forward") > 0 and NUMBA.full_nbytes(s) > 0
+    assert s.built_bytes == built and s._pattern is None
+    tight = sc.ConvOperator(w, (case.c, *case.in_size), engine="factored", memory_budget=op.nbytes + 64, **case.opts)
+    with pytest.raises(sc.MemoryBudgetError):
+        tight.forward(x, engine="numba")
+    assert tight.nbytes == op.nbytes and tight._structure._pattern is None

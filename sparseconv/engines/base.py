@@ -24,8 +24,8 @@ import scipy.sparse as sp
 
 from ..factored import AdjointTables, adjoint_plan, adjoint_tables, forward_table
 from ..geometry import ConvGeometry, parse_memory_budget
-from ..pattern import (MemoryBudgetError, TiedPattern, ValueLayout, build_pattern, format_bytes, pattern_nbytes,
-                       spatial_pattern, value_layout)
+from ..pattern import (MemoryBudgetError, TiedPattern, ValueLayout, build_pattern, count_items, format_bytes,
+                       pattern_nbytes, spatial_pattern, value_layout)
 
 __all__ = ["ALIGNMENT", "PRODUCTS", "Structure", "Engine", "KernelEngine", "GuardedMatrix", "MatrixModifiedError",
            "aligned_empty", "bias_relu_inplace", "bias_values", "freeze", "is_aligned"]
@@ -317,6 +317,14 @@ class Structure:
                 return int(g.out_channels * (g.in_channels // g.groups) * self.spatial.n_items)
             return int((self.mask.reshape(g.out_channels, -1, per_tap.size) * per_tap).sum())
         return self.pattern().nnz
+
+    @property
+    def nnz_bound(self) -> int:
+        """:attr:`nnz` where it is known without building anything, else an upper bound (for
+        estimates made before the memory budget is charged)."""
+        if self._pattern is not None or self.spatial.single_tap:
+            return self.nnz
+        return count_items(self.geometry, self.spatial, self.mask)
 
     def kernel(self, dtype: Optional[np.dtype] = None) -> np.ndarray:
         """The weight as ``(F, C // G, prod(kernel))``, in ``dtype`` (default the structure's)."""

@@ -737,7 +737,7 @@ class NumbaProtocolEngine(CompiledEngine):
     @classmethod
     def _own_nbytes(cls, structure: Structure, product: str) -> int:
         g = structure.geometry
-        return NumbaEngine.estimate_nbytes(structure.nnz, (g.n_out, g.n_in), structure.dtype,
+        return NumbaEngine.estimate_nbytes(structure.nnz_bound, (g.n_out, g.n_in), structure.dtype,
                                            adjoint=product == "adjoint", weight_grad=product == "weight_grad")
 
     @classmethod
@@ -751,7 +751,7 @@ class NumbaProtocolEngine(CompiledEngine):
         transposed matrix and the gradient's entry order (what the policy checks against the
         memory budget)."""
         g = structure.geometry
-        return structure.pattern_nbytes() + NumbaEngine.estimate_nbytes(structure.nnz, (g.n_out, g.n_in),
+        return structure.pattern_nbytes() + NumbaEngine.estimate_nbytes(structure.nnz_bound, (g.n_out, g.n_in),
                                                                          structure.dtype)
 
     def prepare(self, product: str) -> None:
@@ -762,7 +762,7 @@ class NumbaProtocolEngine(CompiledEngine):
         and the budget as they were.
         """
         s = self.structure
-        values = s.nnz * s.dtype.itemsize if self.kernel is None else 0
+        values = s.nnz_bound * s.dtype.itemsize if self.kernel is None else 0
         extra, what = 0, "values"
         if product == "adjoint" and (self.kernel is None or self.kernel._t_data is None):
             extra, what = (self._own_nbytes(s, "adjoint") - self._own_nbytes(s, "forward"),
