@@ -80,3 +80,28 @@ def check_products(eng, case: Case, w: np.ndarray, n: int, threads: int, *, mask
     assert_allclose(g, dw, scale=max(float(np.abs(sdw).max()), 1e-300), err_msg=f"weight_grad {tag}")
     if mask is not None:
         assert not np.any(g[~mask]), f"non-zero gradient at masked weights ({tag})"
+
+
+def check_network_gradients(net, x: np.ndarray, dy: np.ndarray, dx: np.ndarray, grads: dict) -> None:
+    """``dx`` and every parameter's gradient in ``grads`` (by name) against float64 central
+    differences of ``<dy, net(x)>``, in ``x`` and in the free (unmasked) entries of each parameter."""
+    from sparseconv.testing import gradcheck
+
+    def loss_x(z):
+        return float(np.sum(net.forward(z) * dy))
+
+    gradcheck(loss_x, x, dx, rng=0)
+    for k, p in net.named_parameters():
+        free = np.ones(p.shape, bool) if p.mask is None else p.mask
+        base = p.data.copy()
+
+        def loss_p(v, p=p, base=base, free=free):
+            w = base.copy()
+            w[free] = v
+            p.assign(w)
+            try:
+                return float(np.sum(net.forward(x) * dy))
+            finally:
+                p.assign(base)
+
+        gradcheck(loss_p, base[free], grads[k][free], rng=1)

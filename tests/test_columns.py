@@ -17,7 +17,9 @@ import pytest
 import sparseconv.nn as nn
 from sparseconv.models import C3_TABLE, lenet5
 from sparseconv.reference import conv_direct, conv_direct_backward
-from sparseconv.testing import assert_allclose, gradcheck
+from sparseconv.testing import assert_allclose
+
+from column_refs import check_network_gradients
 
 torch = pytest.importorskip("torch", reason="PyTorch is an optional extra: pip install torch")
 F = torch.nn.functional
@@ -167,24 +169,7 @@ def test_sequential_layouts_agree_and_match_finite_differences(name):
     if isinstance(layer, nn.Dropout):
         return  # each forward draws a new mask: not a fixed function of x to difference
 
-    def loss_x(z):
-        return float(np.sum(cols.forward(z) * dy))
-
-    gradcheck(loss_x, x, dx_c, rng=0)
-    for k, p in cols.named_parameters():
-        free = np.ones(p.shape, bool) if p.mask is None else p.mask
-        base = p.data.copy()
-
-        def loss_p(v, p=p, base=base, free=free):
-            w = base.copy()
-            w[free] = v
-            p.assign(w)
-            try:
-                return float(np.sum(cols.forward(x) * dy))
-            finally:
-                p.assign(base)
-
-        gradcheck(loss_p, base[free], g_c[k][free], rng=1)
+    check_network_gradients(cols, x, dy, dx_c, g_c)
 
 
 CONVS = {

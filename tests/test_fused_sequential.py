@@ -17,7 +17,9 @@ import pytest
 
 import sparseconv.nn as nn
 from sparseconv.nn.layers import _ConvBase
-from sparseconv.testing import assert_allclose, gradcheck
+from sparseconv.testing import assert_allclose
+
+from column_refs import check_network_gradients
 
 DTYPES = ("float64", "float32")
 
@@ -223,25 +225,7 @@ def test_fused_network_matches_finite_differences(name):
     """float64 central differences of ``<dy, net(x)>`` in x and in every parameter (free entries)."""
     net, x, dy, _, (y, dx, grads) = _both_layouts(name, "float64", n=3, seed=1)
     net.layout = "columns"
-
-    def loss_x(z):
-        return float(np.sum(net.forward(z) * dy))
-
-    gradcheck(loss_x, x, dx, rng=0)
-    for k, p in net.named_parameters():
-        free = np.ones(p.shape, bool) if p.mask is None else p.mask
-        base = p.data.copy()
-
-        def loss_p(v, p=p, base=base, free=free):
-            w = base.copy()
-            w[free] = v
-            p.assign(w)
-            try:
-                return float(np.sum(net.forward(x) * dy))
-            finally:
-                p.assign(base)
-
-        gradcheck(loss_p, base[free], grads[k][free], rng=1)
+    check_network_gradients(net, x, dy, dx, grads)
 
 
 def _torch_forward(layers, x, torch, params):
