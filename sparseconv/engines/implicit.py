@@ -302,7 +302,7 @@ class ImplicitEngine:
 
     def _run(self, tables: _Tables, values: np.ndarray, a: np.ndarray, rows_in: int, name: str,
              threads: Optional[int], bias: Optional[np.ndarray], relu: bool) -> np.ndarray:
-        # Aligned when each source row is read many times over (see :data:`~sparseconv.engines.base.ALIGNMENT`).
+        # Aligned when each source row is read at least ALIGN_READS times.
         block, vector = _block(a, rows_in, self.dtype, name, align=self._reads(tables) >= ALIGN_READS)
         n = block.shape[1]
         out = aligned_empty((tables.n_blocks * tables.pos_base.size, n), block.dtype)

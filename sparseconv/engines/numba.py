@@ -45,8 +45,8 @@ from ..geometry import ConvGeometry
 from ..parallel import get_threads
 from .base import ALIGNMENT, KernelEngine, Structure, aligned_empty, bias_values, is_aligned
 
-__all__ = ["ALIGN_READS", "CompiledEngine", "ENGINE", "NumbaEngine", "NumbaProtocolEngine", "SERIAL_WORK", "available", "c_order",
-           "transpose_c", "unavailable_reason"]
+__all__ = ["ALIGN_READS", "CompiledEngine", "ENGINE", "NumbaEngine", "NumbaProtocolEngine", "SERIAL_WORK", "available",
+           "c_order", "transpose_c", "unavailable_reason"]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 # Bytes of input a band of rows may read: a quarter of one core's L2 (2 MiB here), so the
@@ -543,7 +543,7 @@ class NumbaEngine:
                  relu: bool = False) -> np.ndarray:
         m, k = self.shape
         rows_in, rows_out = (m, k) if adjoint else (k, m)
-        # Aligned when each input row is read many times over (see :data:`~sparseconv.engines.base.ALIGNMENT`).
+        # Aligned when each input row is read at least ALIGN_READS times.
         block, vector = _block(a, rows_in, self.dtype, "D" if adjoint else "X",
                                align=self._indices.size >= ALIGN_READS * rows_in)
         if adjoint:
@@ -574,10 +574,10 @@ class NumbaEngine:
         ----------
         X : ndarray of shape (in_size, N) or (in_size,)
             Any memory order (C-contiguous in the compute dtype is used as is, anything else is
-            copied into that layout first; see :data:`~sparseconv.engines.base.ALIGNMENT`). Computed in the engine's
-            dtype when ``X`` casts to it without loss, else in float64 if ``X`` casts to that
-            (a float64 block on a float32 engine: the values promote exactly); other dtypes
-            raise ``TypeError``.
+            copied into that layout first, aligned where each row is read at least
+            :data:`ALIGN_READS` times). Computed in the engine's dtype when ``X`` casts to it
+            without loss, else in float64 if ``X`` casts to that (a float64 block on a float32
+            engine: the values promote exactly); other dtypes raise ``TypeError``.
         threads : int, optional
             Default :func:`sparseconv.parallel.get_threads`; capped at numba's pool size.
         bias : ndarray of shape (out_blocks,), optional

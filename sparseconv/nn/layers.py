@@ -210,13 +210,6 @@ def _per_channel(A: np.ndarray, channels: int) -> np.ndarray:
     return np.reshape(A, (channels, A.shape[0] // channels, A.shape[1]), copy=False)
 
 
-def _add_channel_bias(Y: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """``Y`` (a fresh column block) plus ``bias[c]`` on every row of channel ``c``, in place."""
-    view = _per_channel(Y, bias.size)
-    view += bias[:, None, None]
-    return Y
-
-
 def _channel_sum(A: np.ndarray, channels: int) -> np.ndarray:
     """``A`` summed over positions and samples per channel, shape ``(C,)``."""
     return _per_channel(A, channels).sum(axis=(1, 2))
