@@ -182,7 +182,8 @@ def training_step(repeats: int, max_seconds: float) -> dict:
         def step() -> float:
             opt.zero_grad()
             value = loss(model.forward(x), labels)
-            model.backward(loss.backward())
+            # Parameter gradients only, as PyTorch's step computes none for its input.
+            model.backward(loss.backward(), input_grad=False)
             opt.step()
             return value
         return step

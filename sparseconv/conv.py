@@ -25,6 +25,7 @@ import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator
 
 from .engines import PRODUCTS, Engine, Structure, choose_engine, default_engine, engine_class, resolve_engine_name
+from .engines.base import nonzero_outside
 from .geometry import (FLOAT_DTYPES, ConvGeometry, IntOrTuple, PaddingSpec, check_array_dtype, check_batch,
                        conv_geometry, resolve_dtype)
 
@@ -475,8 +476,8 @@ class ConvOperator(MatrixOperator):
         weight = check_array_dtype(weight, self.dtype, "weight")
         if weight.shape != self.geometry.weight_shape:
             raise ValueError(f"weight must have shape {self.geometry.weight_shape}; got {weight.shape}")
-        mask = self._structure.mask
-        if mask is not None and np.any(weight[~mask]):
+        kept = self._structure.kept_indices()
+        if kept is not None and nonzero_outside(weight, kept):
             raise ValueError("weight has non-zero values where weight_mask is False; those weights have "
                              "no entries in the matrix (build a new operator to change the mask)")
         return weight

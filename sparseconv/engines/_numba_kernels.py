@@ -36,6 +36,7 @@ import warnings
 from typing import Callable
 
 import numba
+import numpy as np
 from llvmlite import ir
 from numba import prange, types
 from numba.core import cgutils, errors
@@ -51,6 +52,11 @@ __all__ = [
     "taps_bands",
     "taps_grad",
     "transpose_into",
+    "tanh_grad_into",
+    "sigmoid_grad_into",
+    "channel_affine_into",
+    "channel_affine_grad_into",
+    "channel_sums_into",
     "stencil_forward",
     "stencil_grad",
     "shift_pad",
@@ -787,6 +793,129 @@ def transpose_into(src, dst):
         for j in range(j0, j1):
             for i in range(i0, i1):
                 dst[j, i] = src[i, j]
+
+
+# ---------------------------------------------------------------------- element-wise passes
+# The activations' derivatives and the per-channel affine maps of a network's column blocks,
+# each one serial pass (the blocks of a small network are a few hundred KiB to a few MiB:
+# handing them to the thread pool cost more than it saved). Written as plain loops that LLVM
+# vectorises; no fast-math, so every product and difference is rounded as numpy rounds it and
+# the stored values are bit for bit numpy's. Sums accumulate in float64, one accumulator per
+# column (a vectorisable order, fixed whatever the machine).
+@_jit(nogil=True)
+def tanh_grad_into(d, a, out, one):
+    """``out = d * (one - a * a)`` element-wise (the derivative of tanh through its output).
+
+    Parameters
+    ----------
+    d, a : ndarray of shape (size,), one float dtype
+    out : ndarray of shape (size,), that dtype; may be ``d``.
+    one : scalar of that dtype
+        1, typed so that the arithmetic stays in the arrays' dtype.
+    """
+    for i in range(out.size):
+        ai = a[i]
+        out[i] = d[i] * (one - ai * ai)
+
+
+@_jit(nogil=True)
+def sigmoid_grad_into(d, a, out, one):
+    """``out = d * ((one - a) * a)`` element-wise (the derivative of the logistic function).
+
+    Parameters
+    ----------
+    d, a : ndarray of shape (size,), one float dtype
+    out : ndarray of shape (size,), that dtype; may be ``d``.
+    one : scalar of that dtype
+    """
+    for i in range(out.size):
+        ai = a[i]
+        out[i] = d[i] * ((one - ai) * ai)
+
+
+@_jit(nogil=True)
+def channel_affine_into(z, scale, shift, out):
+    """``out[r] = z[r] * scale[c] + shift[c]`` for the rows ``r`` of channel ``c``.
+
+    Parameters
+    ----------
+    z : ndarray of shape (C * P, N), C-contiguous
+        A column block whose rows are ``C`` runs of ``P`` positions.
+    scale, shift : ndarray of shape (C,), ``z``'s dtype
+    out : ndarray of shape (C * P, N), C-contiguous, ``z``'s dtype; may be ``z``.
+    """
+    n_rows, n = z.shape
+    per = n_rows // scale.size
+    for c in range(scale.size):
+        s = scale[c]
+        b = shift[c]
+        for r in range(c * per, (c + 1) * per):
+            for j in range(n):
+                out[r, j] = z[r, j] * s + b
+
+
+@_jit(nogil=True)
+def channel_affine_grad_into(d, z, scale, out, dscale, dshift, acc_s, acc_b):
+    """The backward of :func:`channel_affine_into` in one pass over ``d`` and ``z``.
+
+    ``out[r] = d[r] * scale[c]``, ``dscale[c] = sum(d * z)`` and ``dshift[c] = sum(d)`` over the
+    rows of channel ``c`` and all columns; the sums in float64 (products of two float32 values
+    are exact there), one accumulator per column, the columns' sums added in order.
+
+    Parameters
+    ----------
+    d, z : ndarray of shape (C * P, N), C-contiguous, one float dtype
+    scale : ndarray of shape (C,), that dtype
+    out : ndarray of shape (C * P, N), C-contiguous, that dtype; may be ``d``.
+    dscale, dshift : ndarray of shape (C,), float64
+        Overwritten.
+    acc_s, acc_b : ndarray of shape (N,), float64
+        Scratch.
+    """
+    n_rows, n = d.shape
+    per = n_rows // scale.size
+    for c in range(scale.size):
+        s = scale[c]
+        acc_s[:] = 0.0
+        acc_b[:] = 0.0
+        for r in range(c * per, (c + 1) * per):
+            for j in range(n):
+                v = d[r, j]
+                acc_s[j] += np.float64(v) * np.float64(z[r, j])
+                acc_b[j] += v
+                out[r, j] = v * s
+        total_s = 0.0
+        total_b = 0.0
+        for j in range(n):
+            total_s += acc_s[j]
+            total_b += acc_b[j]
+        dscale[c] = total_s
+        dshift[c] = total_b
+
+
+@_jit(nogil=True)
+def channel_sums_into(d, sums, acc):
+    """``sums[c] = sum(d[rows of channel c])`` in float64 (a convolution's bias gradient).
+
+    Parameters
+    ----------
+    d : ndarray of shape (C * P, N), C-contiguous
+    sums : ndarray of shape (C,), float64
+        Overwritten.
+    acc : ndarray of shape (N,), float64
+        Scratch.
+    """
+    n_rows, n = d.shape
+    per = n_rows // sums.size
+    for c in range(sums.size):
+        acc[:] = 0.0
+        for r in range(c * per, (c + 1) * per):
+            for j in range(n):
+                acc[j] += d[r, j]
+        total = 0.0
+        for j in range(n):
+            total += acc[j]
+        sums[c] = total
 
 
 # ---------------------------------------------------------------------- stencil kernels

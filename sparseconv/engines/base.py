@@ -16,6 +16,9 @@ whether it can run a structure at all (the policy never picks an engine that can
 
 from __future__ import annotations
 
+import math
+import os
+import sys
 import threading
 from typing import ClassVar, Optional
 
@@ -28,7 +31,8 @@ from ..pattern import (MemoryBudgetError, TiedPattern, ValueLayout, build_patter
                        pattern_nbytes, spatial_pattern, value_layout)
 
 __all__ = ["ALIGNMENT", "PRODUCTS", "Structure", "Engine", "KernelEngine", "GuardedMatrix", "MatrixModifiedError",
-           "aligned_empty", "bias_relu_inplace", "bias_values", "freeze", "is_aligned"]
+           "aligned_empty", "bias_relu_inplace", "bias_values", "freeze", "is_aligned", "nonzero_outside",
+           "release_blocks"]
 
 #: The products every engine implements, by the names used everywhere (operator keywords,
 #: ``op.engine(product)``, the benchmark).
@@ -42,8 +46,119 @@ PRODUCTS = ("forward", "adjoint", "weight_grad")
 ALIGNMENT = 64
 
 
+#: Blocks smaller than this are allocated directly: malloc serves them from its heap without
+#: fresh pages, and scanning the cache for them would cost more than it saves.
+CACHE_MIN_BYTES = 1 << 16
+
+# A free cached buffer is referred to by its bucket, the scanning loop's variable and
+# sys.getrefcount's own argument; any array viewing it adds one more (a view's ``base`` chain
+# ends at the buffer), so a higher count means the buffer is still in use.
+_FREE_REFS = 3
+
+
+class _BlockCache:
+    """Byte buffers of released blocks, reused by :func:`aligned_empty` for blocks of the same size.
+
+    Why: a network's products and element-wise passes allocate their outputs afresh at every
+    call, a few MiB per training step, and glibc serves such sizes with fresh pages from the
+    kernel once it has trimmed its heap -- every page is then zeroed and faulted in on first
+    touch. A 90%-pruned LeNet-5 training step here took 6.5-7.1 ms with about 1150 page faults
+    against 5.0-5.4 ms with none (the same step with glibc's trimming disabled). A buffer is
+    reused only when nothing refers to it any more (its reference count is the cache's own),
+    so a block the caller still holds, or any view of it, is never handed out twice.
+
+    The cache holds at most :meth:`limit` bytes (``SPARSECONV_BLOCK_CACHE``, bytes or a size
+    such as ``"64MiB"``; default 256 MiB; 0 turns it off); past that, free buffers are dropped
+    oldest size first, and a block that still does not fit is allocated outside the cache.
+    """
+
+    DEFAULT_LIMIT = 256 << 20
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buckets: dict[int, list[np.ndarray]] = {}
+        self._bytes = 0
+        self._limit: Optional[int] = None
+
+    def limit(self) -> int:
+        """The cache's capacity in bytes (read from the environment at the first use)."""
+        if self._limit is None:
+            env = os.environ.get("SPARSECONV_BLOCK_CACHE")
+            self._limit = self.DEFAULT_LIMIT if env is None else parse_memory_budget(env, "SPARSECONV_BLOCK_CACHE")
+        return self._limit
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the buffers the cache holds, in use or free."""
+        return self._bytes
+
+    def take(self, size: int) -> np.ndarray:
+        """A uint8 buffer of ``size`` bytes nothing else refers to."""
+        if size < CACHE_MIN_BYTES or self.limit() == 0:
+            return np.empty(size, dtype=np.uint8)
+        with self._lock:
+            bucket = self._buckets.setdefault(size, [])
+            for raw in bucket:
+                if sys.getrefcount(raw) <= _FREE_REFS:
+                    return raw
+            if self._bytes + size > self._limit:
+                self._drop_free(self._bytes + size - self._limit)
+                if self._bytes + size > self._limit:
+                    return np.empty(size, dtype=np.uint8)
+            raw = np.empty(size, dtype=np.uint8)
+            bucket.append(raw)
+            self._bytes += size
+            return raw
+
+    def _drop_free(self, wanted: int) -> None:
+        """Forget free buffers, oldest size first, until ``wanted`` bytes are released (or none is left)."""
+        for size in list(self._buckets):
+            bucket = self._buckets[size]
+            kept = []
+            for raw in bucket:
+                if wanted > 0 and sys.getrefcount(raw) <= _FREE_REFS:
+                    wanted -= size
+                    self._bytes -= size
+                else:
+                    kept.append(raw)
+            if kept:
+                self._buckets[size] = kept
+            else:
+                del self._buckets[size]
+            if wanted <= 0:
+                return
+
+    def clear(self, limit: Optional[int] = None) -> None:
+        """Forget every buffer (blocks in use stay valid: they keep their own buffers alive);
+        with ``limit``, also set the capacity (None: re-read the environment at the next use)."""
+        with self._lock:
+            self._buckets.clear()
+            self._bytes = 0
+            self._limit = limit
+
+
+_block_cache = _BlockCache()
+
+
+def release_blocks(limit: Optional[int] = None) -> None:
+    """Release the buffers :func:`aligned_empty` keeps for reuse (see :class:`_BlockCache`).
+
+    Parameters
+    ----------
+    limit : int, optional
+        New capacity in bytes (0: no caching from now on). Default: ``SPARSECONV_BLOCK_CACHE``,
+        else 256 MiB.
+    """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 0):
+        raise ValueError(f"limit must be a non-negative int (bytes) or None; got {limit!r}")
+    _block_cache.clear(None if limit is None else int(limit))
+
+
 def aligned_empty(shape: tuple[int, ...], dtype: object) -> np.ndarray:
     """An uninitialised C-contiguous array whose data starts at a multiple of :data:`ALIGNMENT`.
+
+    Blocks of at least :data:`CACHE_MIN_BYTES` reuse the buffer of a released block of the same
+    size when there is one (see :func:`release_blocks`): no fresh pages to fault in.
 
     Parameters
     ----------
@@ -56,8 +171,8 @@ def aligned_empty(shape: tuple[int, ...], dtype: object) -> np.ndarray:
         A view into a slightly larger byte buffer (its ``base``).
     """
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
+    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    raw = _block_cache.take(math.prod(shape) * dtype.itemsize + ALIGNMENT)
     # np.ndarray with an offset moves the data pointer even for zero elements (a slice would not).
     return np.ndarray(shape, dtype=dtype, buffer=raw, offset=-raw.ctypes.data % ALIGNMENT)
 
@@ -65,6 +180,23 @@ def aligned_empty(shape: tuple[int, ...], dtype: object) -> np.ndarray:
 def is_aligned(a: np.ndarray) -> bool:
     """Whether ``a``'s data starts at a multiple of :data:`ALIGNMENT` bytes."""
     return a.ctypes.data % ALIGNMENT == 0
+
+
+def nonzero_outside(values: np.ndarray, kept: np.ndarray) -> bool:
+    """Whether ``values`` has a non-zero (or NaN) entry at a flat index not in ``kept``.
+
+    Counted as "more non-zeros in all of ``values`` than among the kept ones": one vectorised
+    count plus a gather of the kept entries. Indexing with the inverted boolean mask instead
+    took 100-115 us on a 120x16x5x5 kernel at 90% zeros (a branch per element), this 10 us.
+
+    Parameters
+    ----------
+    values : ndarray
+    kept : ndarray of int
+        Distinct flat indices into ``values``.
+    """
+    flat = values.reshape(-1)
+    return np.count_nonzero(flat) != np.count_nonzero(flat[kept])
 
 
 def bias_values(bias: Optional[np.ndarray], channels: int, dtype: np.dtype) -> Optional[np.ndarray]:
@@ -342,12 +474,19 @@ class Structure:
         shape = self.geometry.weight_shape
         if self.mask is None:
             return grad.reshape(shape).astype(self.dtype, copy=False)
-        if self._kept is None:
-            self._kept = freeze(np.flatnonzero(self.mask))
+        kept = self.kept_indices()
         flat = grad.reshape(-1)
         out = np.zeros(flat.size, dtype=self.dtype)
-        out[self._kept] = flat[self._kept]
+        out[kept] = flat[kept]
         return out.reshape(shape)
+
+    def kept_indices(self) -> Optional[np.ndarray]:
+        """Flat indices of the weights the mask keeps (found once, read-only), or None without a mask."""
+        if self.mask is None:
+            return None
+        if self._kept is None:
+            self._kept = freeze(np.flatnonzero(self.mask))
+        return self._kept
 
     # ------------------------------------------------------------------ budget
     def reserve(self, nbytes: int, what: str) -> None:

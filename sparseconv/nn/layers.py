@@ -34,7 +34,8 @@ import scipy.sparse as sp
 from scipy.special import erf
 
 from ..conv import ConvOperator
-from ..engines.base import bias_relu_inplace
+from ..engines.base import aligned_empty, bias_relu_inplace
+from ..engines.elementwise import channel_affine, channel_affine_grad, channel_sums, sigmoid_grad, tanh_grad
 from ..engines.numba import c_order
 from ..geometry import (IntOrTuple, PaddingSpec, check_array_dtype, conv_geometry, normalize_padding, normalize_tuple,
                         parse_memory_budget, validate_conv_options)
@@ -203,16 +204,6 @@ def _for_engine(A: np.ndarray, op: Any, product: str) -> np.ndarray:
     if op.engine(product) in _BATCH_FIRST_ENGINES:
         return np.asarray(A, order="F")
     return c_order(A)
-
-
-def _per_channel(A: np.ndarray, channels: int) -> np.ndarray:
-    """The ``(C, prod(spatial), N)`` view of a column block (a view whatever its memory order)."""
-    return np.reshape(A, (channels, A.shape[0] // channels, A.shape[1]), copy=False)
-
-
-def _channel_sum(A: np.ndarray, channels: int) -> np.ndarray:
-    """``A`` summed over positions and samples per channel, shape ``(C,)``."""
-    return _per_channel(A, channels).sum(axis=(1, 2))
 
 
 # ---------------------------------------------------------------------- operator layers
@@ -411,16 +402,23 @@ class _ConvBase(_WeightAndBias, OperatorLayer):
         return z
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
+        return self._backward(dy, True)
+
+    def parameter_grads(self, dy: np.ndarray) -> None:
+        """The kernel and bias gradients of :meth:`backward`, without its adjoint product."""
+        self._backward(dy, False)
+
+    def _backward(self, dy: np.ndarray, input_grad: bool) -> Optional[np.ndarray]:
         op, x = self._restore_entry()
         dy = _check_dy(self, dy, (x.shape[0], *op.out_shape), self.dtype)
         self._release()
         if self.bias is not None:
             self.bias.grad += dy.sum(axis=(0, *range(2, dy.ndim)))
         if x.shape[0] == 0:
-            return np.zeros(x.shape, dtype=self.dtype)
+            return np.zeros(x.shape, dtype=self.dtype) if input_grad else None
         # Zero at masked weights already: the operator holds the same mask.
         self.weight.grad += op.weight_grad(x, dy)
-        return op.backward_input(dy)
+        return op.backward_input(dy) if input_grad else None
 
     def _weight_grad_columns(self, op: Any, X: np.ndarray, D: np.ndarray) -> np.ndarray:
         """The kernel gradient from column blocks of inputs and output sensitivities."""
@@ -478,17 +476,25 @@ class _ConvBase(_WeightAndBias, OperatorLayer):
 
     def backward_columns(self, D: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         """``op.H @ D``; adds the kernel gradient (column layout) and the bias gradient."""
+        return self._backward_columns(D, shape, True)
+
+    def parameter_grads_columns(self, D: np.ndarray, shape: tuple[int, ...]) -> None:
+        """The kernel and bias gradients of :meth:`backward_columns`, without its adjoint product."""
+        self._backward_columns(D, shape, False)
+
+    def _backward_columns(self, D: np.ndarray, shape: tuple[int, ...], input_grad: bool) -> Optional[np.ndarray]:
         op, X = self._restore_entry("columns")
         n = X.shape[1]
         D = _check_columns_dy(self, D, op.out_shape, shape, n, self.dtype)
         self._release()
         if self.bias is not None:
-            self.bias.grad += _channel_sum(D, self.out_channels)
+            # Summed in float64 (one compiled pass over a C-ordered block).
+            self.bias.grad += channel_sums(D, self.out_channels)
         if n == 0:
-            return np.zeros(X.shape, dtype=self.dtype)
+            return np.zeros(X.shape, dtype=self.dtype) if input_grad else None
         # Zero at masked weights already: the operator holds the same mask.
         self.weight.grad += self._weight_grad_columns(op, X, D)
-        return op.rmatmat(_for_engine(D, op, "adjoint"))
+        return op.rmatmat(_for_engine(D, op, "adjoint")) if input_grad else None
 
     def export(self, input_shape: tuple[int, ...]) -> tuple[sp.csr_array, Optional[np.ndarray]]:
         """The layer as ``(matrix, bias)`` on flattened samples (bias repeated per position)."""
@@ -682,6 +688,13 @@ class Linear(_WeightAndBias, Module):
         return y
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
+        return self._backward(dy, True)
+
+    def parameter_grads(self, dy: np.ndarray) -> None:
+        """The weight and bias gradients of :meth:`backward`, without ``dy @ W``."""
+        self._backward(dy, False)
+
+    def _backward(self, dy: np.ndarray, input_grad: bool) -> Optional[np.ndarray]:
         x, version = self._restore()
         if version != self.params["weight"].version:
             raise ValueError(f"{self!r}: its parameters were changed between forward() and backward(); run "
@@ -691,7 +704,7 @@ class Linear(_WeightAndBias, Module):
         self._add_weight_grad(dy.T @ x)
         if "bias" in self.params:
             self.params["bias"].grad += dy.sum(axis=0)
-        return dy @ self.params["weight"].data
+        return dy @ self.params["weight"].data if input_grad else None
 
     def forward_columns(self, X: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
         """``W @ X + b``; see :meth:`~sparseconv.nn.Module.forward_columns`."""
@@ -706,6 +719,13 @@ class Linear(_WeightAndBias, Module):
 
     def backward_columns(self, D: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         """``W.T @ D``; adds ``D @ X.T`` to the weight's gradient and ``D``'s row sums to the bias's."""
+        return self._backward_columns(D, shape, True)
+
+    def parameter_grads_columns(self, D: np.ndarray, shape: tuple[int, ...]) -> None:
+        """The weight and bias gradients of :meth:`backward_columns`, without ``W.T @ D``."""
+        self._backward_columns(D, shape, False)
+
+    def _backward_columns(self, D: np.ndarray, shape: tuple[int, ...], input_grad: bool) -> Optional[np.ndarray]:
         X, version = self._restore("columns")
         if version != self.params["weight"].version:
             raise ValueError(f"{self!r}: its parameters were changed between forward() and backward(); run "
@@ -715,7 +735,7 @@ class Linear(_WeightAndBias, Module):
         self._add_weight_grad(D @ X.T)
         if "bias" in self.params:
             self.params["bias"].grad += D.sum(axis=1)
-        return self.params["weight"].data.T @ D
+        return self.params["weight"].data.T @ D if input_grad else None
 
     def export(self, input_shape: tuple[int, ...]) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """``(W, b)`` as dense arrays (copies)."""
@@ -1173,6 +1193,13 @@ class Subsampling2d(OperatorLayer):
         return down * beta[:, None, None] + b[:, None, None]
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
+        return self._backward(dy, True)
+
+    def parameter_grads(self, dy: np.ndarray) -> None:
+        """The gradients of ``beta`` and ``b`` of :meth:`backward`, without ``P.T @ (beta * dy)``."""
+        self._backward(dy, False)
+
+    def _backward(self, dy: np.ndarray, input_grad: bool) -> Optional[np.ndarray]:
         op, (down, beta_version) = self._restore_entry()
         if beta_version != self.params["beta"].version:
             raise ValueError(f"{self!r}: its parameters were changed between forward() and backward(); run "
@@ -1181,7 +1208,7 @@ class Subsampling2d(OperatorLayer):
         self._release()
         self.params["beta"].grad += (dy * down).sum(axis=(0, 2, 3))
         self.params["bias"].grad += dy.sum(axis=(0, 2, 3))
-        return self._backward_batch(op, dy * self.params["beta"].data[:, None, None])
+        return self._backward_batch(op, dy * self.params["beta"].data[:, None, None]) if input_grad else None
 
     def forward_columns(self, X: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
         """``beta * (P @ X) + b`` per channel; see :meth:`~sparseconv.nn.Module.forward_columns`."""
@@ -1190,23 +1217,28 @@ class Subsampling2d(OperatorLayer):
         X = _as_columns(X, shape, self.dtype)
         entry = self._entry(shape)
         down = entry[0].matmat(_for_engine(X, entry[0], "forward"))
-        beta, b = self.params["beta"].data, self.params["bias"].data
         self._save((entry, entry[1], (down, self.params["beta"].version)), "columns")
-        Y = _per_channel(down, self.channels) * beta[:, None, None] + b[:, None, None]
-        return Y.reshape(down.shape), tuple(entry[0].out_shape)
+        return channel_affine(down, self.params["beta"].data, self.params["bias"].data), tuple(entry[0].out_shape)
 
     def backward_columns(self, D: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        """``P.T @ (beta * D)``; adds the gradients of ``beta`` and ``b``."""
+        """``P.T @ (beta * D)``; adds the gradients of ``beta`` and ``b`` (summed in float64)."""
+        return self._backward_columns(D, shape, True)
+
+    def parameter_grads_columns(self, D: np.ndarray, shape: tuple[int, ...]) -> None:
+        """The gradients of ``beta`` and ``b`` of :meth:`backward_columns`, without its adjoint product."""
+        self._backward_columns(D, shape, False)
+
+    def _backward_columns(self, D: np.ndarray, shape: tuple[int, ...], input_grad: bool) -> Optional[np.ndarray]:
         op, (down, beta_version) = self._restore_entry("columns")
         if beta_version != self.params["beta"].version:
             raise ValueError(f"{self!r}: its parameters were changed between forward() and backward(); run "
                              "forward() again before backward()")
         D = _check_columns_dy(self, D, op.out_shape, shape, down.shape[1], self.dtype)
         self._release()
-        self.params["beta"].grad += _channel_sum(D * down, self.channels)
-        self.params["bias"].grad += _channel_sum(D, self.channels)
-        scaled = _per_channel(D, self.channels) * self.params["beta"].data[:, None, None]
-        return op.rmatmat(_for_engine(scaled.reshape(D.shape), op, "adjoint"))
+        scaled, dbeta, dbias = channel_affine_grad(D, down, self.params["beta"].data, input_grad)
+        self.params["beta"].grad += dbeta
+        self.params["bias"].grad += dbias
+        return op.rmatmat(_for_engine(scaled, op, "adjoint")) if input_grad else None
 
     def export(self, input_shape: tuple[int, ...]) -> tuple[sp.csr_array, np.ndarray]:
         """``diag(beta per map) @ P_sum``: each entry is tied to its map's ``beta``."""
@@ -1283,6 +1315,13 @@ class ChannelAffine(Module):
         return x * _channel_view(self.params["scale"].data, nd) + _channel_view(self.params["shift"].data, nd)
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
+        return self._backward(dy, True)
+
+    def parameter_grads(self, dy: np.ndarray) -> None:
+        """The gradients of ``scale`` and ``shift`` of :meth:`backward`, without ``scale * dy``."""
+        self._backward(dy, False)
+
+    def _backward(self, dy: np.ndarray, input_grad: bool) -> Optional[np.ndarray]:
         x, version = self._restore()
         if version != self.params["scale"].version:
             raise ValueError(f"{self!r}: its parameters were changed between forward() and backward(); run "
@@ -1292,7 +1331,7 @@ class ChannelAffine(Module):
         axes = (0, *range(2, x.ndim))
         self.params["scale"].grad += (dy * x).sum(axis=axes)
         self.params["shift"].grad += dy.sum(axis=axes)
-        return dy * _channel_view(self.params["scale"].data, x.ndim - 2)
+        return dy * _channel_view(self.params["scale"].data, x.ndim - 2) if input_grad else None
 
     def forward_columns(self, X: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
         """``scale * X + shift`` per channel on the ``(C, positions, N)`` view."""
@@ -1300,21 +1339,27 @@ class ChannelAffine(Module):
         self._check(shape)
         X = _as_columns(X, shape, self.dtype)
         self._save((X, shape, self.params["scale"].version), "columns")
-        s, t = self.params["scale"].data, self.params["shift"].data
-        Y = _per_channel(X, self.channels) * s[:, None, None] + t[:, None, None]
-        return Y.reshape(X.shape), shape
+        return channel_affine(X, self.params["scale"].data, self.params["shift"].data), shape
 
     def backward_columns(self, D: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        """``scale * D`` per channel; adds the gradients of ``scale`` and ``shift``."""
+        """``scale * D`` per channel; adds the gradients of ``scale`` and ``shift`` (summed in float64)."""
+        return self._backward_columns(D, shape, True)
+
+    def parameter_grads_columns(self, D: np.ndarray, shape: tuple[int, ...]) -> None:
+        """The gradients of ``scale`` and ``shift`` of :meth:`backward_columns`, without ``scale * D``."""
+        self._backward_columns(D, shape, False)
+
+    def _backward_columns(self, D: np.ndarray, shape: tuple[int, ...], input_grad: bool) -> Optional[np.ndarray]:
         X, x_shape, version = self._restore("columns")
         if version != self.params["scale"].version:
             raise ValueError(f"{self!r}: its parameters were changed between forward() and backward(); run "
                              "forward() again before backward()")
         D = _check_columns_dy(self, D, x_shape, shape, X.shape[1], self.dtype)
         self._release()
-        self.params["scale"].grad += _channel_sum(D * X, self.channels)
-        self.params["shift"].grad += _channel_sum(D, self.channels)
-        return (_per_channel(D, self.channels) * self.params["scale"].data[:, None, None]).reshape(D.shape)
+        dX, dscale, dshift = channel_affine_grad(D, X, self.params["scale"].data, input_grad)
+        self.params["scale"].grad += dscale
+        self.params["shift"].grad += dshift
+        return dX
 
     def export(self, input_shape: tuple[int, ...]) -> tuple[sp.csr_array, np.ndarray]:
         """``diag(scale per position)`` and the shift repeated per position."""
@@ -1360,6 +1405,14 @@ ACTIVATIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.nd
 }
 
 
+# name -> f as a ufunc call taking ``out`` (the activations that are one ufunc).
+_UFUNCS: dict[str, Callable[..., np.ndarray]] = {"tanh": np.tanh, "relu": lambda z, out: np.maximum(z, 0, out=out)}
+
+# name -> D * f'(z) from f's output in one pass (sparseconv.engines.elementwise), for the
+# activations whose derivative is a function of the output alone.
+_CHAINED: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {"tanh": tanh_grad, "sigmoid": sigmoid_grad}
+
+
 def _times(d: np.ndarray, D: np.ndarray, fresh: bool) -> np.ndarray:
     """``D * d``; into ``d`` when ``fresh`` (``d`` came from a built-in derivative, which returns a
     new array nothing else holds) and ``d`` has the result's shape and dtype: the activations'
@@ -1392,21 +1445,38 @@ class Activation(Module):
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         x = _as_batch(x, None)
-        a = self.function(x)
+        a = self._apply(x)
         self._save((x, a))
         return a
+
+    def _apply(self, z: np.ndarray) -> np.ndarray:
+        """``f(z)``; the built-in ufunc activations of a C-contiguous block write into a reused
+        aligned block (:func:`~sparseconv.engines.base.aligned_empty`: no fresh pages, same bits)."""
+        ufunc = _UFUNCS.get(self.name) if type(self).function is Activation.function else None
+        if ufunc is not None and z.flags.c_contiguous and z.dtype.kind == "f":
+            return ufunc(z, out=aligned_empty(z.shape, z.dtype))
+        return self.function(z)
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
         z, a = self._restore()
         dy = _check_dy(self, dy, z.shape, z.dtype)
         self._release()
-        return _times(self.derivative(z, a), dy, type(self).derivative is Activation.derivative)
+        return self._chain(z, a, dy)
+
+    def _chain(self, z: np.ndarray, a: np.ndarray, D: np.ndarray) -> np.ndarray:
+        """``D * f'(z)``: one compiled pass for the built-in tanh and sigmoid derivatives (the
+        same bits as numpy's), else the derivative times ``D``."""
+        builtin = type(self).derivative is Activation.derivative
+        fused = _CHAINED.get(self.name) if builtin else None
+        if fused is not None and D.dtype == a.dtype:
+            return fused(D, a)
+        return _times(self.derivative(z, a), D, builtin)
 
     def forward_columns(self, X: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
         """``f(X)`` element-wise (the layout does not matter); see :meth:`~sparseconv.nn.Module.forward_columns`."""
         shape = tuple(shape)
         X = _as_columns(X, shape, None)
-        a = self.function(X)
+        a = self._apply(X)
         self._save((X, a, shape), "columns")
         return a, shape
 
@@ -1415,7 +1485,7 @@ class Activation(Module):
         z, a, z_shape = self._restore("columns")
         D = _check_columns_dy(self, D, z_shape, shape, z.shape[1], z.dtype)
         self._release()
-        return _times(self.derivative(z, a), D, type(self).derivative is Activation.derivative)
+        return self._chain(z, a, D)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -31,6 +31,8 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 
+from ..engines.base import nonzero_outside
+
 __all__ = ["Parameter", "Module", "Sequential", "LayerInputError", "LAYOUTS"]
 
 #: The layouts a :class:`Sequential` can run in (see its ``layout`` parameter).
@@ -94,6 +96,7 @@ class Parameter:
             mask = m
         self._value = value
         self._mask: Optional[np.ndarray] = mask
+        self._kept: Optional[np.ndarray] = None
         self.grad = np.zeros_like(value)
         self._version = next(_VERSIONS)
 
@@ -132,18 +135,36 @@ class Parameter:
         if arr.dtype.kind == "f" and arr.dtype != self._value.dtype:
             raise TypeError(f"value has dtype {arr.dtype} but the parameter is {self._value.dtype}; convert it "
                             f"explicitly, e.g. value.astype(np.{self._value.dtype.name})")
-        if self._mask is not None and np.any(arr[~self._mask]):
+        if self._mask is not None and nonzero_outside(arr, self.kept_indices()):
             raise ValueError("value has non-zero entries where the parameter's mask is False (weights that do "
                              "not exist in this layer); zero them first")
         self._value[...] = arr
         self._version = next(_VERSIONS)
 
     def _update(self, delta: np.ndarray) -> None:
-        """``value -= delta`` in place (optimisers), masked entries kept at zero."""
-        self._value -= delta
-        if self._mask is not None:
-            self._value[~self._mask] = 0
+        """``value -= delta`` in place (optimisers), masked entries kept at zero.
+
+        ``delta`` has the value's shape. With a mask only the kept entries are written (the
+        others are zero already): a gather and a scatter of the kept indices instead of a pass
+        through the inverted boolean mask.
+        """
+        if self._mask is None:
+            self._value -= delta
+        else:
+            kept = self.kept_indices()
+            flat = self._value.reshape(-1)
+            flat[kept] -= np.reshape(delta, -1)[kept]
         self._version = next(_VERSIONS)
+
+    def kept_indices(self) -> Optional[np.ndarray]:
+        """Flat indices of the entries the mask keeps (found once, read-only), or None without a mask."""
+        if self._mask is None:
+            return None
+        if getattr(self, "_kept", None) is None:
+            kept = np.flatnonzero(self._mask)
+            kept.flags.writeable = False
+            self._kept = kept
+        return self._kept
 
     def touch(self) -> None:
         """Declare the value changed (bump :attr:`version`) after a write through a shared buffer.
@@ -172,6 +193,7 @@ class Parameter:
             self._value[~mask] = 0
             self.grad[~mask] = 0
         self._mask = mask
+        self._kept = None
         self._version = next(_VERSIONS)
 
     @property
@@ -289,6 +311,32 @@ class Module:
         n = D.shape[1]
         dx = self.backward(D.T.reshape((n, *shape)))
         return dx.reshape(n, int(np.prod(dx.shape[1:], dtype=np.int64))).T
+
+    def parameter_grads(self, dy: np.ndarray) -> None:
+        """Add the parameter gradients of the matching :meth:`forward` call, without ``dJ/dx``.
+
+        What :meth:`Sequential.backward` with ``input_grad=False`` calls on the first layer
+        that has parameters (as PyTorch skips the gradient of an input that does not require
+        one). This base implementation runs :meth:`backward` and drops its result; layers
+        whose input gradient is a product of its own (convolutions, ``Linear``, sub-sampling,
+        ``ChannelAffine``) skip that product.
+
+        Parameters
+        ----------
+        dy : ndarray of shape (N, *out_shape)
+        """
+        self.backward(dy)
+
+    def parameter_grads_columns(self, D: np.ndarray, shape: tuple[int, ...]) -> None:
+        """:meth:`parameter_grads` for the matching :meth:`forward_columns` call.
+
+        Parameters
+        ----------
+        D : ndarray of shape (prod(shape), N)
+        shape : tuple of int
+            One output sample's shape.
+        """
+        self.backward_columns(D, shape)
 
     def native_columns(self) -> bool:
         """Whether :meth:`forward_columns`/:meth:`backward_columns` compute what :meth:`forward`/
@@ -464,7 +512,7 @@ class Module:
                 cast = value.astype(p.dtype)
             if not np.all(np.isfinite(cast)):
                 raise ValueError(f"checkpoint parameter {name!r} has values beyond the range of {p.dtype}")
-            if p.mask is not None and np.any(cast[~p.mask]):
+            if p.mask is not None and nonzero_outside(cast, p.kept_indices()):
                 raise ValueError(f"checkpoint parameter {name!r} has non-zero values where this network's "
                                  "mask (connection table or weight_mask) has none")
             converted[name] = cast
@@ -576,6 +624,33 @@ def _unshared(Y: np.ndarray, members: list[Module]) -> np.ndarray:
             if np.may_share_memory(Y, block):
                 return np.array(Y, order="K")
     return Y
+
+
+def _parameter_grads_only(layer: Module, D: np.ndarray, shape: Optional[tuple[int, ...]]) -> None:
+    """``layer``'s parameter gradients for ``D`` without its input gradient: its
+    ``parameter_grads[_columns]`` when the class that defines it is the one (or below the one)
+    that defines the backward, else the backward with its result dropped (a user's subclass
+    that overrides ``backward`` keeps it honoured). ``shape`` None: the batch-first layout."""
+    if shape is not None and not layer.native_columns():
+        Module.backward_columns(layer, D, shape)
+        return
+    own, backwards = (("parameter_grads", ("backward",)) if shape is None
+                      else ("parameter_grads_columns", ("backward_columns", "forward_columns")))
+    for cls in type(layer).__mro__:
+        if own in cls.__dict__:
+            break
+        if any(name in cls.__dict__ for name in backwards):
+            own = ""
+            break
+    if shape is None:
+        (layer.parameter_grads if own else layer.backward)(D)
+    else:
+        (layer.parameter_grads_columns if own else layer.backward_columns)(D, shape)
+
+
+def _first_with_parameters(layers: list[Module]) -> int:
+    """Index of the first layer holding parameters (``len(layers)`` if none does)."""
+    return next((i for i, layer in enumerate(layers) if layer.parameters()), len(layers))
 
 
 def _check_layout(layout: object) -> str:
@@ -751,28 +826,63 @@ class Sequential(Module):
             i += 1
         return X, outs
 
-    def _backward_layers(self, D: np.ndarray, outs: list[tuple[int, ...]]) -> np.ndarray:
-        for layer, out in zip(reversed(self.layers), reversed(outs)):
+    def _backward_layers(self, D: np.ndarray, outs: list[tuple[int, ...]],
+                         input_grad: bool = True) -> Optional[np.ndarray]:
+        """Every layer's column backward, last first; without ``input_grad``, down to the first
+        layer with parameters only, which adds its parameter gradients (:func:`_parameter_grads_only`)."""
+        stop = 0 if input_grad else _first_with_parameters(self.layers)
+        for i in range(len(self.layers) - 1, stop - 1, -1):
+            layer, out = self.layers[i], outs[i]
+            if i == stop and not input_grad:
+                _parameter_grads_only(layer, D, out)
+                return None
             D = layer.backward_columns(D, out) if layer.native_columns() else Module.backward_columns(layer, D, out)
-        return D
+        return None if not input_grad else D
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
-        """``dJ/dx`` for ``dy = dJ/dy`` of the matching :meth:`forward`, in the layout it ran in."""
+    def backward(self, dy: np.ndarray, *, input_grad: bool = True) -> Optional[np.ndarray]:
+        """``dJ/dx`` for ``dy = dJ/dy`` of the matching :meth:`forward`, in the layout it ran in.
+
+        Parameters
+        ----------
+        dy : ndarray of shape (N, *out_shape)
+        input_grad : bool, default True
+            False: only the parameter gradients are wanted (a training step), and the method
+            returns None. The layers before the first one with parameters are not run back
+            through, and that layer skips its own input gradient where it is a separate product
+            (a convolution's adjoint, ``W.T @ D`` of ``Linear``; see
+            :meth:`~Module.parameter_grads`): PyTorch likewise computes no gradient for an
+            input that does not require one. The parameter gradients are the same bits as with
+            ``input_grad=True``. (The skipped layers' saved inputs are dropped at the next
+            forward.)
+
+        Returns
+        -------
+        ndarray of shape (N, *sample), or None when ``input_grad`` is False
+        """
+        input_grad = _check_bool(input_grad, "input_grad")
         if self._saved and self._saved[-1][0] == "batch_first":
             self._restore()
-            for layer in reversed(self.layers):
-                dy = layer.backward(dy)
+            stop = 0 if input_grad else _first_with_parameters(self.layers)
+            for i in range(len(self.layers) - 1, stop - 1, -1):
+                if i == stop and not input_grad:
+                    _parameter_grads_only(self.layers[i], dy, None)
+                    break
+                dy = self.layers[i].backward(dy)
             self._release()
-            return dy
+            return dy if input_grad else None
         n, shape, outs = self._restore("columns")
         out = outs[-1] if outs else shape
         dy = np.asarray(dy)
         if dy.shape != (n, *out):
             raise ValueError(f"Sequential.backward: dy must have the shape of the matching forward's output, "
                              f"{(n, *out)}; got {dy.shape}")
-        D = self._backward_layers(np.asarray(dy).reshape(n, int(np.prod(out, dtype=np.int64))).T, outs)
+        D = self._backward_layers(np.asarray(dy).reshape(n, int(np.prod(out, dtype=np.int64))).T, outs, input_grad)
         self._release()
-        return D.T.reshape((n, *shape))
+        return None if D is None else D.T.reshape((n, *shape))
+
+    def parameter_grads(self, dy: np.ndarray) -> None:
+        """:meth:`backward` with ``input_grad=False``."""
+        self.backward(dy, input_grad=False)
 
     def forward_columns(self, X: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
         """Every layer's :meth:`~Module.forward_columns` in turn (whatever :attr:`layout` says)."""
@@ -788,15 +898,28 @@ class Sequential(Module):
     def backward_columns(self, D: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         """Every layer's :meth:`~Module.backward_columns`, last layer first."""
         n, first, outs = self._restore("columns")
+        D = self._check_columns_grad(D, shape, n, first, outs)
+        D = self._backward_layers(D, outs)
+        self._release()
+        return D
+
+    @staticmethod
+    def _check_columns_grad(D: np.ndarray, shape: tuple[int, ...], n: int, first: tuple[int, ...],
+                            outs: list[tuple[int, ...]]) -> np.ndarray:
+        """``D`` checked against the matching column forward's output block."""
         out = outs[-1] if outs else first
         D = np.asarray(D)
         if tuple(shape) != out or D.shape != (int(np.prod(out)), n):
             raise ValueError(f"Sequential.backward_columns: D must have the shape of the matching forward's "
                              f"output, ({int(np.prod(out))}, {n}) for samples of shape {out}; got {D.shape} "
                              f"for samples of shape {tuple(shape)}")
-        D = self._backward_layers(D, outs)
-        self._release()
         return D
+
+    def parameter_grads_columns(self, D: np.ndarray, shape: tuple[int, ...]) -> None:
+        """:meth:`backward_columns` without the input gradient (see :meth:`backward`)."""
+        n, first, outs = self._restore("columns")
+        self._backward_layers(self._check_columns_grad(D, shape, n, first, outs), outs, input_grad=False)
+        self._release()
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         shape = tuple(input_shape)

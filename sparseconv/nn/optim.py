@@ -86,7 +86,10 @@ class SGD:
         for p, v in zip(self.params, self._velocity):
             g = p.grad if self.weight_decay == 0 else p.grad + self.weight_decay * p.data
             if p.mask is not None:
-                g = np.where(p.mask, g, 0)
+                # np.where(p.mask, g, 0) through the kept indices (no pass over the inverted mask).
+                kept, masked = p.kept_indices(), np.zeros_like(g)
+                masked.reshape(-1)[kept] = np.reshape(g, -1)[kept]
+                g = masked
             if self.momentum:
                 v *= self.momentum
                 v += g
