@@ -57,6 +57,8 @@ __all__ = [
     "channel_affine_into",
     "channel_affine_grad_into",
     "channel_sums_into",
+    "window_affine_into",
+    "window_affine_grad_into",
     "stencil_forward",
     "stencil_grad",
     "shift_pad",
@@ -916,6 +918,98 @@ def channel_sums_into(d, sums, acc):
         for j in range(n):
             total += acc[j]
         sums[c] = total
+
+
+@_jit(nogil=True)
+def window_affine_into(x, h, w, kh, kw, sh, sw, scale, shift, down, y):
+    """Sums of 2-D windows per channel, then a per-channel scale and shift (LeNet-5's sub-sampling).
+
+    ``down[c, i, j] = sum_{a < kh, b < kw} x[c, i * sh + a, j * sw + b]`` (added in that order,
+    starting from zero) and ``y = down * scale[c] + shift[c]``, on column blocks whose rows are
+    ``(c, row, column)`` in C order.
+
+    Parameters
+    ----------
+    x : ndarray of shape (C * h * w, N), C-contiguous
+    h, w, kh, kw, sh, sw : int
+        Input plane, window and stride (no padding: every window lies inside the plane).
+    scale, shift : ndarray of shape (C,), ``x``'s dtype
+    down, y : ndarray of shape (C * ho * wo, N), C-contiguous, ``x``'s dtype
+        Overwritten (``ho = (h - kh) // sh + 1``, ``wo`` likewise).
+    """
+    n = x.shape[1]
+    n_ch = scale.size
+    ho = (h - kh) // sh + 1
+    wo = (w - kw) // sw + 1
+    for c in range(n_ch):
+        s = scale[c]
+        t = shift[c]
+        for i in range(ho):
+            for j in range(wo):
+                r = (c * ho + i) * wo + j
+                for col in range(n):
+                    down[r, col] = 0
+                for a in range(kh):
+                    base = (c * h + i * sh + a) * w + j * sw
+                    for b in range(kw):
+                        for col in range(n):
+                            down[r, col] += x[base + b, col]
+                for col in range(n):
+                    y[r, col] = down[r, col] * s + t
+
+
+@_jit(nogil=True)
+def window_affine_grad_into(d, down, h, w, kh, kw, sh, sw, scale, dx, dscale, dshift, acc_s, acc_b, input_grad):
+    """The backward of :func:`window_affine_into` in one pass over ``d`` and ``down``.
+
+    ``dscale[c] = sum(d * down)`` and ``dshift[c] = sum(d)`` over channel ``c``'s rows and all
+    columns (float64, one accumulator per column); with ``input_grad``, ``dx`` is zeroed and
+    every window's input rows get ``d * scale[c]`` added (inputs outside every window stay
+    zero; where windows overlap the contributions add in window order).
+
+    Parameters
+    ----------
+    d, down : ndarray of shape (C * ho * wo, N), C-contiguous, one float dtype
+    h, w, kh, kw, sh, sw : int
+    scale : ndarray of shape (C,), that dtype
+    dx : ndarray of shape (C * h * w, N), C-contiguous, that dtype
+        Overwritten when ``input_grad``.
+    dscale, dshift : ndarray of shape (C,), float64
+        Overwritten.
+    acc_s, acc_b : ndarray of shape (N,), float64
+        Scratch.
+    input_grad : bool
+    """
+    n = d.shape[1]
+    n_ch = scale.size
+    ho = (h - kh) // sh + 1
+    wo = (w - kw) // sw + 1
+    if input_grad:
+        dx[:] = 0
+    for c in range(n_ch):
+        s = scale[c]
+        acc_s[:] = 0.0
+        acc_b[:] = 0.0
+        for i in range(ho):
+            for j in range(wo):
+                r = (c * ho + i) * wo + j
+                for col in range(n):
+                    v = d[r, col]
+                    acc_s[col] += np.float64(v) * np.float64(down[r, col])
+                    acc_b[col] += v
+                if input_grad:
+                    for a in range(kh):
+                        base = (c * h + i * sh + a) * w + j * sw
+                        for b in range(kw):
+                            for col in range(n):
+                                dx[base + b, col] += d[r, col] * s
+        total_s = 0.0
+        total_b = 0.0
+        for col in range(n):
+            total_s += acc_s[col]
+            total_b += acc_b[col]
+        dscale[c] = total_s
+        dshift[c] = total_b
 
 
 # ---------------------------------------------------------------------- stencil kernels

@@ -12,6 +12,10 @@ C-contiguous float32/float64 of one dtype, and the same arithmetic in numpy othe
 - :func:`tanh_grad`, :func:`sigmoid_grad`, :func:`channel_affine` and the ``out`` of
   :func:`channel_affine_grad` round every operation as numpy does, so both paths give the same
   bits (the tests check it);
+- :func:`window_affine` and :func:`window_affine_grad` are LeNet-5's trainable sub-sampling
+  (sums of 2-D windows, scaled and shifted per channel) and its backward, each one pass; both
+  paths add the window's terms in the same order and give the same bits, except the input
+  gradient where three or more windows overlap (the contributions then add in another order);
 - the sums (:func:`channel_sums`, the parameter gradients of :func:`channel_affine_grad`) are
   accumulated in float64 on both paths (products of float32 values are exact there), so they
   agree to float64 rounding and are more accurate than numpy's float32 ``sum``.
@@ -31,7 +35,8 @@ import numpy as np
 from . import numba as _numba
 from .base import aligned_empty
 
-__all__ = ["channel_affine", "channel_affine_grad", "channel_sums", "sigmoid_grad", "tanh_grad"]
+__all__ = ["channel_affine", "channel_affine_grad", "channel_sums", "sigmoid_grad", "tanh_grad", "window_affine",
+           "window_affine_grad"]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -217,3 +222,116 @@ def channel_sums(D: np.ndarray, channels: int) -> np.ndarray:
         _numba._require().channel_sums_into(D, sums, np.empty(D.shape[1]))
         return sums
     return np.reshape(D, (int(channels), D.shape[0] // int(channels), D.shape[1])).sum(axis=(1, 2), dtype=np.float64)
+
+
+def _window_geometry(shape: object, kernel: object, stride: object) -> tuple[int, int, int, int, int, int, int, int]:
+    """``(C, h, w, kh, kw, sh, sw, ho, wo)`` checked: every window inside the plane."""
+    def pair(value: object, name: str) -> tuple[int, int]:
+        t = tuple(value) if isinstance(value, (tuple, list)) else None
+        if (t is None or len(t) != 2
+                or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in t)):
+            raise ValueError(f"{name} must be a pair of positive ints; got {value!r}")
+        return int(t[0]), int(t[1])
+
+    t = tuple(shape) if isinstance(shape, (tuple, list)) else None
+    if (t is None or len(t) != 3
+            or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in t)):
+        raise ValueError(f"shape must be (C, H, W) of positive ints; got {shape!r}")
+    (kh, kw), (sh, sw) = pair(kernel, "kernel"), pair(stride, "stride")
+    c, h, w = (int(v) for v in t)
+    if kh > h or kw > w:
+        raise ValueError(f"kernel {(kh, kw)} is larger than the plane {(h, w)}")
+    return c, h, w, kh, kw, sh, sw, (h - kh) // sh + 1, (w - kw) // sw + 1
+
+
+def window_affine(X: np.ndarray, shape: tuple[int, int, int], kernel: tuple[int, int], stride: tuple[int, int],
+                  scale: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Window sums of a column block, then ``* scale[c] + shift[c]``: ``(down, Y)``.
+
+    ``down[c, i, j] = sum_{a < kh, b < kw} X[c, i * sh + a, j * sw + b]`` for every sample
+    (terms added in that order, from zero): :class:`~sparseconv.nn.Subsampling2d` in the column
+    layout, where the same sum as a sparse product (a pooling matrix) costs a general CSR
+    product plus a separate scale-and-shift pass.
+
+    Parameters
+    ----------
+    X : ndarray of shape (C * H * W, N), float32 or float64
+    shape : (C, H, W)
+    kernel, stride : (int, int)
+        No padding: only windows inside the plane, ``ho = (H - kh) // sh + 1`` of them per column.
+    scale, shift : array_like of shape (C,)
+
+    Returns
+    -------
+    down, Y : ndarray of shape (C * ho * wo, N), new C-contiguous arrays of ``X``'s dtype
+    """
+    c, h, w, kh, kw, sh, sw, ho, wo = _window_geometry(shape, kernel, stride)
+    X = _float_array(X, "X")
+    if X.ndim != 2 or X.shape[0] != c * h * w:
+        raise ValueError(f"X must be a column block of shape ({c * h * w}, N) for samples of shape {tuple(shape)}; "
+                         f"got {X.shape}")
+    scale = _channel_params(X, "X", scale, c, "scale")
+    shift = _channel_params(X, "X", shift, c, "shift")
+    n = X.shape[1]
+    if X.size and _compiled(X):
+        down, Y = aligned_empty((c * ho * wo, n), X.dtype), aligned_empty((c * ho * wo, n), X.dtype)
+        _numba._require().window_affine_into(X, h, w, kh, kw, sh, sw, scale, shift, down, Y)
+        return down, Y
+    planes = X.reshape(c, h, w, n)
+    down = np.zeros((c, ho, wo, n), X.dtype)
+    for a in range(kh):
+        for b in range(kw):
+            down += planes[:, a:a + sh * (ho - 1) + 1:sh, b:b + sw * (wo - 1) + 1:sw]
+    Y = down * scale[:, None, None, None] + shift[:, None, None, None]
+    return down.reshape(c * ho * wo, n), Y.reshape(c * ho * wo, n)
+
+
+def window_affine_grad(D: np.ndarray, down: np.ndarray, shape: tuple[int, int, int], kernel: tuple[int, int],
+                       stride: tuple[int, int], scale: np.ndarray,
+                       input_grad: bool = True) -> tuple[Optional[np.ndarray], np.ndarray, np.ndarray]:
+    """The backward of :func:`window_affine`: ``(dX, sum(D * down), sum(D))`` per channel.
+
+    Parameters
+    ----------
+    D, down : ndarray of shape (C * ho * wo, N), one float dtype
+        Sensitivities of ``Y``, and the forward's window sums.
+    shape, kernel, stride
+        As for :func:`window_affine`.
+    scale : array_like of shape (C,)
+    input_grad : bool, default True
+        False: ``dX`` is None.
+
+    Returns
+    -------
+    dX : ndarray of shape (C * H * W, N) or None
+        ``D * scale[c]`` added to every input of each window (zero where no window reaches).
+    dscale, dshift : ndarray of shape (C,), float64
+        Accumulated in float64.
+    """
+    c, h, w, kh, kw, sh, sw, ho, wo = _window_geometry(shape, kernel, stride)
+    D, down = _float_array(D, "D"), _float_array(down, "down")
+    if D.shape != (c * ho * wo, D.shape[1] if D.ndim == 2 else -1):
+        raise ValueError(f"D must be a column block of shape ({c * ho * wo}, N) for outputs of shape "
+                         f"{(c, ho, wo)}; got {D.shape}")
+    _same_shape(D, down, "D and down")
+    if D.dtype != down.dtype:
+        raise TypeError(f"D and down must have one dtype; got {D.dtype} and {down.dtype}")
+    scale = _channel_params(D, "D", scale, c, "scale")
+    n = D.shape[1]
+    if D.size and _compiled(D, down):
+        dX = aligned_empty((c * h * w, n), D.dtype)
+        dscale, dshift = np.empty(c), np.empty(c)
+        _numba._require().window_affine_grad_into(D, down, h, w, kh, kw, sh, sw, scale, dX, dscale, dshift,
+                                                  np.empty(n), np.empty(n), bool(input_grad))
+        return (dX if input_grad else None), dscale, dshift
+    per_d = D.reshape(c, ho * wo, n)
+    dscale = np.einsum("cpn,cpn->c", per_d, down.reshape(per_d.shape), dtype=np.float64)
+    dshift = per_d.sum(axis=(1, 2), dtype=np.float64)
+    if not input_grad:
+        return None, dscale, dshift
+    g = D.reshape(c, ho, wo, n) * scale[:, None, None, None]
+    dX = np.zeros((c, h, w, n), D.dtype)
+    for a in range(kh):
+        for b in range(kw):
+            dX[:, a:a + sh * (ho - 1) + 1:sh, b:b + sw * (wo - 1) + 1:sw] += g
+    return dX.reshape(c * h * w, n), dscale, dshift

@@ -35,7 +35,8 @@ from scipy.special import erf
 
 from ..conv import ConvOperator
 from ..engines.base import aligned_empty, bias_relu_inplace
-from ..engines.elementwise import channel_affine, channel_affine_grad, channel_sums, sigmoid_grad, tanh_grad
+from ..engines.elementwise import (channel_affine, channel_affine_grad, channel_sums, sigmoid_grad, tanh_grad,
+                                   window_affine, window_affine_grad)
 from ..engines.numba import c_order
 from ..geometry import (IntOrTuple, PaddingSpec, check_array_dtype, conv_geometry, normalize_padding, normalize_tuple,
                         parse_memory_budget, validate_conv_options)
@@ -1210,35 +1211,50 @@ class Subsampling2d(OperatorLayer):
         self.params["bias"].grad += dy.sum(axis=(0, 2, 3))
         return self._backward_batch(op, dy * self.params["beta"].data[:, None, None]) if input_grad else None
 
+    def _window(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, int], tuple[int, int]]:
+        """The output sample shape for input samples of ``shape`` (checked once per shape), the
+        window and the stride."""
+        cache = self.__dict__.setdefault("_windows", {})
+        if shape not in cache:
+            out = self.output_shape(shape)
+            kernel = normalize_tuple(self.kernel_size, 2, "kernel_size")
+            cache[shape] = (out, kernel, kernel if self.stride is None else normalize_tuple(self.stride, 2, "stride"))
+        return cache[shape]
+
     def forward_columns(self, X: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
-        """``beta * (P @ X) + b`` per channel; see :meth:`~sparseconv.nn.Module.forward_columns`."""
+        """``beta * down(X) + b`` per channel, one pass (:func:`~sparseconv.engines.elementwise.window_affine`);
+        see :meth:`~sparseconv.nn.Module.forward_columns`.
+
+        The window sums are the same sums as the pooling matrix's product in :meth:`forward`,
+        added in another order (equal to rounding).
+        """
         shape = tuple(shape)
-        self._check_sample(shape)
+        out, kernel, stride = self._window(shape)
         X = _as_columns(X, shape, self.dtype)
-        entry = self._entry(shape)
-        down = entry[0].matmat(_for_engine(X, entry[0], "forward"))
-        self._save((entry, entry[1], (down, self.params["beta"].version)), "columns")
-        return channel_affine(down, self.params["beta"].data, self.params["bias"].data), tuple(entry[0].out_shape)
+        down, Y = window_affine(X, shape, kernel, stride, self.params["beta"].data, self.params["bias"].data)
+        self._save((shape, down, self.params["beta"].version), "columns")
+        return Y, out
 
     def backward_columns(self, D: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         """``P.T @ (beta * D)``; adds the gradients of ``beta`` and ``b`` (summed in float64)."""
         return self._backward_columns(D, shape, True)
 
     def parameter_grads_columns(self, D: np.ndarray, shape: tuple[int, ...]) -> None:
-        """The gradients of ``beta`` and ``b`` of :meth:`backward_columns`, without its adjoint product."""
+        """The gradients of ``beta`` and ``b`` of :meth:`backward_columns`, without ``P.T @ (beta * D)``."""
         self._backward_columns(D, shape, False)
 
     def _backward_columns(self, D: np.ndarray, shape: tuple[int, ...], input_grad: bool) -> Optional[np.ndarray]:
-        op, (down, beta_version) = self._restore_entry("columns")
+        in_shape, down, beta_version = self._restore("columns")
         if beta_version != self.params["beta"].version:
             raise ValueError(f"{self!r}: its parameters were changed between forward() and backward(); run "
                              "forward() again before backward()")
-        D = _check_columns_dy(self, D, op.out_shape, shape, down.shape[1], self.dtype)
+        out, kernel, stride = self._window(in_shape)
+        D = _check_columns_dy(self, D, out, shape, down.shape[1], self.dtype)
         self._release()
-        scaled, dbeta, dbias = channel_affine_grad(D, down, self.params["beta"].data, input_grad)
+        dX, dbeta, dbias = window_affine_grad(D, down, in_shape, kernel, stride, self.params["beta"].data, input_grad)
         self.params["beta"].grad += dbeta
         self.params["bias"].grad += dbias
-        return op.rmatmat(_for_engine(scaled, op, "adjoint")) if input_grad else None
+        return dX
 
     def export(self, input_shape: tuple[int, ...]) -> tuple[sp.csr_array, np.ndarray]:
         """``diag(beta per map) @ P_sum``: each entry is tied to its map's ``beta``."""
