@@ -16,6 +16,7 @@ sum of the terms' magnitudes, and with exact fractions where a float32 sum would
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager, nullcontext
 from fractions import Fraction
 
 import numpy as np
@@ -139,12 +140,15 @@ def kernel_calls(monkeypatch):
     return calls
 
 
-@pytest.fixture
-def numpy_path(monkeypatch, kernel_calls):
-    """numba reported unavailable: every pass takes its numpy path (checked at the end)."""
-    monkeypatch.setattr(numba_engine, "available", lambda: False)
-    yield
-    assert not any(kernel_calls.values()), f"a compiled kernel ran on the numpy path: {kernel_calls}"
+@contextmanager
+def _numpy_path():
+    """numba reported unavailable for the duration (hypothesis tests cannot take monkeypatch)."""
+    real = numba_engine.available
+    numba_engine.available = lambda: False
+    try:
+        yield
+    finally:
+        numba_engine.available = real
 
 
 PATHS = ["compiled", "numpy"]
@@ -320,13 +324,34 @@ def test_activation_grad_fuzz(data):
     with np.errstate(all="ignore"):
         expected = ref(D, A)
         assert_same_bits(fn(D, A), expected, f"{kind} {order}")
-        if numba_engine.available():
-            real = numba_engine.available
-            numba_engine.available = lambda: False
-            try:
-                assert_same_bits(fn(D, A), expected, f"{kind} {order} numpy path")
-            finally:
-                numba_engine.available = real
+        with _numpy_path():
+            assert_same_bits(fn(D, A), expected, f"{kind} {order} numpy path")
+
+
+@given(data=st.data())
+@SETTINGS
+def test_channel_affine_fuzz(data):
+    """Random blocks, dtypes, values (special ones included) and layouts: both paths give numpy's
+    bits for ``channel_affine`` and the ``dZ`` of ``channel_affine_grad``."""
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    C = data.draw(st.integers(1, 5), label="C")
+    P = data.draw(st.integers(0, 6), label="P")
+    n = data.draw(st.integers(0, 9), label="N")
+    elements = st.floats(width=np.dtype(dtype).itemsize * 8, allow_nan=True, allow_infinity=True)
+    Z = data.draw(hnp.arrays(dtype, (C * P, n), elements=elements), label="Z")
+    D = data.draw(hnp.arrays(dtype, (C * P, n), elements=elements), label="D")
+    scale = data.draw(hnp.arrays(dtype, (C,), elements=elements), label="scale")
+    shift = data.draw(hnp.arrays(dtype, (C,), elements=elements), label="shift")
+    order = data.draw(st.sampled_from(["C", "F"]), label="order")
+    if order == "F":
+        Z, D = np.asfortranarray(Z), np.asfortranarray(D)
+    with np.errstate(all="ignore"):
+        expected_y, expected_dz = affine_ref(Z, scale, shift), scaled_ref(D, scale)
+        paths = [nullcontext(), _numpy_path()] if numba_engine.available() else [nullcontext()]
+        for ctx in paths:
+            with ctx:
+                assert_same_bits(ew.channel_affine(Z, scale, shift), expected_y, f"channel_affine {order}")
+                assert_same_bits(ew.channel_affine_grad(D, Z, scale)[0], expected_dz, f"dZ {order}")
 
 
 # ---------------------------------------------------------------------- channel_affine
