@@ -333,9 +333,6 @@ def test_environment_capacity_in_a_fresh_process():
     assert 0 < nbytes <= 1 << 20
 
 
-@pytest.mark.xfail(strict=True, reason="the documented SPARSECONV_BLOCK_CACHE=0 ('0 turns it off') is parsed by "
-                   "parse_memory_budget, which refuses values below one byte: every aligned_empty of at least "
-                   "CACHE_MIN_BYTES raises ValueError")
 def test_environment_zero_turns_caching_off():
     done = _run_with_env("0")
     assert done.returncode == 0, done.stderr
@@ -412,9 +409,6 @@ def test_accounting_when_an_older_size_is_dropped():
     assert any(raw is c_base for raw in cached_buffers())
 
 
-@pytest.mark.xfail(strict=True, reason="_BlockCache._drop_free replaces the bucket list of every size it "
-                   "walks past (self._buckets[size] = kept), so take() appends the new buffer to its stale "
-                   "local bucket list: the buffer is counted in nbytes but never held, and never reused")
 def test_accounting_when_dropping_walks_past_the_same_size():
     # Sizes in bucket order: S1 (a, in use), then S2 (b, free). Allocating another S1 block
     # must drop b; _drop_free walks past S1's bucket first.

@@ -296,9 +296,6 @@ def test_sigmoid_grad_mixed_dtypes_float32_D(kernel_calls):
     assert kernel_calls["sigmoid_grad_into"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="sigmoid_grad's numpy path computes 1 - A with a float64 one "
-                   "(np.result_type(D, A).type(1)), so for A float32 and D float64 the factor (1 - A) * A "
-                   "is formed in float64, not rounded to float32 as numpy's D * ((1 - A) * A) does")
 def test_sigmoid_grad_mixed_dtypes_float64_D():
     D, _ = _activation_data((40, 7), np.float64, 11, "sigmoid")
     _, A = _activation_data((40, 7), np.float32, 12, "sigmoid")
@@ -397,15 +394,23 @@ def test_channel_affine_other_layouts(kernel_calls, layout, dtype):
 
 
 @pytest.mark.parametrize("param_dtype", [np.float64, np.int64, np.int8], ids=lambda d: np.dtype(d).name)
-def test_channel_affine_casts_parameters_to_Z_dtype(path, param_dtype):
-    # Documented: scale and shift are cast to Z's dtype, so the arithmetic stays in float32.
+def test_channel_affine_parameters_exact_in_Z_dtype(path, param_dtype):
+    # Parameters of another dtype are taken when Z's dtype holds them exactly (the arithmetic
+    # then stays in float32) and refused when it would round them.
     Z, _, _, _ = _channel_data((3, 4, 6), np.float32, 25)
     rng = np.random.default_rng(26)
-    scale = (rng.standard_normal(3) * 7).astype(param_dtype)
-    shift = (rng.standard_normal(3) * 7).astype(param_dtype)
+    scale = (rng.standard_normal(3) * 7).astype(np.float32).astype(param_dtype)
+    shift = (rng.standard_normal(3) * 7).astype(np.float32).astype(param_dtype)
     out = ew.channel_affine(Z, scale, shift)
-    assert_same_bits(out, affine_ref(Z, scale.astype(np.float32), shift.astype(np.float32)), "cast parameters")
+    assert_same_bits(out, affine_ref(Z, scale.astype(np.float32), shift.astype(np.float32)), "exact parameters")
     _ran(path, "channel_affine_into")
+    if np.dtype(param_dtype) == np.float64:
+        inexact = scale + 1e-12 * np.abs(scale).max()
+        with pytest.raises(ValueError, match="scale has values that float32 cannot hold exactly"):
+            ew.channel_affine(Z, inexact, shift)
+    elif np.dtype(param_dtype) == np.int64:
+        with pytest.raises(ValueError, match="shift has values that float32 cannot hold exactly"):
+            ew.channel_affine(Z, scale, shift + (1 << 25) + 1)
 
 
 # ---------------------------------------------------------------------- channel_affine_grad

@@ -191,9 +191,6 @@ def test_kept_indices_survive_copies(how):
     assert_same_bits(q.data, p.data, "copy after a step")
 
 
-@pytest.mark.xfail(strict=True, reason="Parameter.__setstate__ re-freezes the mask but not the cached kept "
-                   "indices: after pickle or deepcopy kept_indices() returns a writable array, and writing into "
-                   "it changes which entries SGD and assign treat as kept")
 @pytest.mark.parametrize("how", ["pickle", "deepcopy"])
 def test_kept_indices_read_only_after_copies(how):
     p, _ = _parameter((4, 5), np.float64, "random")
@@ -238,9 +235,6 @@ def test_assign_checks_masked_entries(dtype, what, layout):
         assert not np.any(p.data[~mask])
 
 
-@pytest.mark.xfail(strict=True, reason="sign of zero only: Parameter._update now writes the kept entries alone, "
-                   "so a -0.0 that assign accepted at a masked entry stays -0.0 through SGD steps, where the "
-                   "former value[~mask] = 0 made it +0.0 (numerically equal, not the same bits)")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sgd_after_negative_zero_at_masked_entries_same_bits(dtype):
     p, mask = _parameter((5, 4), dtype, "random")

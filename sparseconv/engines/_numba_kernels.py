@@ -835,6 +835,15 @@ def sigmoid_grad_into(d, a, out, one):
         out[i] = d[i] * ((one - ai) * ai)
 
 
+@_jit(inline="always")
+def _lane_total(acc):
+    """The per-column accumulators of a channel added in column order (float64)."""
+    total = 0.0
+    for col in range(acc.size):
+        total += acc[col]
+    return total
+
+
 @_jit(nogil=True)
 def channel_affine_into(z, scale, shift, out):
     """``out[r] = z[r] * scale[c] + shift[c]`` for the rows ``r`` of channel ``c``.
@@ -886,13 +895,8 @@ def channel_affine_grad_into(d, z, scale, out, dscale, dshift, acc_s, acc_b):
                 acc_s[j] += np.float64(v) * np.float64(z[r, j])
                 acc_b[j] += v
                 out[r, j] = v * s
-        total_s = 0.0
-        total_b = 0.0
-        for j in range(n):
-            total_s += acc_s[j]
-            total_b += acc_b[j]
-        dscale[c] = total_s
-        dshift[c] = total_b
+        dscale[c] = _lane_total(acc_s)
+        dshift[c] = _lane_total(acc_b)
 
 
 @_jit(nogil=True)
@@ -914,10 +918,7 @@ def channel_sums_into(d, sums, acc):
         for r in range(c * per, (c + 1) * per):
             for j in range(n):
                 acc[j] += d[r, j]
-        total = 0.0
-        for j in range(n):
-            total += acc[j]
-        sums[c] = total
+        sums[c] = _lane_total(acc)
 
 
 @_jit(nogil=True)
@@ -1003,13 +1004,8 @@ def window_affine_grad_into(d, down, h, w, kh, kw, sh, sw, scale, dx, dscale, ds
                         for b in range(kw):
                             for col in range(n):
                                 dx[base + b, col] += d[r, col] * s
-        total_s = 0.0
-        total_b = 0.0
-        for col in range(n):
-            total_s += acc_s[col]
-            total_b += acc_b[col]
-        dscale[c] = total_s
-        dshift[c] = total_b
+        dscale[c] = _lane_total(acc_s)
+        dshift[c] = _lane_total(acc_b)
 
 
 # ---------------------------------------------------------------------- stencil kernels

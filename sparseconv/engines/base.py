@@ -84,7 +84,10 @@ class _BlockCache:
         """The cache's capacity in bytes (read from the environment at the first use)."""
         if self._limit is None:
             env = os.environ.get("SPARSECONV_BLOCK_CACHE")
-            self._limit = self.DEFAULT_LIMIT if env is None else parse_memory_budget(env, "SPARSECONV_BLOCK_CACHE")
+            if env is None:
+                self._limit = self.DEFAULT_LIMIT
+            else:  # 0 turns the cache off; anything else is a size as memory budgets are written
+                self._limit = 0 if env.strip() == "0" else parse_memory_budget(env, "SPARSECONV_BLOCK_CACHE")
         return self._limit
 
     @property
@@ -97,8 +100,7 @@ class _BlockCache:
         if size < CACHE_MIN_BYTES or self.limit() == 0:
             return np.empty(size, dtype=np.uint8)
         with self._lock:
-            bucket = self._buckets.setdefault(size, [])
-            for raw in bucket:
+            for raw in self._buckets.get(size, ()):
                 if sys.getrefcount(raw) <= _FREE_REFS:
                     return raw
             if self._bytes + size > self._limit:
@@ -106,7 +108,8 @@ class _BlockCache:
                 if self._bytes + size > self._limit:
                     return np.empty(size, dtype=np.uint8)
             raw = np.empty(size, dtype=np.uint8)
-            bucket.append(raw)
+            # Looked up again: dropping free buffers may have removed this size's bucket.
+            self._buckets.setdefault(size, []).append(raw)
             self._bytes += size
             return raw
 
@@ -149,7 +152,9 @@ def release_blocks(limit: Optional[int] = None) -> None:
         New capacity in bytes (0: no caching from now on). Default: ``SPARSECONV_BLOCK_CACHE``,
         else 256 MiB.
     """
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 0):
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer))):
+        raise TypeError(f"limit must be a non-negative int (bytes) or None; got {limit!r}")
+    if limit is not None and limit < 0:
         raise ValueError(f"limit must be a non-negative int (bytes) or None; got {limit!r}")
     _block_cache.clear(None if limit is None else int(limit))
 
@@ -196,7 +201,7 @@ def nonzero_outside(values: np.ndarray, kept: np.ndarray) -> bool:
         Distinct flat indices into ``values``.
     """
     flat = values.reshape(-1)
-    return np.count_nonzero(flat) != np.count_nonzero(flat[kept])
+    return bool(np.count_nonzero(flat) != np.count_nonzero(flat[kept]))
 
 
 def bias_values(bias: Optional[np.ndarray], channels: int, dtype: np.dtype) -> Optional[np.ndarray]:
@@ -432,6 +437,10 @@ class Structure:
         self.__dict__.update(state)
         self.lock = threading.RLock()
         self._set_weight_arrays(owner)
+        # Unpickled arrays come back writable: the mask and the indices found from it stay read-only.
+        for name in ("mask", "_kept"):
+            if getattr(self, name, None) is not None:
+                setattr(self, name, freeze(getattr(self, name)))
 
     # ------------------------------------------------------------------ shape facts
     @property

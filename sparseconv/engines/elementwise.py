@@ -67,12 +67,12 @@ def _activation_grad(kernel: str, D: object, A: object) -> np.ndarray:
         out = aligned_empty(D.shape, D.dtype)
         getattr(_numba._require(), kernel)(D.reshape(-1), A.reshape(-1), out.reshape(-1), D.dtype.type(1))
         return out
-    one = np.result_type(D, A).type(1)
+    # A Python 1 (a weak scalar): 1 - A stays in A's dtype, as in the written expression.
     if kernel == "tanh_grad_into":
         d = np.multiply(A, A)
-        np.subtract(one, d, out=d)
+        np.subtract(1, d, out=d)
     else:
-        d = np.subtract(one, A)
+        d = np.subtract(1, A)
         d *= A
     return np.multiply(D, d, out=d) if d.dtype == np.result_type(D, d) else D * d
 
@@ -109,20 +109,27 @@ def sigmoid_grad(D: np.ndarray, A: np.ndarray) -> np.ndarray:
 
 
 def _channel_params(block: np.ndarray, name: str, values: object, channels: int, vname: str) -> np.ndarray:
-    """``values`` checked as ``(channels,)`` of the block's dtype (exactly representable)."""
+    """``values`` checked as ``(channels,)`` and converted to the block's dtype, which must hold
+    them exactly (no silent rounding)."""
     v = np.asarray(values)
+    if v.dtype.kind not in "iuf":
+        raise TypeError(f"{vname} must be a real (integer or float) array; got {v.dtype}")
     if v.shape != (channels,):
         raise ValueError(f"{vname} must have shape ({channels},), one value per channel of {name}; got {v.shape}")
-    if v.dtype.kind not in "biuf" or not np.can_cast(v.dtype, block.dtype, "same_kind"):
-        raise TypeError(f"{vname} must be a real array; got {v.dtype}")
-    return np.ascontiguousarray(v, dtype=block.dtype)
+    cast = np.ascontiguousarray(v, dtype=block.dtype)
+    if not np.array_equal(cast, v, equal_nan=True):
+        raise ValueError(f"{vname} has values that {block.dtype} cannot hold exactly (the dtype of {name}); "
+                         f"convert it explicitly, e.g. {vname}.astype(np.{block.dtype.name})")
+    return cast
 
 
 def _channel_block(block: object, name: str, channels: int) -> np.ndarray:
     b = _float_array(block, name)
     if b.ndim != 2:
         raise ValueError(f"{name} must be a column block of shape (C * P, N); got shape {b.shape}")
-    if isinstance(channels, bool) or not isinstance(channels, (int, np.integer)) or channels < 1:
+    if isinstance(channels, bool) or not isinstance(channels, (int, np.integer)):
+        raise TypeError(f"channels must be a positive int; got {channels!r}")
+    if channels < 1:
         raise ValueError(f"channels must be a positive int; got {channels!r}")
     if b.shape[0] % channels:
         raise ValueError(f"{name} has {b.shape[0]} rows, not a multiple of channels = {channels}")
@@ -136,7 +143,7 @@ def channel_affine(Z: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np.nd
     ----------
     Z : ndarray of shape (C * P, N), float32 or float64
     scale, shift : array_like of shape (C,)
-        Cast to ``Z``'s dtype.
+        Real values that ``Z``'s dtype holds exactly (else ``ValueError``).
 
     Returns
     -------

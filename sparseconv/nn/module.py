@@ -139,6 +139,9 @@ class Parameter:
             raise ValueError("value has non-zero entries where the parameter's mask is False (weights that do "
                              "not exist in this layer); zero them first")
         self._value[...] = arr
+        if self._mask is not None:
+            # -0.0 passes the check above; masked entries are stored as +0.0 (what an update writes).
+            self._value[~self._mask] = 0
         self._version = next(_VERSIONS)
 
     def _update(self, delta: np.ndarray) -> None:
@@ -218,6 +221,8 @@ class Parameter:
         self.__dict__.update(state)
         if self._mask is not None:
             self._mask.flags.writeable = False
+        if getattr(self, "_kept", None) is not None:
+            self._kept.flags.writeable = False
 
     def __repr__(self) -> str:
         return f"Parameter(shape={self.shape}, dtype={self.dtype}, size={self.size})"
@@ -777,7 +782,7 @@ class Sequential(Module):
             if self._layout == "batch_first":
                 for i, layer in enumerate(self.layers):
                     x = self._run(i, layer, lambda layer=layer, x=x: layer.forward(x))
-                self._save(None)
+                self._save(np.shape(x))
                 return _unshared(x, members)
             x = np.asarray(x)
             if x.ndim < 1:
@@ -861,7 +866,11 @@ class Sequential(Module):
         """
         input_grad = _check_bool(input_grad, "input_grad")
         if self._saved and self._saved[-1][0] == "batch_first":
-            self._restore()
+            out = self._restore()
+            # Checked here too: the layers that would check it may all be skipped (input_grad=False).
+            if out is not None and np.shape(dy) != out:
+                raise ValueError(f"Sequential.backward: dy must have the shape of the matching forward's output, "
+                                 f"{out}; got {np.shape(dy)}")
             stop = 0 if input_grad else _first_with_parameters(self.layers)
             for i in range(len(self.layers) - 1, stop - 1, -1):
                 if i == stop and not input_grad:
