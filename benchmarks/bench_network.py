@@ -24,8 +24,8 @@ blocks with fresh pages once it has trimmed its heap, and every fresh page is ze
 faulted in on first touch (about 1.5 us each on this VM): PyTorch's LeNet-5 step took
 1500-1600 page faults, 7.9-9.8 ms instead of 6.8-7.1 ms without them. sparseconv reuses its
 blocks (:func:`sparseconv.engines.base.aligned_empty`) and takes none. ``--malloc no-trim``
-(glibc only) sets ``M_TRIM_THRESHOLD`` to 1 GiB and ``M_MMAP_THRESHOLD`` to 32 MiB before
-anything runs, so that neither side faults: the fair comparison of the arithmetic; the
+(glibc only, :func:`sparseconv.bench.malloc_no_trim`) makes glibc keep freed memory for reuse
+before anything runs, so that neither side faults: the fair comparison of the arithmetic; the
 default measures what a user's process gets.
 
 Each sparse network runs in the ``"columns"`` layout (batch-innermost from input to output,
@@ -53,7 +53,7 @@ from typing import Any, Callable
 import numpy as np
 
 import sparseconv as sc
-from sparseconv.bench import measure_each, thread_limits
+from sparseconv.bench import malloc_no_trim, measure_each, thread_limits
 from sparseconv.engines.numba import transpose_c
 from sparseconv.models import lenet5
 from sparseconv.nn import SGD, Conv2d, CrossEntropyLoss, OperatorLayer, ReLU, Sequential
@@ -71,19 +71,6 @@ RESULTS = Path(__file__).resolve().parent / "results" / "network.json"
 SPARSITY = 0.9
 # Set by --blocked: time each callable in a block of its own repeats instead of in turn.
 BLOCKED = False
-
-
-def malloc_no_trim() -> None:
-    """glibc: never give freed heap memory back, serve blocks up to 32 MiB from the heap (no page faults)."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    mallopt = getattr(libc, "mallopt", None)
-    # M_TRIM_THRESHOLD = -1, M_MMAP_THRESHOLD = -3 (malloc.h); mallopt returns 1 on success.
-    if mallopt is None or mallopt(-1, 1 << 30) != 1 or mallopt(-3, 32 << 20) != 1:
-        raise SystemExit("--malloc no-trim needs glibc's mallopt")
 
 
 def prune_by_magnitude(net: Sequential, sparsity: float) -> None:

@@ -36,7 +36,7 @@ import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
 import sparseconv as sc
-from sparseconv.bench import measure_each, thread_limits
+from sparseconv.bench import malloc_no_trim, measure_each, thread_limits
 from sparseconv.engines.numba import NumbaEngine, available, transpose_c, unavailable_reason
 from sparseconv.engines.stencil import StencilEngine
 
@@ -261,7 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zeros", default="0.9,0.95,0.99", help="comma-separated fractions of zero weights")
     parser.add_argument("--blocked", action="store_true",
                         help="time each library in a block of its own repeats, not in turn")
+    parser.add_argument("--malloc", choices=("default", "no-trim"), default="default",
+                        help="no-trim: glibc keeps freed memory for reuse, so no side takes page faults on the "
+                             "outputs it allocates afresh (sparseconv.bench.malloc_no_trim)")
     args = parser.parse_args(argv)
+    if args.malloc == "no-trim":
+        malloc_no_trim()
     if args.asm:
         # Read when the kernels are first imported (by available() below).
         os.environ["SPARSECONV_NUMBA_CACHE"] = "0"
@@ -272,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     global BLOCKED
     BLOCKED = args.blocked
     threads = tuple(int(t) for t in args.threads.split(","))
-    result: dict[str, list[dict]] = {}
+    result: dict[str, Any] = {}
     if args.part in ("all", "layer"):
         print("64->64 3x3 32x32, N=32, float32: numba engine vs torch conv2d (dense)")
         result["layer"] = layer_rows(tuple(float(z) for z in args.zeros.split(",")), threads, repeats)
@@ -290,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         print("vfmadd instructions per kernel (register width):")
         for key, value in result["assembly"].items():
             print(f"  {key}: {value}")
+    result["settings"] = {"timing": "blocked" if BLOCKED else "interleaved", "malloc": args.malloc}
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)

@@ -38,7 +38,7 @@ Examples
 """
 
 from .cli import add_arguments, parse_bytes, parse_dtypes, parse_methods, parse_threads, run_from_args
-from .environment import environment_info
+from .environment import environment_info, malloc_no_trim
 from .methods import DEFAULT_MAX_DIRECT_MACS, DEFAULT_MEMORY_BUDGET, METHODS, MethodSkipped, Prepared, Settings
 from .methods import prepare_method, resolve_budget
 from .report import NOISY_SPREAD, format_markdown, format_table
@@ -48,6 +48,7 @@ from .suites import (LINEAR_OPERATOR_PASSES, PASSES, PRUNED_SPARSITIES, SUITES, 
 from .timing import DEFAULT_MAX_SECONDS, measure, measure_each, measure_interleaved, thread_limits, time_once
 
 __all__ = [
+    "malloc_no_trim",
     "PASSES",
     "LINEAR_OPERATOR_PASSES",
     "METHODS",
