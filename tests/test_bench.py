@@ -472,3 +472,37 @@ def test_measure_each_times_every_callable(blocked):
     for t in timings.values():
         assert t["repeats"] == 3 and len(t["times_s"]) == 3 and t["min_s"] <= t["median_s"]
     assert calls["a"] >= 3 and calls["b"] >= 3
+
+
+def _fault_count(prelude: str) -> int:
+    """Page faults of 20 rounds of eight 1 MiB blocks allocated and freed, in a fresh process."""
+    import subprocess
+
+    code = (f"import numpy as np, resource\n{prelude}\n"
+            "def rounds(k):\n"
+            "    for _ in range(k):\n"
+            "        blocks = [np.ones(1 << 17) for _ in range(8)]\n"
+            "        del blocks\n"
+            "rounds(3)\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "rounds(20)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout)
+
+
+def test_malloc_no_trim_stops_page_faults_of_reallocated_blocks():
+    """Process-wide, so in subprocesses. By default glibc trims the 8 MiB its heap grew by at
+    every round and faults the pages in again (about 40000 faults here); after
+    ``malloc_no_trim`` the pages stay (a handful at most)."""
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        with pytest.raises(RuntimeError, match="needs glibc's mallopt"):
+            bench.malloc_no_trim()
+        return
+    default = _fault_count("")
+    tuned = _fault_count("from sparseconv.bench import malloc_no_trim; malloc_no_trim()")
+    assert default > 20 * 1024, default  # at least half the 40960 pages of the 20 rounds: the pattern trims
+    assert tuned < 256, tuned
