@@ -142,7 +142,10 @@ def train(net: Sequential, data: Dataset, *, epochs: int = 10, batch_size: int =
                     bar.close()
                 raise TrainingDiverged(f"the loss became {value} at epoch {epoch}, step {step} (lr={lr}); "
                                        f"try a lower learning rate, e.g. --lr {lr / 10:g}")
-            net.backward(criterion.backward())
+            if isinstance(net, Sequential):  # parameter gradients only, as in any training step
+                net.backward(criterion.backward(), input_grad=False)
+            else:
+                net.backward(criterion.backward())
             opt.step()
             total_loss += value * len(yb)
             correct += int(np.sum(np.argmax(scores, axis=1) == yb))

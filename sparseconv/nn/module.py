@@ -683,11 +683,11 @@ class Sequential(Module):
         maximum taken (not for the pair that ends the network, whose output the caller
         holds). ``"batch_first"``: every layer's own :meth:`~Module.forward` on
         ``(N, C, *spatial)`` batches. Both give the same results to rounding. Measured with
-        ``benchmarks/bench_network.py --blocked`` (2 threads, float32; ranges over runs on a
-        machine whose speed drifted): inference of a 90%-pruned three-layer 64-channel CNN
-        12.8-21.6 ms in columns against 17-39 ms batch-first; a 90%-pruned LeNet-5 training
-        step alike in both (3.6-6.6 ms); the unpruned CNN alike; the dense LeNet-5 training
-        step within this machine's noise (one run of three put columns 5-13% behind).
+        ``benchmarks/bench_network.py --blocked`` (2 threads, float32; ranges over six runs on
+        a machine whose speed drifted): inference of a 90%-pruned three-layer 64-channel CNN
+        11.5-13.2 ms in columns against 18.1-19.7 ms batch-first; a 90%-pruned LeNet-5
+        training step 2.8-3.9 ms in columns against 2.9-4.1 ms batch-first; the unpruned CNN
+        alike in both.
 
     Notes
     -----
