@@ -91,6 +91,7 @@ class Parameter:
                                  f"array of shape {m.shape}")
             if np.any(value[~m]):
                 raise ValueError("Parameter data must be zero where mask is False")
+            value[~m] = 0  # -0.0 passes the check; stored as +0.0, as assign stores it
             m = m.copy()
             m.flags.writeable = False
             mask = m
@@ -683,10 +684,10 @@ class Sequential(Module):
         maximum taken (not for the pair that ends the network, whose output the caller
         holds). ``"batch_first"``: every layer's own :meth:`~Module.forward` on
         ``(N, C, *spatial)`` batches. Both give the same results to rounding. Measured with
-        ``benchmarks/bench_network.py --blocked`` (2 threads, float32; ranges over six runs on
-        a machine whose speed drifted): inference of a 90%-pruned three-layer 64-channel CNN
-        11.5-13.2 ms in columns against 18.1-19.7 ms batch-first; a 90%-pruned LeNet-5
-        training step 2.8-3.9 ms in columns against 2.9-4.1 ms batch-first; the unpruned CNN
+        ``benchmarks/bench_network.py --blocked`` (2 threads, float32; ranges over eight runs
+        on a machine whose speed drifted): inference of a 90%-pruned three-layer 64-channel CNN
+        12.0-13.1 ms in columns against 17.9-19.9 ms batch-first; a 90%-pruned LeNet-5
+        training step 3.1-3.7 ms in columns against 3.5-4.2 ms batch-first; the unpruned CNN
         alike in both.
 
     Notes
