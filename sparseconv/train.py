@@ -142,7 +142,7 @@ def train(net: Sequential, data: Dataset, *, epochs: int = 10, batch_size: int =
                     bar.close()
                 raise TrainingDiverged(f"the loss became {value} at epoch {epoch}, step {step} (lr={lr}); "
                                        f"try a lower learning rate, e.g. --lr {lr / 10:g}")
-            if isinstance(net, Sequential):  # parameter gradients only, as in any training step
+            if type(net).backward is Sequential.backward:  # parameter gradients only (not a subclass's own backward)
                 net.backward(criterion.backward(), input_grad=False)
             else:
                 net.backward(criterion.backward())

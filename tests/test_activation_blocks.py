@@ -180,3 +180,19 @@ def test_activation_network_same_bits_as_numpy(dtype, layout):
     d = d * (a1 > 0).astype(dtype)
     d = _tanh_backward_ref(a1, d)
     assert_same_bits(np.asarray(net.backward(dy)), d, "input gradient")
+
+
+@pytest.mark.parametrize("dtype", ["float16", ">f8", ">f4", "longdouble"])
+@pytest.mark.parametrize("layer", [nn.Tanh, nn.Sigmoid], ids=["tanh", "sigmoid"])
+def test_backward_of_other_float_dtypes(layer, dtype):
+    """The compiled passes take native float32/float64; other floats take numpy's expression
+    (float16, long double and byte-swapped arrays are accepted by the forward)."""
+    x = np.linspace(-2, 2, 12).astype(dtype).reshape(3, 4)
+    dy = np.linspace(1, 3, 12).astype(dtype).reshape(3, 4)
+    act = layer()
+    a = act.forward(x)
+    got = act.backward(dy)
+    d = a * a if layer is nn.Tanh else 1 - a
+    want = dy * (1 - d) if layer is nn.Tanh else dy * (d * a)
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)

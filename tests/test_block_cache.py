@@ -1,7 +1,7 @@
 """The reuse of aligned blocks (``aligned_empty``'s buffer cache) and ``nonzero_outside``.
 
 :func:`~sparseconv.engines.base.aligned_empty` hands out the byte buffer of a released block of
-the same size again, deciding "released" by reference count. The one property that matters is
+the same size again, deciding "released" by the finalizer of the block's owner. The one property that matters is
 that a block, or anything viewing it (transposes, reshapes, slices, memoryviews, arrays built
 on its buffer, containers holding any of those), is never handed out a second time while it
 is alive. Checked here two ways over long random sequences of allocations, single-threaded
@@ -48,13 +48,13 @@ def fresh_cache(monkeypatch):
 
 
 def cached_buffers():
-    """The buffers the cache holds (its own bookkeeping, read for the invariant checks)."""
+    """The released buffers the cache keeps (its own bookkeeping, read for the invariant checks)."""
     with base._block_cache._lock:
-        return [raw for bucket in base._block_cache._buckets.values() for raw in bucket]
+        return [raw for bucket in base._block_cache._free.values() for raw, _ in bucket]
 
 
 def assert_accounting(limit=None):
-    """The cache's byte count is that of the buffers it holds, and within its capacity."""
+    """The cache's byte count is that of the released buffers it keeps, and within its capacity."""
     held = sum(raw.nbytes for raw in cached_buffers())
     assert base._block_cache.nbytes == held, f"nbytes {base._block_cache.nbytes} but buffers of {held} bytes held"
     if limit is not None:
@@ -96,7 +96,7 @@ def _arrays_in(holder):
     """The arrays a holder keeps (to check for shared memory)."""
     if isinstance(holder, np.ndarray):
         return [holder]
-    if isinstance(holder, memoryview):
+    if isinstance(holder, (memoryview, base._BlockOwner)):
         return [np.asarray(holder)]
     if isinstance(holder, dict):
         return [a for v in holder.values() for a in _arrays_in(v)]
@@ -105,9 +105,14 @@ def _arrays_in(holder):
     return [holder._arr]  # a ctypes pointer from data_as keeps its array here
 
 
+def _raw(a):
+    """The byte buffer under a block: its owner's (a cached block) or its base array."""
+    return a.base.raw if isinstance(a.base, base._BlockOwner) else (a if a.base is None else a.base)
+
+
 def _fill(a, tag):
     """Fill the block's whole byte buffer (alignment padding included) with one byte value."""
-    (a if a.base is None else a.base).view(np.uint8)[...] = tag % 251
+    _raw(a).view(np.uint8)[...] = tag % 251
 
 
 def _check_fill(x, tag, what=""):
@@ -316,6 +321,7 @@ _SUBPROCESS = textwrap.dedent("""
     blocks = [base.aligned_empty((1 << 14,), np.float64) for _ in range(64)]
     del blocks[::2]
     blocks += [base.aligned_empty((1 << 14,), np.float64) for _ in range(8)]
+    del blocks
     print(base._block_cache.limit(), base._block_cache.nbytes)
 """)
 
@@ -403,10 +409,10 @@ def test_accounting_when_an_older_size_is_dropped():
     del b
     c = _block(SIZES[0])
     assert not np.shares_memory(a, c)
-    c_base = c.base
+    c_raw = c.base.raw
     assert_accounting(r1 + r2)
     del a, c
-    assert any(raw is c_base for raw in cached_buffers())
+    assert any(raw is c_raw for raw in cached_buffers())
 
 
 def test_accounting_when_dropping_walks_past_the_same_size():
@@ -420,11 +426,11 @@ def test_accounting_when_dropping_walks_past_the_same_size():
     del b
     c = _block(SIZES[0])
     assert not np.shares_memory(a, c)
-    c_base = c.base
+    c_raw = c.base.raw
     assert_accounting(r1 + r2)
     # And, released, c's buffer is handed out again.
     del a, c
-    assert any(raw is c_base for raw in cached_buffers())
+    assert any(raw is c_raw for raw in cached_buffers())
 
 
 # ---------------------------------------------------------------------- nonzero_outside
@@ -528,3 +534,42 @@ def test_nonzero_outside_fuzz(data):
     kept = data.draw(st.lists(st.integers(0, max(size - 1, 0)), unique=True, max_size=size), label="kept")
     kept = np.array(kept if size else [], dtype=np.intp)
     assert nonzero_outside(v, kept) == nonzero_outside_ref(v, kept)
+
+
+@pytest.mark.parametrize("value", ["0MiB", "0 B", "0.0GB", "00"], ids=["0MiB", "0-B", "0.0GB", "00"])
+def test_environment_zero_in_any_unit_turns_caching_off(monkeypatch, value):
+    monkeypatch.setenv("SPARSECONV_BLOCK_CACHE", value)
+    release_blocks()
+    blocks = [_block(SIZES[0]) for _ in range(3)]
+    del blocks
+    assert base._block_cache.limit() == 0 and base._block_cache.nbytes == 0
+
+
+def test_release_blocks_racing_allocations():
+    """The capacity is read under the cache's lock: resetting it from another thread while
+    blocks are allocated and released never breaks an allocation."""
+    errors, stop = [], threading.Event()
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+
+    def allocate():
+        try:
+            while not stop.is_set():
+                a = _block(SIZES[1])
+                a[...] = 1.0
+                del a
+        except Exception as err:  # reported by the main thread
+            errors.append(err)
+
+    workers = [threading.Thread(target=allocate) for _ in range(2)]
+    try:
+        for w in workers:
+            w.start()
+        for _ in range(3000):
+            release_blocks()
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+        sys.setswitchinterval(old)
+    assert not errors, errors[0]

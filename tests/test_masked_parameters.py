@@ -296,3 +296,29 @@ def test_operator_set_weight_checks_masked_entries(dtype, what):
         op.set_weight(w2)
         op2 = sc.ConvOperator(np.where(mask, w2, 0).astype(dtype), (2, 6, 6), weight_mask=mask)
         assert_same_bits(op.matmat(x), op2.matmat(x), "set_weight")
+
+
+def test_sgd_takes_an_f_ordered_gradient_of_a_masked_parameter():
+    rng = np.random.default_rng(40)
+    mask = rng.random((4, 3)) < 0.5
+    w = np.where(mask, rng.standard_normal((4, 3)), 0.0)
+    g = rng.standard_normal((4, 3))
+    p = Parameter(w.copy(), mask=mask)
+    p.grad = np.asfortranarray(g)
+    SGD([p], 0.1).step()
+    np.testing.assert_array_equal(p.data, w - 0.1 * np.where(mask, g, 0))
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["masked", "unmasked"])
+def test_sgd_refuses_a_gradient_of_another_shape(masked):
+    rng = np.random.default_rng(41)
+    mask = rng.random((4, 3)) < 0.5 if masked else None
+    w = rng.standard_normal((4, 3)) if mask is None else np.where(mask, rng.standard_normal((4, 3)), 0.0)
+    p, q = Parameter(w.copy(), mask=mask), Parameter(w.copy(), mask=mask)
+    p.grad = np.ones((4, 3))
+    q.grad = rng.standard_normal((3, 4))
+    with pytest.raises(ValueError, match=r"grad must have its shape \(4, 3\); got \(3, 4\)"):
+        SGD([p, q], 0.1).step()
+    # Refused before anything moved: p, checked first and valid, is unchanged too.
+    np.testing.assert_array_equal(p.data, w)
+    np.testing.assert_array_equal(q.data, w)

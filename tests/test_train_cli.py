@@ -166,3 +166,22 @@ def test_spectrum_with_a_trained_style_checkpoint(tmp_path, capsys):
     net.save(path)
     assert main(["spectrum", "--weights", str(path)]) == 0
     assert f"LeNet-5 weights from {path}" in capsys.readouterr().out
+
+
+def test_training_a_sequential_subclass_with_its_own_backward():
+    """train() asks a plain Sequential for parameter gradients only (input_grad=False) and calls a
+    subclass's own backward(dy) as it is: the same weights either way, the override honoured."""
+    calls = []
+
+    class LoggingNet(Sequential):
+        def backward(self, dy):
+            calls.append(np.shape(dy))
+            return super().backward(dy)
+
+    data = _toy_data()
+    plain, logging = _toy_net(), LoggingNet(*_toy_net().layers)
+    for net in (plain, logging):
+        train(net, data, epochs=2, batch_size=8, lr=0.1, progress=False, log=None, seed=3)
+    assert len(calls) == 2 * 5  # 36 training samples in batches of 8, two epochs
+    for a, b in zip(plain.parameters(), logging.parameters()):
+        np.testing.assert_array_equal(a.data, b.data)

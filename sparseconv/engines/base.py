@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import math
 import os
-import sys
+import re
 import threading
+import weakref
 from typing import ClassVar, Optional
 
 import numpy as np
@@ -47,13 +48,33 @@ ALIGNMENT = 64
 
 
 #: Blocks smaller than this are allocated directly: malloc serves them from its heap without
-#: fresh pages, and scanning the cache for them would cost more than it saves.
+#: fresh pages, and the cache's bookkeeping would cost more than it saves.
 CACHE_MIN_BYTES = 1 << 16
 
-# A free cached buffer is referred to by its bucket, the scanning loop's variable and
-# sys.getrefcount's own argument; any array viewing it adds one more (a view's ``base`` chain
-# ends at the buffer), so a higher count means the buffer is still in use.
-_FREE_REFS = 3
+
+class _BlockOwner:
+    """The ``base`` of a cached block, and what ties the block's buffer to its lifetime.
+
+    numpy stops a view's chain of bases at the first base that is not an ndarray: every view
+    of the block (slices, transposes, ``frombuffer``, memoryviews, ``torch.from_numpy``)
+    refers to the block, the block to this owner, and the owner to the byte buffer. So the
+    owner dies exactly when nothing refers to the block any more, and its finalizer gives the
+    buffer back to the cache -- no reliance on reference counts, whose values CPython does
+    not promise (3.14 loads locals without taking references).
+    """
+
+    __slots__ = ("raw", "__array_interface__", "__weakref__")
+
+    def __init__(self, raw: np.ndarray, address: int, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.raw = raw
+        self.__array_interface__ = {"version": 3, "shape": shape, "typestr": dtype.str, "data": (address, False)}
+
+
+def _parse_cache_limit(env: str) -> int:
+    """``SPARSECONV_BLOCK_CACHE``: a size as memory budgets are written, or zero in any unit."""
+    if re.fullmatch(r"\s*0*(\.0*)?\s*[A-Za-z]*\s*", env) and re.search(r"\d", env):
+        return 0
+    return parse_memory_budget(env, "SPARSECONV_BLOCK_CACHE")
 
 
 class _BlockCache:
@@ -63,79 +84,81 @@ class _BlockCache:
     call, a few MiB per training step, and glibc serves such sizes with fresh pages from the
     kernel once it has trimmed its heap -- every page is then zeroed and faulted in on first
     touch. A 90%-pruned LeNet-5 training step here took 6.5-7.1 ms with about 1150 page faults
-    against 5.0-5.4 ms with none (the same step with glibc's trimming disabled). A buffer is
-    reused only when nothing refers to it any more (its reference count is the cache's own),
-    so a block the caller still holds, or any view of it, is never handed out twice.
+    against 5.0-5.4 ms with none (the same step with glibc's trimming disabled). A block's
+    buffer comes back only when nothing refers to the block any more (see
+    :class:`_BlockOwner`), so a block the caller still holds, or any view of it, is never
+    handed out twice.
 
-    The cache holds at most :meth:`limit` bytes (``SPARSECONV_BLOCK_CACHE``, bytes or a size
-    such as ``"64MiB"``; default 256 MiB; 0 turns it off); past that, free buffers are dropped
-    oldest size first, and a block that still does not fit is allocated outside the cache.
+    The cache keeps at most :meth:`limit` bytes of released buffers (``SPARSECONV_BLOCK_CACHE``,
+    bytes or a size such as ``"64MiB"``; default 256 MiB; 0 turns it off), dropping the
+    oldest ones past that. Blocks in use are the caller's memory, not counted.
     """
 
     DEFAULT_LIMIT = 256 << 20
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._buckets: dict[int, list[np.ndarray]] = {}
+        # Reentrant: a finalizer giving a buffer back may run (garbage collection) in a thread
+        # that holds the lock already.
+        self._lock = threading.RLock()
+        self._free: dict[int, list[tuple[np.ndarray, int]]] = {}
         self._bytes = 0
         self._limit: Optional[int] = None
 
     def limit(self) -> int:
-        """The cache's capacity in bytes (read from the environment at the first use)."""
-        if self._limit is None:
-            env = os.environ.get("SPARSECONV_BLOCK_CACHE")
-            if env is None:
-                self._limit = self.DEFAULT_LIMIT
-            else:  # 0 turns the cache off; anything else is a size as memory budgets are written
-                self._limit = 0 if env.strip() == "0" else parse_memory_budget(env, "SPARSECONV_BLOCK_CACHE")
-        return self._limit
+        """The capacity in bytes (the environment is read at the first use)."""
+        with self._lock:
+            if self._limit is None:
+                env = os.environ.get("SPARSECONV_BLOCK_CACHE")
+                self._limit = self.DEFAULT_LIMIT if env is None else _parse_cache_limit(env)
+            return self._limit
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the buffers the cache holds, in use or free."""
+        """Bytes of the released buffers the cache keeps."""
         return self._bytes
 
-    def take(self, size: int) -> np.ndarray:
-        """A uint8 buffer of ``size`` bytes nothing else refers to."""
-        if size < CACHE_MIN_BYTES or self.limit() == 0:
-            return np.empty(size, dtype=np.uint8)
-        with self._lock:
-            for raw in self._buckets.get(size, ()):
-                if sys.getrefcount(raw) <= _FREE_REFS:
-                    return raw
-            if self._bytes + size > self._limit:
-                self._drop_free(self._bytes + size - self._limit)
-                if self._bytes + size > self._limit:
-                    return np.empty(size, dtype=np.uint8)
+    def block(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """An uninitialised aligned C-contiguous array, on a released buffer when one fits."""
+        size = math.prod(shape) * dtype.itemsize + ALIGNMENT
+        limit = self.limit()
+        if size < CACHE_MIN_BYTES or limit == 0 or dtype.fields is not None or dtype.subdtype is not None:
             raw = np.empty(size, dtype=np.uint8)
-            # Looked up again: dropping free buffers may have removed this size's bucket.
-            self._buckets.setdefault(size, []).append(raw)
-            self._bytes += size
-            return raw
+            # np.ndarray with an offset moves the data pointer even for zero elements.
+            return np.ndarray(shape, dtype=dtype, buffer=raw, offset=-raw.ctypes.data % ALIGNMENT)
+        with self._lock:
+            bucket = self._free.get(size)
+            found = bucket.pop() if bucket else None
+            if found is not None:
+                self._bytes -= size
+        raw, address = found if found is not None else (None, 0)
+        if raw is None:
+            raw = np.empty(size, dtype=np.uint8)
+            address = raw.__array_interface__["data"][0]
+        owner = _BlockOwner(raw, address + (-address % ALIGNMENT), shape, dtype)
+        block = np.asarray(owner)
+        weakref.finalize(owner, self._give_back, raw, address, size).atexit = False
+        return block
 
-    def _drop_free(self, wanted: int) -> None:
-        """Forget free buffers, oldest size first, until ``wanted`` bytes are released (or none is left)."""
-        for size in list(self._buckets):
-            bucket = self._buckets[size]
-            kept = []
-            for raw in bucket:
-                if wanted > 0 and sys.getrefcount(raw) <= _FREE_REFS:
-                    wanted -= size
-                    self._bytes -= size
-                else:
-                    kept.append(raw)
-            if kept:
-                self._buckets[size] = kept
-            else:
-                del self._buckets[size]
-            if wanted <= 0:
+    def _give_back(self, raw: np.ndarray, address: int, size: int) -> None:
+        """Keep a released buffer, dropping the oldest ones if the capacity is exceeded."""
+        with self._lock:
+            limit = self._limit if self._limit is not None else self.DEFAULT_LIMIT
+            if size > limit:
                 return
+            for other, bucket in list(self._free.items()):
+                while bucket and self._bytes + size > limit:
+                    bucket.pop(0)
+                    self._bytes -= other
+                if not bucket:
+                    del self._free[other]
+            self._free.setdefault(size, []).append((raw, address))
+            self._bytes += size
 
     def clear(self, limit: Optional[int] = None) -> None:
-        """Forget every buffer (blocks in use stay valid: they keep their own buffers alive);
+        """Forget the released buffers (blocks in use stay valid and come back later);
         with ``limit``, also set the capacity (None: re-read the environment at the next use)."""
         with self._lock:
-            self._buckets.clear()
+            self._free.clear()
             self._bytes = 0
             self._limit = limit
 
@@ -173,13 +196,12 @@ def aligned_empty(shape: tuple[int, ...], dtype: object) -> np.ndarray:
     Returns
     -------
     ndarray
-        A view into a slightly larger byte buffer (its ``base``).
+        Its ``base`` is the object that keeps the buffer (a cached block's :class:`_BlockOwner`,
+        else a slightly larger byte array).
     """
     dtype = np.dtype(dtype)
     shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
-    raw = _block_cache.take(math.prod(shape) * dtype.itemsize + ALIGNMENT)
-    # np.ndarray with an offset moves the data pointer even for zero elements (a slice would not).
-    return np.ndarray(shape, dtype=dtype, buffer=raw, offset=-raw.ctypes.data % ALIGNMENT)
+    return _block_cache.block(tuple(int(v) for v in shape), dtype)
 
 
 def is_aligned(a: np.ndarray) -> bool:

@@ -1424,6 +1424,8 @@ ACTIVATIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.nd
 # name -> f as a ufunc call taking ``out`` (the activations that are one ufunc).
 _UFUNCS: dict[str, Callable[..., np.ndarray]] = {"tanh": np.tanh, "relu": lambda z, out: np.maximum(z, 0, out=out)}
 
+_NATIVE_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
 # name -> D * f'(z) from f's output in one pass (sparseconv.engines.elementwise), for the
 # activations whose derivative is a function of the output alone.
 _CHAINED: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {"tanh": tanh_grad, "sigmoid": sigmoid_grad}
@@ -1484,7 +1486,9 @@ class Activation(Module):
         same bits as numpy's), else the derivative times ``D``."""
         builtin = type(self).derivative is Activation.derivative
         fused = _CHAINED.get(self.name) if builtin else None
-        if fused is not None and D.dtype == a.dtype:
+        # The compiled passes take native float32/float64 (not float16, longdouble or
+        # byte-swapped arrays, which the forward accepts).
+        if fused is not None and D.dtype == a.dtype and a.dtype in _NATIVE_FLOATS:
             return fused(D, a)
         return _times(self.derivative(z, a), D, builtin)
 

@@ -152,6 +152,8 @@ class Parameter:
         others are zero already): a gather and a scatter of the kept indices instead of a pass
         through the inverted boolean mask.
         """
+        if np.shape(delta) != self._value.shape:
+            raise ValueError(f"delta must have the parameter's shape {self._value.shape}; got {np.shape(delta)}")
         if self._mask is None:
             self._value -= delta
         else:

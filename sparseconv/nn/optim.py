@@ -83,11 +83,15 @@ class SGD:
 
     def step(self) -> None:
         """Update every parameter in place from its accumulated gradient."""
+        for p in self.params:
+            if np.shape(p.grad) != p.shape:
+                raise ValueError(f"a parameter's grad must have its shape {p.shape}; got {np.shape(p.grad)} "
+                                 "(nothing was updated)")
         for p, v in zip(self.params, self._velocity):
             g = p.grad if self.weight_decay == 0 else p.grad + self.weight_decay * p.data
             if p.mask is not None:
                 # np.where(p.mask, g, 0) through the kept indices (no pass over the inverted mask).
-                kept, masked = p.kept_indices(), np.zeros_like(g)
+                kept, masked = p.kept_indices(), np.zeros(p.shape, dtype=np.result_type(g))
                 masked.reshape(-1)[kept] = np.reshape(g, -1)[kept]
                 g = masked
             if self.momentum:
