@@ -686,11 +686,11 @@ class Sequential(Module):
         maximum taken (not for the pair that ends the network, whose output the caller
         holds). ``"batch_first"``: every layer's own :meth:`~Module.forward` on
         ``(N, C, *spatial)`` batches. Both give the same results to rounding. Measured with
-        ``benchmarks/bench_network.py --blocked`` (2 threads, float32; ranges over eight runs
-        on a machine whose speed drifted): inference of a 90%-pruned three-layer 64-channel CNN
-        12.0-13.1 ms in columns against 17.9-19.9 ms batch-first; a 90%-pruned LeNet-5
-        training step 3.1-3.7 ms in columns against 3.5-4.2 ms batch-first; the unpruned CNN
-        alike in both.
+        ``benchmarks/bench_network.py --blocked`` (2 threads, float32; ranges over sixteen
+        runs on a machine whose speed drifted): inference of a 90%-pruned three-layer
+        64-channel CNN 11.6-16.2 ms in columns against 16.3-19.9 ms batch-first; a 90%-pruned
+        LeNet-5 training step 3.1-4.0 ms in columns against 3.4-4.4 ms batch-first; the
+        unpruned CNN alike in both.
 
     Notes
     -----
