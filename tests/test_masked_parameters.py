@@ -322,3 +322,20 @@ def test_sgd_refuses_a_gradient_of_another_shape(masked):
     # Refused before anything moved: p, checked first and valid, is unchanged too.
     np.testing.assert_array_equal(p.data, w)
     np.testing.assert_array_equal(q.data, w)
+
+
+def test_sgd_clears_values_written_at_masked_entries_through_shared_memory():
+    """A write behind the parameter's back (its memory shared with another library) that puts
+    non-zeros at masked entries is cleared by the next update, as value[~mask] = 0 did."""
+    rng = np.random.default_rng(42)
+    mask = rng.random((5, 4)) < 0.5
+    w = np.where(mask, rng.standard_normal((5, 4)), 0.0)
+    p = Parameter(w.copy(), mask=mask)
+    shared = p._value  # what torch.from_numpy(p.data) would share
+    shared[~mask] = 7.0
+    p.touch()
+    g = rng.standard_normal((5, 4))
+    p.grad[...] = g
+    SGD([p], 0.1).step()
+    want = np.where(mask, w - 0.1 * g, 0.0)
+    np.testing.assert_array_equal(p.data, want)

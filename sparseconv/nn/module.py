@@ -148,9 +148,10 @@ class Parameter:
     def _update(self, delta: np.ndarray) -> None:
         """``value -= delta`` in place (optimisers), masked entries kept at zero.
 
-        ``delta`` has the value's shape. With a mask only the kept entries are written (the
-        others are zero already): a gather and a scatter of the kept indices instead of a pass
-        through the inverted boolean mask.
+        ``delta`` has the value's shape. With a mask only the kept entries are written (a gather
+        and a scatter of the kept indices instead of a pass through the inverted boolean mask);
+        the masked ones are zero, or are set to zero here if a write through shared memory put
+        something there (checked by a count, not a pass over the mask).
         """
         if np.shape(delta) != self._value.shape:
             raise ValueError(f"delta must have the parameter's shape {self._value.shape}; got {np.shape(delta)}")
@@ -160,6 +161,8 @@ class Parameter:
             kept = self.kept_indices()
             flat = self._value.reshape(-1)
             flat[kept] -= np.reshape(delta, -1)[kept]
+            if nonzero_outside(flat, kept):
+                self._value[~self._mask] = 0
         self._version = next(_VERSIONS)
 
     def kept_indices(self) -> Optional[np.ndarray]:
