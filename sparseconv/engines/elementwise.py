@@ -32,19 +32,17 @@ from typing import Optional
 
 import numpy as np
 
+from ..geometry import FLOAT_DTYPES
 from . import numba as _numba
 from .base import aligned_empty
 
 __all__ = ["channel_affine", "channel_affine_grad", "channel_sums", "sigmoid_grad", "tanh_grad", "window_affine",
            "window_affine_grad"]
 
-_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
-
-
 def _compiled(*arrays: np.ndarray) -> bool:
     """Whether the compiled kernels take these arrays: numba present, one float dtype, C order."""
     dtype = arrays[0].dtype
-    return (dtype in _FLOATS and all(a.dtype == dtype and a.flags.c_contiguous for a in arrays)
+    return (dtype in FLOAT_DTYPES and all(a.dtype == dtype and a.flags.c_contiguous for a in arrays)
             and _numba.available())
 
 
@@ -55,7 +53,7 @@ def _same_shape(a: np.ndarray, b: np.ndarray, names: str) -> None:
 
 def _float_array(value: object, name: str) -> np.ndarray:
     a = np.asarray(value)
-    if a.dtype not in _FLOATS:
+    if a.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a float32 or float64 array; got {a.dtype}")
     return a
 
@@ -317,7 +315,7 @@ def window_affine_grad(D: np.ndarray, down: np.ndarray, shape: tuple[int, int, i
     """
     c, h, w, kh, kw, sh, sw, ho, wo = _window_geometry(shape, kernel, stride)
     D, down = _float_array(D, "D"), _float_array(down, "down")
-    if D.shape != (c * ho * wo, D.shape[1] if D.ndim == 2 else -1):
+    if D.ndim != 2 or D.shape[0] != c * ho * wo:
         raise ValueError(f"D must be a column block of shape ({c * ho * wo}, N) for outputs of shape "
                          f"{(c, ho, wo)}; got {D.shape}")
     _same_shape(D, down, "D and down")

@@ -41,14 +41,13 @@ from typing import Any, Optional
 import numpy as np
 import scipy.sparse as sp
 
-from ..geometry import ConvGeometry
+from ..geometry import FLOAT_DTYPES, ConvGeometry
 from ..parallel import get_threads
 from .base import ALIGNMENT, KernelEngine, Structure, aligned_empty, bias_values, is_aligned
 
 __all__ = ["ALIGN_READS", "CompiledEngine", "ENGINE", "NumbaEngine", "NumbaProtocolEngine", "SERIAL_WORK", "available",
            "c_order", "transpose_c", "unavailable_reason"]
 
-_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 # Bytes of input a band of rows may read: a quarter of one core's L2 (2 MiB here), so the
 # rows a band reads stay cached while every filter of the band passes over them, with room for
 # the outputs and the matrix streaming through. Measured on the 64->64 3x3 32x32 layer at
@@ -258,7 +257,7 @@ def transpose_c(a: np.ndarray, threads: Optional[int] = None) -> np.ndarray:
     if a.ndim != 2:
         raise ValueError(f"a must be a 2-D array; got shape {a.shape}")
     out = aligned_empty(a.shape[::-1], a.dtype)
-    if a.size and a.flags.c_contiguous and a.dtype in _FLOATS and available():
+    if a.size and a.flags.c_contiguous and a.dtype in FLOAT_DTYPES and available():
         _launch(_require().transpose_into, _threads(threads, a.size), a, out)
     else:
         out[...] = a.T
@@ -293,7 +292,7 @@ def _check_weight(weight: Any, name: str = "weight", *, shape: Optional[tuple[in
                   dtype: Optional[np.dtype] = None) -> np.ndarray:
     """``weight`` as a float32/float64 array; with ``shape`` and ``dtype``, exactly those (a refresh)."""
     w = np.asarray(weight)
-    if w.dtype not in _FLOATS:
+    if w.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a float32 or float64 array; got {w.dtype}")
     if shape is not None and (w.shape != shape or w.dtype != dtype):
         raise ValueError(f"{name} must be a {dtype} array of shape {shape}; got {w.dtype} array of shape {w.shape}")

@@ -38,8 +38,8 @@ from ..engines.base import aligned_empty, bias_relu_inplace
 from ..engines.elementwise import (channel_affine, channel_affine_grad, channel_sums, sigmoid_grad, tanh_grad,
                                    window_affine, window_affine_grad)
 from ..engines.numba import c_order
-from ..geometry import (IntOrTuple, PaddingSpec, check_array_dtype, conv_geometry, normalize_padding, normalize_tuple,
-                        parse_memory_budget, validate_conv_options)
+from ..geometry import (FLOAT_DTYPES, IntOrTuple, PaddingSpec, check_array_dtype, conv_geometry, normalize_padding,
+                        normalize_tuple, parse_memory_budget, validate_conv_options)
 from ..pooling import MaxPoolOperator, PoolOperator, pool_geometry
 from .module import Module, Parameter
 
@@ -1424,8 +1424,6 @@ ACTIVATIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.nd
 # name -> f as a ufunc call taking ``out`` (the activations that are one ufunc).
 _UFUNCS: dict[str, Callable[..., np.ndarray]] = {"tanh": np.tanh, "relu": lambda z, out: np.maximum(z, 0, out=out)}
 
-_NATIVE_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
-
 # name -> D * f'(z) from f's output in one pass (sparseconv.engines.elementwise), for the
 # activations whose derivative is a function of the output alone.
 _CHAINED: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {"tanh": tanh_grad, "sigmoid": sigmoid_grad}
@@ -1488,7 +1486,7 @@ class Activation(Module):
         fused = _CHAINED.get(self.name) if builtin else None
         # The compiled passes take native float32/float64 (not float16, longdouble or
         # byte-swapped arrays, which the forward accepts).
-        if fused is not None and D.dtype == a.dtype and a.dtype in _NATIVE_FLOATS:
+        if fused is not None and D.dtype == a.dtype and a.dtype in FLOAT_DTYPES:
             return fused(D, a)
         return _times(self.derivative(z, a), D, builtin)
 
