@@ -837,18 +837,23 @@ class Sequential(Module):
             i += 1
         return X, outs
 
-    def _backward_layers(self, D: np.ndarray, outs: list[tuple[int, ...]],
+    def _backward_layers(self, D: np.ndarray, outs: Optional[list[tuple[int, ...]]],
                          input_grad: bool = True) -> Optional[np.ndarray]:
-        """Every layer's column backward, last first; without ``input_grad``, down to the first
-        layer with parameters only, which adds its parameter gradients (:func:`_parameter_grads_only`)."""
+        """Every layer's backward, last first: column backwards with ``outs`` (each layer's
+        output sample shape), the layers' own ``backward`` with ``outs`` None (batch-first).
+        Without ``input_grad``, down to the first layer with parameters only, which adds its
+        parameter gradients (:func:`_parameter_grads_only`); returns None then."""
         stop = 0 if input_grad else _first_with_parameters(self.layers)
         for i in range(len(self.layers) - 1, stop - 1, -1):
-            layer, out = self.layers[i], outs[i]
+            layer, out = self.layers[i], None if outs is None else outs[i]
             if i == stop and not input_grad:
                 _parameter_grads_only(layer, D, out)
                 return None
-            D = layer.backward_columns(D, out) if layer.native_columns() else Module.backward_columns(layer, D, out)
-        return None if not input_grad else D
+            if out is None:
+                D = layer.backward(D)
+            else:
+                D = layer.backward_columns(D, out) if layer.native_columns() else Module.backward_columns(layer, D, out)
+        return D if input_grad else None
 
     def backward(self, dy: np.ndarray, *, input_grad: bool = True) -> Optional[np.ndarray]:
         """``dJ/dx`` for ``dy = dJ/dy`` of the matching :meth:`forward`, in the layout it ran in.
@@ -877,14 +882,9 @@ class Sequential(Module):
             if out is not None and np.shape(dy) != out:
                 raise ValueError(f"Sequential.backward: dy must have the shape of the matching forward's output, "
                                  f"{out}; got {np.shape(dy)}")
-            stop = 0 if input_grad else _first_with_parameters(self.layers)
-            for i in range(len(self.layers) - 1, stop - 1, -1):
-                if i == stop and not input_grad:
-                    _parameter_grads_only(self.layers[i], dy, None)
-                    break
-                dy = self.layers[i].backward(dy)
+            dx = self._backward_layers(dy, None, input_grad)
             self._release()
-            return dy if input_grad else None
+            return dx
         n, shape, outs = self._restore("columns")
         out = outs[-1] if outs else shape
         dy = np.asarray(dy)
