@@ -36,8 +36,8 @@ from ..geometry import FLOAT_DTYPES
 from . import numba as _numba
 from .base import aligned_empty
 
-__all__ = ["channel_affine", "channel_affine_grad", "channel_sums", "sigmoid_grad", "tanh_grad", "window_affine",
-           "window_affine_grad"]
+__all__ = ["channel_affine", "channel_affine_grad", "channel_sums", "sigmoid_grad", "sigmoid_slope", "tanh_grad",
+           "tanh_slope", "window_affine", "window_affine_grad"]
 
 def _compiled(*arrays: np.ndarray) -> bool:
     """Whether the compiled kernels take these arrays: numba present, one float dtype, C order."""
@@ -65,14 +65,43 @@ def _activation_grad(kernel: str, D: object, A: object) -> np.ndarray:
         out = aligned_empty(D.shape, D.dtype)
         getattr(_numba._require(), kernel)(D.reshape(-1), A.reshape(-1), out.reshape(-1), D.dtype.type(1))
         return out
-    # A Python 1 (a weak scalar): 1 - A stays in A's dtype, as in the written expression.
-    if kernel == "tanh_grad_into":
-        d = np.multiply(A, A)
-        np.subtract(1, d, out=d)
-    else:
-        d = np.subtract(1, A)
-        d *= A
+    d = tanh_slope(A) if kernel == "tanh_grad_into" else sigmoid_slope(A)
     return np.multiply(D, d, out=d) if d.dtype == np.result_type(D, d) else D * d
+
+
+def tanh_slope(A: np.ndarray) -> np.ndarray:
+    """``1 - A**2``, the derivative of ``tanh`` through its output, in one fresh array.
+
+    Parameters
+    ----------
+    A : ndarray, floating
+
+    Returns
+    -------
+    ndarray of ``A``'s shape and dtype
+        ``A * A`` then ``1 - .``, each rounded in ``A``'s dtype (the 1 is a Python int, a weak
+        scalar), with no temporary.
+    """
+    d = np.multiply(A, A)
+    np.subtract(1, d, out=d)
+    return d
+
+
+def sigmoid_slope(A: np.ndarray) -> np.ndarray:
+    """``(1 - A) * A``, the derivative of the logistic function through its output, in one fresh array.
+
+    Parameters
+    ----------
+    A : ndarray, floating
+
+    Returns
+    -------
+    ndarray of ``A``'s shape and dtype
+        ``1 - A`` then ``. * A``, each rounded in ``A``'s dtype, with no temporary.
+    """
+    d = np.subtract(1, A)
+    d *= A
+    return d
 
 
 def tanh_grad(D: np.ndarray, A: np.ndarray) -> np.ndarray:

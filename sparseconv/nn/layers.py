@@ -35,8 +35,8 @@ from scipy.special import erf
 
 from ..conv import ConvOperator
 from ..engines.base import aligned_empty, bias_relu_inplace
-from ..engines.elementwise import (channel_affine, channel_affine_grad, channel_sums, sigmoid_grad, tanh_grad,
-                                   window_affine, window_affine_grad)
+from ..engines.elementwise import (channel_affine, channel_affine_grad, channel_sums, sigmoid_grad, sigmoid_slope,
+                                   tanh_grad, tanh_slope, window_affine, window_affine_grad)
 from ..engines.numba import c_order
 from ..geometry import (FLOAT_DTYPES, IntOrTuple, PaddingSpec, check_array_dtype, conv_geometry, normalize_padding,
                         normalize_tuple, parse_memory_budget, validate_conv_options)
@@ -1399,25 +1399,11 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return out
 
 
-def _sigmoid_derivative(z: np.ndarray, a: np.ndarray) -> np.ndarray:
-    """``a (1 - a)`` in one fresh array (no temporaries)."""
-    d = np.subtract(1, a)
-    d *= a
-    return d
-
-
-def _tanh_derivative(z: np.ndarray, a: np.ndarray) -> np.ndarray:
-    """``1 - a^2`` in one fresh array (no temporaries)."""
-    d = np.multiply(a, a)
-    np.subtract(1, d, out=d)
-    return d
-
-
 # name -> (f(z), f'(z) expressed through z and a = f(z)), for the activations without options
 ACTIVATIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray, np.ndarray], np.ndarray]]] = {
     "relu": (lambda z: np.maximum(z, 0), lambda z, a: (z > 0).astype(z.dtype)),
-    "sigmoid": (_sigmoid, _sigmoid_derivative),
-    "tanh": (np.tanh, _tanh_derivative),
+    "sigmoid": (_sigmoid, lambda z, a: sigmoid_slope(a)),
+    "tanh": (np.tanh, lambda z, a: tanh_slope(a)),
 }
 
 
