@@ -105,3 +105,17 @@ def check_network_gradients(net, x: np.ndarray, dy: np.ndarray, dx: np.ndarray, 
                 p.assign(base)
 
         gradcheck(loss_p, base[free], grads[k][free], rng=1)
+
+
+def tanh_grad_ref(D: np.ndarray, A: np.ndarray) -> np.ndarray:
+    """``D * (1 - A*A)`` as numpy evaluates it: one rounded operation at a time."""
+    d = A * A
+    d = 1 - d
+    return D * d
+
+
+def sigmoid_grad_ref(D: np.ndarray, A: np.ndarray) -> np.ndarray:
+    """``D * ((1 - A) * A)`` as numpy evaluates it."""
+    d = 1 - A
+    d = d * A
+    return D * d

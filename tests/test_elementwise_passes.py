@@ -29,6 +29,8 @@ from sparseconv.engines import elementwise as ew
 from sparseconv.engines import numba as numba_engine
 from sparseconv.testing import assert_allclose
 
+from column_refs import sigmoid_grad_ref, tanh_grad_ref
+
 DTYPES = [np.float32, np.float64]
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, database=None,
                     phases=[Phase.explicit, Phase.generate],
@@ -51,20 +53,6 @@ def _shape_id(s):
 
 
 # ---------------------------------------------------------------------- references
-def tanh_grad_ref(D, A):
-    """``D * (1 - A*A)`` as numpy evaluates it: one rounded operation at a time."""
-    d = A * A
-    d = 1 - d
-    return D * d
-
-
-def sigmoid_grad_ref(D, A):
-    """``D * ((1 - A) * A)`` as numpy evaluates it."""
-    d = 1 - A
-    d = d * A
-    return D * d
-
-
 def affine_ref(Z, scale, shift):
     """``Z * scale[c] + shift[c]`` channel by channel, with the parameters in ``Z``'s dtype."""
     C = len(scale)
